@@ -1,0 +1,37 @@
+# echo-ray: `make quickstart` (set up + run the pipeline), `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# DeepSpeed JIT-compiles C++ ops on first use; keep them in one cache.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: quickstart test lint install install-test clean
+
+quickstart: install
+	$(BIN)/echo-ray quickstart --out quickstart
+
+test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install-test
+	$(BIN)/ruff check .
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# torch first, pinned; then the project with a constraint so nothing upgrades torch.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "echo-ray needs Python 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache

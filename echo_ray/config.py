@@ -1,0 +1,248 @@
+"""Configuration: dataclasses with named presets and strict `key=value` overrides.
+
+One `EchoConfig` composes a sub-config per concern. Presets name whole configurations
+(`EchoConfig.from_name("tiny")`); overrides address fields by dotted path
+(`data.image_size=256`) and are parsed to the field's declared type. Unknown keys and values
+of the wrong type are errors that name the key and list what is allowed, in the spirit of
+nanoGPT's configurator but without `exec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and why."""
+
+
+@dataclass
+class DataConfig:
+    """How DICOM studies become model inputs and shards."""
+
+    image_size: int = 128
+    """Side of the square (letterboxed) image given to the model, in pixels."""
+    max_dimension: int = 8192
+    """Reject DICOM images whose Rows or Columns exceed this (absurd-dimension guard)."""
+    modalities: tuple[str, ...] = ("CR", "DX", "DR")
+    """Accepted DICOM Modality values; empty accepts every modality."""
+    include_phi: bool = False
+    """Keep patient name / ID / birth date in metadata (never by default)."""
+    rows_per_shard: int = 256
+    """Target number of images per Parquet shard file."""
+    num_cpus_per_task: float = 0.5
+    """Logical CPUs requested by each Ray Data decode task (fractional fits a 2-core laptop)."""
+    batch_size: int = 16
+    """Rows per Ray Data `map_batches` call."""
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """train / validate / test fractions used when the archive ships no split.csv."""
+
+    def validate(self) -> None:
+        _require(self.image_size >= 8, "data.image_size must be >= 8")
+        _require(self.max_dimension >= 1, "data.max_dimension must be >= 1")
+        _require(self.rows_per_shard >= 1, "data.rows_per_shard must be >= 1")
+        _require(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _require(self.num_cpus_per_task > 0, "data.num_cpus_per_task must be > 0")
+        fr = self.split_fractions
+        _require(
+            len(fr) == 3 and all(f >= 0 for f in fr) and abs(sum(fr) - 1) < 1e-6,
+            f"data.split_fractions must be three non-negative numbers summing to 1, got {fr}",
+        )
+
+
+@dataclass
+class TokenizerConfig:
+    """The report tokenizer (byte-level BPE trained on normalized training reports)."""
+
+    vocab_size: int = 2048
+    """Target vocabulary size including special tokens."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+    def validate(self) -> None:
+        _require(
+            self.vocab_size >= 300, "tokenizer.vocab_size must be >= 300 (256 bytes + specials)"
+        )
+        _require(self.min_frequency >= 1, "tokenizer.min_frequency must be >= 1")
+
+
+@dataclass
+class EchoConfig:
+    """The whole configuration of a run. Later stages add their sub-configs here."""
+
+    name: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> EchoConfig:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        return self
+
+    @classmethod
+    def from_name(cls, name: str) -> EchoConfig:
+        """A named preset (see `PRESETS`)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        return from_dict({"name": name, **PRESETS[name]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Named presets: the differences from the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU laptop, CI and quickstart.
+    "tiny": {},
+    # A Qwen2.5-VL-7B-sized run (Lingshu-7B, the paper's base) on a GPU cluster.
+    "base-7b": {
+        "data": {"image_size": 448, "rows_per_shard": 512, "num_cpus_per_task": 1.0},
+        "tokenizer": {"vocab_size": 32000},
+    },
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def from_dict(data: Mapping[str, Any], cls: type = EchoConfig) -> Any:
+    """Build a config dataclass from a (nested) dict, rejecting unknown keys and wrong types."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} for {cls.__name__}; allowed keys: {sorted(known)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields")
+            kwargs[key] = from_dict(value, hint)
+        else:
+            kwargs[key] = _coerce(value, hint, key)
+    obj = cls(**kwargs)
+    if cls is EchoConfig:
+        obj.validate()
+    return obj
+
+
+def apply_overrides(config: EchoConfig, overrides: Iterable[str]) -> EchoConfig:
+    """Return a copy of `config` with `section.key=value` overrides applied and validated.
+
+    Values are parsed to the declared field type: `true/false` for bools, comma-separated
+    lists for tuples (`data.modalities=CR,DX`), `none` for optional fields.
+    """
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node: dict[str, Any] = data
+        node_cls: type = EchoConfig
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            known = {f.name for f in dataclasses.fields(node_cls)}
+            if part not in known:
+                where = ".".join(parts[:depth]) or "the top level"
+                raise ConfigError(
+                    f"unknown config key {key!r}: {part!r} is not a field of {where}; "
+                    f"allowed: {sorted(known)}"
+                )
+            hint = typing.get_type_hints(node_cls)[part]
+            if depth == len(parts) - 1:
+                if dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.X=")
+                node[part] = _parse_text(raw.strip(), hint, key)
+            else:
+                if not dataclasses.is_dataclass(hint):
+                    raise ConfigError(f"{'.'.join(parts[: depth + 1])!r} is not a section")
+                node, node_cls = node[part], hint
+    return from_dict(data)
+
+
+def _parse_text(raw: str, hint: Any, key: str) -> Any:
+    """Parse override text into a value of type `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse_text(raw, inner, key)
+    if origin is tuple:
+        items = [s.strip() for s in raw.split(",") if s.strip()] if raw else []
+        inner = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_text(s, inner, key) for s in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {raw!r}")
+        return tuple(_parse_text(s, a, key) for s, a in zip(items, args, strict=True))
+    if hint is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
+    if hint in (int, float):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be {hint.__name__}, got {raw!r}") from None
+    if hint is str:
+        return raw
+    raise ConfigError(f"{key}: cannot parse a value of type {hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a Python value against `hint` (lists become tuples; ints are accepted as floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        type(value) is not hint
+    ):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(
+    preset: str = "tiny", overrides: Iterable[str] = (), path: str | None = None
+) -> EchoConfig:
+    """The config a command runs with: a JSON file (e.g. a run's config.json) or a preset,
+    then the overrides."""
+    if path is not None:
+        with open(path) as f:
+            config = from_dict(json.load(f))
+    else:
+        config = EchoConfig.from_name(preset)
+    return apply_overrides(config, overrides)

@@ -1,0 +1,112 @@
+"""Local paths and `s3://bucket/prefix` URIs behind one pyarrow filesystem interface.
+
+The S3 endpoint is configurable (MinIO, a moto server on loopback, an on-prem object store):
+pass `endpoint` or set `AWS_ENDPOINT_URL`; credentials come from the usual AWS environment
+variables. No ray imports: Ray Data is handed the (filesystem, path) pair this module returns.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage location: a pyarrow filesystem and a path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def join(self, *parts: str) -> Location:
+        path = posixpath.join(self.path, *parts)
+        uri = posixpath.join(self.uri, *parts)
+        return Location(self.fs, path, uri)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8", errors="replace")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write a whole file; on a local disk atomically (temp file + rename)."""
+        parent = posixpath.dirname(self.path)
+        if parent:
+            self.fs.create_dir(parent, recursive=True)
+        if self.is_s3:  # an S3 PUT is atomic already
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self.path)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def list_files(self, suffix: str | None = None) -> list[str]:
+        """All files below this location, as paths relative to it, sorted."""
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.uri} does not exist")
+        if info.type == pafs.FileType.File:
+            raise NotADirectoryError(f"{self.uri} is a file; expected a folder or prefix")
+        selector = pafs.FileSelector(self.path, recursive=True)
+        base = self.path.rstrip("/") + "/"
+        out = []
+        for item in self.fs.get_file_info(selector):
+            if item.type != pafs.FileType.File:
+                continue
+            rel = item.path[len(base):] if item.path.startswith(base) else item.path
+            if suffix is None or rel.lower().endswith(suffix):
+                out.append(rel)
+        return sorted(out)
+
+    def delete_dir(self) -> None:
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
+
+def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem; `endpoint` (or AWS_ENDPOINT_URL) like `http://127.0.0.1:9000`."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, object] = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"S3 endpoint must look like http(s)://host:port, got {endpoint!r}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
+    """Resolve a local path or an `s3://bucket/prefix` URI."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"S3 URI needs a bucket: {uri!r}")
+        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        return Location(s3_filesystem(s3_endpoint), path, uri.rstrip("/"))
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
+    path = os.path.abspath(os.path.expanduser(uri))
+    return Location(pafs.LocalFileSystem(), path, path)

@@ -1,0 +1,29 @@
+"""Shared fixtures. Ray tests share ONE local cluster per session, started here and shut
+down at the end (never `ray stop`: other clusters on the machine are not ours)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep test runs off the network and quiet.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the whole test session (4 logical CPUs on a 2-core machine:
+    tasks request fractions, and Ray Data plus workers need headroom to schedule)."""
+    import ray
+
+    if ray.is_initialized():  # pragma: no cover - someone else's session
+        yield ray
+        return
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
