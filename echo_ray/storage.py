@@ -92,6 +92,13 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
             raise ValueError(f"S3 endpoint must look like http(s)://host:port, got {endpoint!r}")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme
+    # Carry the driver's credentials when set, so Ray workers started earlier (with another
+    # environment) still reach the store; otherwise pyarrow's default chain (instance roles).
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs["access_key"], kwargs["secret_key"] = key, secret
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region

@@ -1,0 +1,170 @@
+"""`echo-ray` command line: one sub-command per pipeline stage.
+
+Each sub-command is a plain function taking parsed arguments; `COMMANDS` maps names to
+(function, argument builder). jobs/*.py reuse the same builders so `ray job submit ...
+python jobs/X.py` accepts exactly the CLI's arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from echo_ray.config import ConfigError, EchoConfig, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="named config preset (tiny, base-7b)")
+    p.add_argument("--config", default=None, help="JSON config file (overrides --preset)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.image_size=256 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> EchoConfig:
+    return load_config(args.preset, args.overrides, args.config)
+
+
+# --- synth -------------------------------------------------------------------------------------
+
+
+def synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder for the archive (MIMIC layout)")
+    p.add_argument("--studies", type=int, default=200, help="number of studies")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--image-size", type=int, default=512, help="image side in pixels")
+    p.add_argument(
+        "--lateral-fraction", type=float, default=0.3,
+        help="fraction of studies that also have a lateral view",
+    )
+
+
+def synth(args: argparse.Namespace) -> dict:
+    from echo_ray.synth import synthesize_archive
+
+    summary = synthesize_archive(
+        args.out, num_studies=args.studies, seed=args.seed, image_size=args.image_size,
+        lateral_fraction=args.lateral_fraction,
+    )
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return summary
+
+
+# --- prepare -----------------------------------------------------------------------------------
+
+
+def prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--archive", required=True, help="archive folder or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="shards folder or s3://bucket/prefix")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_config_args(p)
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    from echo_ray.data import prepare_shards
+
+    manifest = prepare_shards(
+        args.archive, args.out, _config(args), s3_endpoint=args.s3_endpoint,
+        ray_address=args.ray_address,
+    )
+    print(summarize_manifest(manifest))
+    return manifest
+
+
+def summarize_manifest(m: dict) -> str:
+    """A short human-readable summary of a shards manifest."""
+    lines = [
+        f"source      {m['source']} ({m['layout']} layout)",
+        f"studies     {m['studies']} ({m['studies_with_images']} with at least one good image)",
+        f"images      {m['images']} written to {len(m['shards'])} shard(s)",
+        f"errors      {m['errors']} {json.dumps(m['errors_by_reason'])}",
+        "splits      " + ", ".join(
+            f"{k} {v['studies']} studies / {v['images']} images" for k, v in m["splits"].items()
+        ),
+        f"tokenizer   {m['tokenizer'] or 'not trained'}"
+        + (f" (vocab {m['tokenizer_info']['vocab_size']}, "
+           f"{m['tokenizer_info']['report_tokens_mean']:.0f} tokens per report on average)"
+           if m["tokenizer"] else ""),
+        f"wall time   {m['wall_time_s']} s",
+    ]
+    return "\n".join(lines)
+
+
+# --- quickstart --------------------------------------------------------------------------------
+
+
+def quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="quickstart", help="folder for every stage's output")
+    p.add_argument("--studies", type=int, default=300, help="synthetic studies")
+    p.add_argument("--image-size", type=int, default=512, help="synthetic image side")
+    p.add_argument("--seed", type=int, default=0)
+    _add_config_args(p)
+
+
+def quickstart(args: argparse.Namespace) -> dict:
+    """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
+    from echo_ray.data import prepare_shards
+
+    out = Path(args.out)
+    config = _config(args)
+    print(f"[1/2] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
+    synth(argparse.Namespace(
+        out=str(out / "archive"), studies=args.studies, seed=args.seed,
+        image_size=args.image_size, lateral_fraction=0.3,
+    ))
+    print(f"[2/2] prepare: DICOM shards -> {out / 'shards'}", flush=True)
+    manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
+    print(summarize_manifest(manifest))
+    return manifest
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]] = {
+    "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
+    "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
+    "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `echo-ray` parser, or the parser of one sub-command (used by jobs/)."""
+    if command is not None:
+        _, add_args, help_text = COMMANDS[command]
+        p = argparse.ArgumentParser(prog=f"echo-ray {command}", description=help_text)
+        add_args(p)
+        return p
+    parser = argparse.ArgumentParser(prog="echo-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, add_args, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def run(command: str, argv: Sequence[str] | None = None) -> object:
+    """Parse `argv` for one sub-command and run it (the entry point of jobs/*.py)."""
+    args = build_parser(command).parse_args(argv)
+    return _dispatch(command, args)
+
+
+def _dispatch(command: str, args: argparse.Namespace) -> object:
+    try:
+        return COMMANDS[command][0](args)
+    except ConfigError as e:
+        print(f"echo-ray {command}: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"echo-ray {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _dispatch(args.command, args)
+
+
+if __name__ == "__main__":
+    main()
