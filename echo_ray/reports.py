@@ -49,6 +49,13 @@ CHEXPERT5_LABELS: tuple[str, ...] = (
     "Pleural Effusion",
 )
 
+# CheXpert's label hierarchy, parent -> children. The labeler (hierarchy=True) lets a child
+# fill an unmentioned parent; the synthetic ground truth applies it the same way.
+LABEL_HIERARCHY: dict[str, tuple[str, ...]] = {
+    "Lung Opacity": ("Edema", "Consolidation", "Pneumonia", "Lung Lesion", "Atelectasis"),
+    "Enlarged Cardiomediastinum": ("Cardiomegaly",),
+}
+
 # CheXpert label values.
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0  # "not mentioned" is None
 
@@ -675,11 +682,6 @@ _IMPLIED_NEGATIVES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
 )
 
 _PRIORITY = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
-# CheXpert's parent -> children. hierarchy=True lets a child fill an unmentioned parent.
-_HIERARCHY: dict[str, tuple[str, ...]] = {
-    "Lung Opacity": ("Edema", "Consolidation", "Pneumonia", "Lung Lesion", "Atelectasis"),
-    "Enlarged Cardiomediastinum": ("Cardiomegaly",),
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -995,7 +997,7 @@ def _aggregate(sentences: Iterable[str], *, hierarchy: bool) -> dict[str, float 
         implied |= negatives
     other = found.pop(_OTHER, None)
     if hierarchy:
-        for parent, children in _HIERARCHY.items():
+        for parent, children in LABEL_HIERARCHY.items():
             if parent not in found:
                 child_values = [found[c] for c in children if found.get(c) in (POSITIVE, UNCERTAIN)]
                 if child_values:
