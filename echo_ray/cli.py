@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,14 @@ def synth_args(p: argparse.ArgumentParser) -> None:
         "--lateral-fraction", type=float, default=0.3,
         help="fraction of studies that also have a lateral view",
     )
+    p.add_argument(
+        "--lateral-only-fraction", type=float, default=0.0,
+        help="fraction of studies with a single lateral view and no frontal one",
+    )
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1),
+        help="processes rendering in parallel (the output bytes do not depend on it)",
+    )
 
 
 def synth(args: argparse.Namespace) -> dict:
@@ -48,7 +57,8 @@ def synth(args: argparse.Namespace) -> dict:
 
     summary = synthesize_archive(
         args.out, num_studies=args.studies, seed=args.seed, image_size=args.image_size,
-        lateral_fraction=args.lateral_fraction,
+        lateral_fraction=args.lateral_fraction, lateral_only_fraction=args.lateral_only_fraction,
+        workers=args.workers,
     )
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return summary
@@ -115,7 +125,8 @@ def quickstart(args: argparse.Namespace) -> dict:
     print(f"[1/2] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
     synth(argparse.Namespace(
         out=str(out / "archive"), studies=args.studies, seed=args.seed,
-        image_size=args.image_size, lateral_fraction=0.3,
+        image_size=args.image_size, lateral_fraction=0.3, lateral_only_fraction=0.0,
+        workers=min(4, os.cpu_count() or 1),
     ))
     print(f"[2/2] prepare: DICOM shards -> {out / 'shards'}", flush=True)
     manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
