@@ -43,7 +43,6 @@ from echo_ray.config import EchoConfig
 from echo_ray.dicom import DicomError, decode_dicom
 from echo_ray.reports import CHEXPERT_LABELS, label_report, normalize_report, parse_sections
 from echo_ray.storage import Location, resolve
-from echo_ray.tokenizer import save_tokenizer, train_report_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -448,6 +447,9 @@ def _write_errors(dst: Location, errors: list[dict[str, Any]]) -> None:
 
 def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConfig) -> dict:
     """Train the report tokenizer on normalized reports of the train split (one per study)."""
+    # Imported here: only the driver trains it, and transformers is slow for workers to import.
+    from echo_ray.tokenizer import save_tokenizer, train_report_tokenizer
+
     by_study = {r["study_id"]: r["report_normalized"] for r in rows
                 if r["split"] == "train" and r["report_normalized"]}
     texts = [by_study[k] for k in sorted(by_study)]
