@@ -22,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="JSON config file (overrides --preset)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set data.image_size=256 (repeatable)",
+        help="override a config field, e.g. --set model.image_size=224 (repeatable)",
     )
 
 

@@ -2,7 +2,7 @@
 
 One `EchoConfig` composes a sub-config per concern. Presets name whole configurations
 (`EchoConfig.from_name("tiny")`); overrides address fields by dotted path
-(`data.image_size=256`) and are parsed to the field's declared type. Unknown keys and values
+(`model.image_size=224`) and are parsed to the field's declared type. Unknown keys and values
 of the wrong type are errors that name the key and list what is allowed, in the spirit of
 nanoGPT's configurator but without `exec`.
 """
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from echo_ray.dicom import RADIOGRAPH_MODALITIES
+
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and why."""
@@ -26,11 +28,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """How DICOM studies become model inputs and shards."""
 
-    image_size: int = 128
-    """Side of the square (letterboxed) image given to the model, in pixels."""
     max_dimension: int = 8192
     """Reject DICOM images whose Rows or Columns exceed this (absurd-dimension guard)."""
-    modalities: tuple[str, ...] = ("CR", "DX", "DR")
+    modalities: tuple[str, ...] = RADIOGRAPH_MODALITIES
     """Accepted DICOM Modality values; empty accepts every modality."""
     include_phi: bool = False
     """Keep patient name / ID / birth date in metadata (never by default)."""
@@ -44,7 +44,6 @@ class DataConfig:
     """train / validate / test fractions used when the archive ships no split.csv."""
 
     def validate(self) -> None:
-        _require(self.image_size >= 8, "data.image_size must be >= 8")
         _require(self.max_dimension >= 1, "data.max_dimension must be >= 1")
         _require(self.rows_per_shard >= 1, "data.rows_per_shard must be >= 1")
         _require(self.batch_size >= 1, "data.batch_size must be >= 1")
@@ -73,12 +72,111 @@ class TokenizerConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The dVLM: a Qwen2.5-VL backbone (built from these shapes, or loaded) plus diffusion settings.
+
+    With `pretrained_path` set, the backbone (and its tokenizer) are loaded from that local
+    Hugging Face directory and the shape fields below are ignored; otherwise a randomly
+    initialised Qwen2.5-VL of these shapes is built on the report tokenizer's vocabulary.
+    """
+
+    pretrained_path: str | None = None
+    """Local Hugging Face Qwen2.5-VL checkpoint directory (e.g. Lingshu-7B); None = build."""
+    image_size: int = 112
+    """Fixed side (pixels) every image is resized to, so every prompt has the same length."""
+    patch_size: int = 14
+    """Vision patch side in pixels."""
+    spatial_merge_size: int = 2
+    """Patches merged per side into one language-model image token."""
+    hidden_size: int = 256
+    """Language model width."""
+    num_layers: int = 4
+    """Language model decoder layers."""
+    num_heads: int = 4
+    """Language model attention heads."""
+    num_kv_heads: int = 2
+    """Language model key/value heads (grouped-query attention)."""
+    intermediate_size: int = 512
+    """Language model MLP width."""
+    mrope_section: tuple[int, int, int] = (8, 12, 12)
+    """M-RoPE split of half the head dimension into temporal/height/width sections."""
+    rope_theta: float = 1000000.0
+    """RoPE base."""
+    max_position_embeddings: int = 2048
+    """Longest position the rotary embedding is configured for."""
+    vision_hidden_size: int = 128
+    """Vision tower width."""
+    vision_depth: int = 2
+    """Vision tower blocks."""
+    vision_num_heads: int = 4
+    """Vision tower attention heads."""
+    vision_intermediate_size: int = 256
+    """Vision tower MLP width."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the output head (Qwen2.5-VL-7B does not)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed of the random initialisation when building from shapes."""
+    instruction: str = "Write the radiology report for this chest X-ray."
+    """Text after the image in every prompt (one fixed prompt: one prompt length per model)."""
+    block_length: int = 8
+    """Diffusion block length B: response tokens decoded together, bidirectional inside."""
+    max_response_len: int = 128
+    """Longest response in tokens (training truncates; decoding stops there)."""
+    freeze_vision: bool = False
+    """Freeze the vision tower and its projector (the patch merger) during training."""
+
+    def validate(self) -> None:
+        _require(self.image_size >= 1, "model.image_size must be >= 1")
+        unit = self.patch_size * self.spatial_merge_size
+        _require(
+            self.patch_size >= 1 and self.spatial_merge_size >= 1 and self.image_size % unit == 0,
+            f"model.image_size ({self.image_size}) must be a multiple of patch_size * "
+            f"spatial_merge_size ({self.patch_size} * {self.spatial_merge_size} = {unit})",
+        )
+        _require(
+            self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+            f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
+            f"({self.num_heads})",
+        )
+        _require(
+            self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+            f"({self.num_kv_heads})",
+        )
+        half_head = self.hidden_size // self.num_heads // 2
+        _require(
+            sum(self.mrope_section) == half_head and min(self.mrope_section) >= 0,
+            f"model.mrope_section {self.mrope_section} must sum to half the head dimension "
+            f"({half_head} for hidden_size {self.hidden_size} / num_heads {self.num_heads})",
+        )
+        _require(
+            self.vision_num_heads >= 1 and self.vision_hidden_size % self.vision_num_heads == 0,
+            "model.vision_hidden_size must be divisible by model.vision_num_heads",
+        )
+        for name in ("num_layers", "intermediate_size", "vision_depth", "vision_intermediate_size"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1")
+        _require(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
+        )
+        _require(self.block_length >= 1, "model.block_length must be >= 1")
+        _require(
+            self.max_response_len >= self.block_length,
+            f"model.max_response_len ({self.max_response_len}) must be >= model.block_length "
+            f"({self.block_length})",
+        )
+
+
+@dataclass
 class EchoConfig:
     """The whole configuration of a run. Later stages add their sub-configs here."""
 
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> EchoConfig:
         for f in dataclasses.fields(self):
@@ -103,12 +201,31 @@ class EchoConfig:
 
 # Named presets: the differences from the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU laptop, CI and quickstart.
+    # CPU laptop, CI and quickstart: the dataclass defaults (ModelConfig defaults are the
+    # 4M-parameter model of DESIGN.md section 9).
     "tiny": {},
     # A Qwen2.5-VL-7B-sized run (Lingshu-7B, the paper's base) on a GPU cluster.
     "base-7b": {
-        "data": {"image_size": 448, "rows_per_shard": 512, "num_cpus_per_task": 1.0},
+        "data": {"rows_per_shard": 512, "num_cpus_per_task": 1.0},
         "tokenizer": {"vocab_size": 32000},
+        # Qwen2.5-VL-7B's shapes; a real run sets model.pretrained_path to the checkpoint.
+        "model": {
+            "image_size": 448,
+            "hidden_size": 3584,
+            "num_layers": 28,
+            "num_heads": 28,
+            "num_kv_heads": 4,
+            "intermediate_size": 18944,
+            "mrope_section": [16, 24, 24],
+            "max_position_embeddings": 128000,
+            "vision_hidden_size": 1280,
+            "vision_depth": 32,
+            "vision_num_heads": 16,
+            "vision_intermediate_size": 3420,
+            "dtype": "bfloat16",
+            "max_response_len": 256,
+            "freeze_vision": True,
+        },
     },
 }
 

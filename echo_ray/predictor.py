@@ -1,0 +1,145 @@
+"""ReportGenerator: images (or DICOM bytes) in, report dicts out.
+
+One class serves the batch jobs and the Ray Serve deployment (they are thin adapters over
+it). Plain torch: no Ray here. A report dict (DESIGN.md section 6):
+
+    study_instance_uid, series_instance_uid, sop_instance_uid   (None for raw images)
+    report, findings, impression                                  the generated text
+    labels                 the 14 CheXpert-style labels extracted from the text
+    model_id, model_version, decoding
+    num_tokens, num_forwards, tokens_per_forward, latency_ms      (per batch call)
+
+Patient identifiers are never included unless `include_phi=True`. A DICOM that cannot be
+decoded gives `{"error": reason, "message": ...}` in its slot instead of failing the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echo_ray import __version__
+from echo_ray.checkpoint import load_checkpoint
+from echo_ray.dicom import RADIOGRAPH_MODALITIES, DicomError, decode_dicom
+from echo_ray.model import EchoDVLM
+from echo_ray.reports import label_report, parse_sections
+from echo_ray.sampling import decoding_kwargs, generate
+
+_UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+_PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
+
+
+class ReportGenerator:
+    """Writes draft reports with a dVLM.
+
+    Args:
+        model: the model (put in eval mode here).
+        decoding: one of `sampling.DECODING_MODES`.
+        steps, threshold: of the "multi-step" mode.
+        max_new_tokens: default: the model's `max_response_len`.
+        model_id, model_version: written into every report.
+        include_phi: copy patient name / ID / birth date from DICOM headers into reports.
+        modalities: accepted DICOM Modality values (None accepts any).
+    """
+
+    def __init__(
+        self,
+        model: EchoDVLM,
+        *,
+        decoding: str = "one-step-fused",
+        steps: int | None = None,
+        threshold: float = 0.9,
+        max_new_tokens: int | None = None,
+        model_id: str = "echo-ray",
+        model_version: str = __version__,
+        include_phi: bool = False,
+        modalities: Collection[str] | None = RADIOGRAPH_MODALITIES,
+    ) -> None:
+        self.model = model.eval()
+        self.decoding = decoding
+        self.generate_kwargs = decoding_kwargs(
+            decoding, block_length=model.block_length, steps=steps, threshold=threshold
+        )
+        self.max_new_tokens = max_new_tokens
+        self.model_id = model_id
+        self.model_version = model_version
+        self.include_phi = include_phi
+        self.modalities = modalities
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, overrides: Sequence[str] = (), **kwargs: Any
+    ) -> ReportGenerator:
+        """Load a run directory (see `checkpoint.save_checkpoint`)."""
+        model, _ = load_checkpoint(path, overrides)
+        kwargs.setdefault("model_id", Path(path).name)
+        return cls(model, **kwargs)
+
+    def generate(
+        self, images: Sequence[np.ndarray] | np.ndarray, metas: Sequence[dict] | None = None
+    ) -> list[dict]:
+        """Reports for images in [0, 1] (`(N, H, W)` or a list of 2D arrays of any size).
+
+        Args:
+            metas: per image, DICOM metadata (UIDs, and PHI when `include_phi`).
+        """
+        if len(images) == 0:
+            return []
+        pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
+        start = time.perf_counter()
+        out = generate(
+            self.model, pixel_values, max_new_tokens=self.max_new_tokens, **self.generate_kwargs
+        )
+        latency_ms = 1000 * (time.perf_counter() - start)
+        tokenizer = self.model.tokenizer
+        reports = []
+        for i in range(len(images)):
+            ids = out.tokens[i, : int(out.lengths[i])].tolist()
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            sections = parse_sections(text)
+            meta = metas[i] if metas is not None else {}
+            report = {key: meta.get(key) for key in _UID_KEYS}
+            if self.include_phi:
+                report.update({key: meta.get(key) for key in _PHI_KEYS})
+            report.update(
+                report=text,
+                findings=sections.get("findings", sections.get("full_report", "")),
+                impression=sections.get("impression", ""),
+                labels=label_report(text),
+                model_id=self.model_id,
+                model_version=self.model_version,
+                decoding=self.decoding,
+                num_tokens=len(ids),
+                num_forwards=out.num_forwards,
+                tokens_per_forward=out.tokens_per_forward,
+                latency_ms=latency_ms,
+            )
+            reports.append(report)
+        return reports
+
+    def generate_dicom(self, blobs: Sequence[bytes]) -> list[dict]:
+        """Reports for DICOM files, in order; undecodable files give an error dict."""
+        results: list[dict | None] = [None] * len(blobs)
+        good, images, metas = [], [], []
+        for i, data in enumerate(blobs):
+            try:
+                image = decode_dicom(
+                    data,
+                    size=self.model.config.image_size,
+                    modalities=self.modalities,
+                    include_phi=self.include_phi,
+                )
+            except DicomError as err:
+                results[i] = {"error": err.reason, "message": str(err)}
+                continue
+            good.append(i)
+            images.append(image.pixels)
+            metas.append(image.meta)
+        for i, report in zip(good, self.generate(images, metas), strict=True):
+            results[i] = report
+        return results

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from tiny_dvlm import make_model, one_thread, trained_model
+
+from echo_ray.checkpoint import save_checkpoint
+from echo_ray.dicom import write_dicom
+from echo_ray.predictor import ReportGenerator
+from echo_ray.reports import CHEXPERT_LABELS
+from echo_ray.sampling import DECODING_MODES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_model()
+
+
+def _dicom(seed: int, **attrs) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 4096, (150, 130), dtype=np.uint16)
+    return write_dicom(pixels, attrs={"Modality": "DX", "PatientName": "Doe^Jane", **attrs})
+
+
+def test_images_in_reports_out(model):
+    images = [np.random.default_rng(i).random((100 + 10 * i, 120)) for i in range(3)]
+    reports = ReportGenerator(model, model_id="tiny", max_new_tokens=24).generate(images)
+    assert len(reports) == 3
+    for r in reports:
+        assert r["model_id"] == "tiny" and r["decoding"] == "one-step-fused"
+        assert set(r["labels"]) == set(CHEXPERT_LABELS)
+        assert r["study_instance_uid"] is None and "patient_name" not in r
+        assert r["num_tokens"] <= 24 and r["num_forwards"] >= 2
+        assert "<|" not in r["report"]  # no special token leaks into the text
+        assert r["findings"] or r["impression"] or not r["report"]
+
+
+def test_the_decoding_mode_is_configurable(model):
+    images = np.random.default_rng(0).random((2, 112, 112))
+    forwards = {}
+    for mode in DECODING_MODES:
+        gen = ReportGenerator(model, decoding=mode, max_new_tokens=16)
+        reports = gen.generate(images)
+        assert all(r["decoding"] == mode for r in reports)
+        forwards[mode] = reports[0]["num_forwards"]
+    assert forwards["one-step-fused"] < forwards["one-step"] < forwards["ar"]
+    with pytest.raises(ValueError, match="unknown decoding mode 'beam'"):
+        ReportGenerator(model, decoding="beam")
+
+
+def test_dicom_in_order_with_errors_in_place_and_no_phi(model):
+    blobs = [_dicom(0), b"not a dicom file at all", _dicom(1, Modality="CT")]
+    out = ReportGenerator(model, max_new_tokens=16).generate_dicom(blobs)
+    assert out[1]["error"] == "not_dicom" and out[2]["error"] == "non_radiograph_modality"
+    assert out[0]["sop_instance_uid"] and out[0]["study_instance_uid"]
+    assert "Doe" not in repr(out)
+    with_phi = ReportGenerator(model, include_phi=True, max_new_tokens=8).generate_dicom(blobs)
+    assert "Doe" in str(with_phi[0]["patient_name"])
+
+
+def test_same_report_for_an_image_and_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = make_model()
+    save_checkpoint(model, tmp_path / "run")
+    image = np.random.default_rng(3).random((1, 112, 112))
+    a = ReportGenerator(model, max_new_tokens=16).generate(image)[0]
+    b = ReportGenerator.from_checkpoint(tmp_path / "run", max_new_tokens=16).generate(image)[0]
+    assert a["report"] == b["report"] and b["model_id"] == "run"
