@@ -3,10 +3,15 @@
 Same model, same batch, one process, interleaved round-robin: forward + backward + AdamW
 step of `echo_ray.diffusion.compute_ar_loss` / `compute_rad_loss` (layouts "rad" and
 "full_copy"). RAD duplicates only the response, prior work the whole sequence (vision tokens
-included): the gap is what RAD saves, and it grows with the number of image tokens.
-Prints a table, then one JSON line with every figure.
+included): the gap is what RAD saves, and it grows with the number of image tokens. The
+default layout is vision-heavy: 896 px images (1,024 image tokens), 128 response tokens.
 
-    python bench/train_step.py [--batch-size 8] [--response-len 64] [model.image_size=224 ...]
+The theoretical speed-up is the ratio of the FLOPs each step executes, counted by
+`torch.utils.flop_counter` on one step (matmuls, plus attention with the formula below,
+since the counter has none for CPU flash attention). Prints a table, then one JSON line with
+every figure (`rad_step_speedup`, `rad_theoretical_speedup`, ...).
+
+    python bench/train_step.py [--batch-size 2] [--response-len 128] [--image-size 896]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from echo_ray.config import EchoConfig, apply_overrides
 from echo_ray.diffusion import compute_ar_loss, compute_rad_loss, pad_responses
@@ -25,19 +31,47 @@ from echo_ray.model import build_model
 from echo_ray.synth import render_view, sample_study, write_report
 from echo_ray.tokenizer import train_report_tokenizer
 
+_ATEN = torch.ops.aten
+
+
+def _attention_fwd_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, q_len, dim = query
+    return 4 * batch * heads * q_len * key[-2] * dim  # Q K^T and P V
+
+
+def _attention_bwd_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, q_len, dim = query
+    return 8 * batch * heads * q_len * key[-2] * dim  # dV, dP, dQ, dK
+
+
+_ATTENTION_FLOPS = {
+    _ATEN._scaled_dot_product_flash_attention_for_cpu: _attention_fwd_flops,
+    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _attention_bwd_flops,
+}
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--response-len", type=int, default=64, help="response tokens per row")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--response-len", type=int, default=128, help="response tokens per row")
+    p.add_argument(
+        "--image-size", type=int, default=896,
+        help="image side in pixels (896 -> 1,024 image tokens at patch 14, merge 2)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed steps per objective (median)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (1: on a shared 2-core machine more threads oversubscribe "
+        "the cores and a step was measured up to 5x slower, drowning the comparison)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = apply_overrides(EchoConfig.from_name(args.preset), args.overrides)
+    config = apply_overrides(
+        EchoConfig.from_name(args.preset), [f"model.image_size={args.image_size}", *args.overrides]
+    )
     reports = [write_report(sample_study(0, i)) for i in range(500)]
     tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
     model = build_model(config.model, tokenizer).train()
@@ -83,8 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         return time.perf_counter() - start
 
-    for fn, _ in objectives.values():  # warm-up
-        step(fn)
+    flops = {}
+    for name, (fn, _) in objectives.items():  # warm-up, counting the FLOPs of one step
+        with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as counter:
+            step(fn)
+        flops[name] = counter.get_total_flops()
     times: dict[str, list[float]] = {name: [] for name in objectives}
     for _ in range(args.repeats):
         for name, (fn, _) in objectives.items():
@@ -97,18 +134,24 @@ def main(argv: list[str] | None = None) -> dict:
                 "objective": name,
                 "sequence_length": seq,
                 "step_ms": 1000 * median,
+                "gflops_per_step": flops[name] / 1e9,
                 "response_tokens_per_s": args.batch_size * L / median,
             }
         )
-    print(f"{'objective':<12}{'seq len':>9}{'step ms':>10}{'resp tok/s':>12}")
+    print(f"{'objective':<12}{'seq len':>9}{'step ms':>10}{'GFLOP':>9}{'resp tok/s':>12}")
     for r in rows:
         print(
             f"{r['objective']:<12}{r['sequence_length']:>9}{r['step_ms']:>10.1f}"
-            f"{r['response_tokens_per_s']:>12.0f}"
+            f"{r['gflops_per_step']:>9.1f}{r['response_tokens_per_s']:>12.0f}"
         )
     by = {r["objective"]: r for r in rows}
-    rad_vs_full = by["full_copy"]["step_ms"] / by["rad"]["step_ms"]
-    print(f"rad_vs_full_copy = {rad_vs_full:.2f}x faster per step")
+    measured = by["full_copy"]["step_ms"] / by["rad"]["step_ms"]
+    theoretical = flops["full_copy"] / flops["rad"]
+    # Savings as fractions of the full-copy step: measured vs what the FLOPs predict.
+    saving, saving_theory = 1 - 1 / measured, 1 - 1 / theoretical
+    print(f"RAD vs full copy: {measured:.2f}x faster per step, {theoretical:.2f}x fewer FLOPs; "
+          f"saving {saving:.1%} measured vs {saving_theory:.1%} theoretical "
+          f"({saving / saving_theory:.0%} of it)")
     result = {
         "bench": "train_step",
         "preset": args.preset,
@@ -120,7 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
         "response_length": L,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "rad_vs_full_copy": rad_vs_full,
+        "rad_step_speedup": round(measured, 4),
+        "rad_theoretical_speedup": round(theoretical, 4),
+        "rad_saving_measured": round(saving, 4),
+        "rad_saving_theoretical": round(saving_theory, 4),
+        "rad_saving_fraction_of_theory": round(saving / saving_theory, 4),
         "rows": rows,
     }
     print(json.dumps(result))
