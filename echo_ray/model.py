@@ -226,6 +226,14 @@ class EchoDVLM(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], image_embeds.to(embeds.dtype))
 
+    def rotary_embeddings(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE `(cos, sin)` of `position_ids` `(3, B or 1, T)`: each `(B or 1, T, head_dim)`.
+
+        A pure function of the positions: decoders compute it once for the whole sequence and
+        pass slices to `forward` (`position_embeddings`) instead of recomputing it per call."""
+        text = self.backbone.model.language_model
+        return text.rotary_emb(text.embed_tokens.weight, position_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -235,8 +243,13 @@ class EchoDVLM(nn.Module):
         image_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         logits_from: int = 0,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One forward with an explicit mask and explicit positions.
+
+        Runs the HF text model's decoder layers directly: its `forward` wrapper only adds,
+        per call, the rotary table (a function of the positions, cacheable by the caller),
+        mask preprocessing (a 4D bool mask passes through it unchanged) and output capture.
 
         Args:
             input_ids: `(B, Q)` the new tokens.
@@ -247,6 +260,7 @@ class EchoDVLM(nn.Module):
             past_key_values: a cache to read and append to (appends all Q tokens).
             logits_from: compute logits only for positions `logits_from:` (saves the vocab
                 projection where only a suffix is needed).
+            position_embeddings: `rotary_embeddings(position_ids)`, when the caller has it.
 
         Returns:
             logits `(B, Q - logits_from, V)`.
@@ -255,15 +269,30 @@ class EchoDVLM(nn.Module):
             raise ValueError("attention_mask must be a 4D bool tensor (True = attend)")
         batch = input_ids.shape[0]
         embeds = self.embed(input_ids, image_embeds)  # (B, Q, hidden)
-        out = self.backbone.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask.expand(batch, -1, -1, -1),
-            position_ids=position_ids.expand(-1, batch, -1),
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        )
-        hidden = out.last_hidden_state[:, logits_from:]  # (B, Q - logits_from, hidden)
-        return self.backbone.lm_head(hidden)  # (B, Q - logits_from, V)
+        text = self.backbone.model.language_model
+        mask = attention_mask.expand(batch, -1, -1, -1)  # (B, 1, Q, K)
+        position_ids = position_ids.expand(-1, batch, -1)  # (3, B, Q)
+        if text.has_sliding_layers:  # per-layer masks: let the HF wrapper build them
+            hidden = text(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+            ).last_hidden_state  # (B, Q, hidden)
+        else:
+            if position_embeddings is None:
+                position_embeddings = self.rotary_embeddings(position_ids)
+            hidden = embeds
+            for layer in text.layers:
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    past_key_values=past_key_values,
+                    position_embeddings=position_embeddings,
+                )  # (B, Q, hidden)
+            hidden = text.norm(hidden)
+        return self.backbone.lm_head(hidden[:, logits_from:])  # (B, Q - logits_from, V)
 
 
 # ---------------------------------------------------------------------- building / loading

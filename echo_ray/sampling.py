@@ -102,6 +102,8 @@ class _Runner:
         self.positions = torch.cat(
             [model.prompt_position_ids, model.response_position_ids(length)], dim=2
         )  # (3, 1, P + length)
+        cos, sin = model.rotary_embeddings(self.positions)  # (1, P + length, head_dim) each
+        self.cos, self.sin = cos, sin
         self.num_forwards = 0
 
     def __call__(self, ids, start, cache=None, logits_from=0) -> torch.Tensor:
@@ -116,6 +118,7 @@ class _Runner:
             image_embeds=self.image_embeds if start == 0 else None,
             past_key_values=cache,
             logits_from=logits_from,
+            position_embeddings=(self.cos[:, start:end], self.sin[:, start:end]),
         )  # (B, Q - logits_from, V)
 
 

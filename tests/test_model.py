@@ -129,6 +129,43 @@ def test_forward_with_explicit_mask_and_positions_equals_the_hf_forward(model):
     torch.testing.assert_close(ours[ok], ref[ok], atol=2e-5, rtol=1e-4)
 
 
+def test_precomputed_rotary_slices_equal_per_call_rotary(model):
+    """Decoders pass slices of one rotary table (`position_embeddings`): same logits as
+    letting the forward compute M-RoPE from `position_ids`, cached block append included."""
+    from transformers import DynamicCache
+
+    pixel_values, response, valid = make_batch(model, num=2)
+    lay = build_layout(model, response, valid, "block")
+    P, Bk = model.prompt_length, model.block_length
+    cos, sin = model.rotary_embeddings(lay.position_ids)  # (1, T, head_dim) each
+    with torch.no_grad():
+        image_embeds = model.encode_images(pixel_values)
+        outs = []
+        for table in (False, True):
+            cache = DynamicCache(config=model.backbone.config)
+            kw = {"position_embeddings": (cos[:, :P], sin[:, :P])} if table else {}
+            model(
+                lay.input_ids[:, :P],
+                attention_mask=lay.attention_mask[..., :P, :P],
+                position_ids=lay.position_ids[..., :P],
+                image_embeds=image_embeds,
+                past_key_values=cache,
+                **kw,
+            )
+            end = P + Bk
+            kw = {"position_embeddings": (cos[:, P:end], sin[:, P:end])} if table else {}
+            outs.append(
+                model(
+                    lay.input_ids[:, P:end],
+                    attention_mask=lay.attention_mask[..., P:end, :end],
+                    position_ids=lay.position_ids[..., P:end],
+                    past_key_values=cache,
+                    **kw,
+                )
+            )
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
 def test_forward_rejects_a_non_bool_mask(model):
     ids = model.prompt_input_ids(1)
     with pytest.raises(ValueError, match="4D bool"):
