@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="a saved run (else a random tiny model)")
     p.add_argument("--preset", default="tiny", help="preset of the random model")
-    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,4")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,4")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7, help="timed calls per mode (median kept)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau of the multi-step mode")
@@ -132,6 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
             )
     for key, value in speedups.items():
         print(f"{key} = {value:.2f}x")
+    # The headline figures the issue names: end to end (prefill included), at the smallest
+    # batch measured (batch 1 by default).
+    head = min(batch_sizes)
+    fused_head = next(r for r in rows if r["batch"] == head and r["mode"] == "one-step-fused")
+    headline = {
+        "speedup_fused_vs_ar": speedups[f"fused_vs_ar_b{head}"],
+        "speedup_fused_vs_unfused": speedups[f"fused_vs_unfused_b{head}"],
+        "tokens_per_forward_fused": fused_head["tokens_per_forward"],
+        "headline_batch": head,
+    }
     result = {
         "bench": "decode",
         "model": args.checkpoint or " ".join([f"random {args.preset}", *args.overrides]),
@@ -145,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.machine(),
         "repeats": args.repeats,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **headline,
         **speedups,
         "rows": rows,
     }
