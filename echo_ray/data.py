@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
@@ -434,8 +435,6 @@ def _write_errors(dst: Location, errors: list[dict[str, Any]]) -> None:
     ]
     table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
     sink = pa.BufferOutputStream()
-    import pyarrow.parquet as pq
-
     pq.write_table(table, sink)
     dst.join(ERRORS_FILE).write_bytes(sink.getvalue().to_pybytes())
     buf = io.StringIO()
@@ -489,8 +488,6 @@ def _manifest(src, dst, info, rows, errors, tokenizer_info, config, start) -> di
     shard_files = []
     shards = dst.join(SHARDS_DIR)
     if shards.exists():
-        import pyarrow.parquet as pq
-
         for name in shards.list_files(".parquet"):
             with shards.fs.open_input_file(shards.join(name).path) as f:
                 shard_files.append({"file": f"{SHARDS_DIR}/{name}",
@@ -525,8 +522,6 @@ def _log(message: str) -> None:
 
 def iter_shard_rows(out: str, columns: Iterable[str] | None = None, *, s3_endpoint=None):
     """Read back prepared shards (without Ray): a convenience for tests and inspection."""
-    import pyarrow.parquet as pq
-
     dst = resolve(out, s3_endpoint=s3_endpoint)
     shards = dst.join(SHARDS_DIR)
     for name in shards.list_files(".parquet"):

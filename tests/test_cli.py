@@ -41,3 +41,11 @@ def test_missing_archive_is_a_clear_error(tmp_path, capsys):
         main(["prepare", "--archive", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_config_key(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", "--archive", str(tmp_path), "--out", str(tmp_path / "o"),
+                  "--set", "data.image_sise=3"])
+    assert exc.value.code == 2
+    assert "unknown config key 'data.image_sise'" in capsys.readouterr().err
