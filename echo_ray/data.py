@@ -42,7 +42,7 @@ from ray.data.datasource import FilenameProvider
 from echo_ray import __version__
 from echo_ray.config import EchoConfig
 from echo_ray.dicom import DicomError, decode_dicom
-from echo_ray.reports import CHEXPERT_LABELS, label_report, normalize_report, parse_sections
+from echo_ray.reports import CHEXPERT_LABELS, label_report, normalize_report
 from echo_ray.storage import Location, resolve
 
 logger = logging.getLogger(__name__)
@@ -265,10 +265,7 @@ def _process_report(src: Location, report_path: str, study_id: str):
         raw = src.join(report_path).read_text()
     except OSError:
         return None, None, None
-    # Label the findings + impression (what a generated report will contain), as CheXpert does.
-    sections = parse_sections(raw)
-    text = " ".join(sections.get(k, "") for k in ("findings", "impression")).strip() or raw
-    labels = label_report(text)
+    labels = label_report(raw)  # labels the findings + impression, as CheXpert does
     return raw, normalize_report(raw, seed=study_id), [labels[name] for name in CHEXPERT_LABELS]
 
 
