@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from tiny_dvlm import make_batch, make_model, make_tokenizer, one_thread
+from tiny_dvlm import make_batch, make_model, make_tokenizer
 
 from echo_ray.checkpoint import CONFIG_FILE, load_checkpoint, load_config, save_checkpoint
 from echo_ray.config import EchoConfig, apply_overrides
@@ -10,11 +10,7 @@ from echo_ray.diffusion import build_layout
 from echo_ray.sampling import generate
 from echo_ray.tokenizer import load_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _logits(model, pixel_values, response, valid):

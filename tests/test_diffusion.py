@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from tiny_dvlm import make_batch, make_model, make_tokenizer, one_thread, overfit
+from tiny_dvlm import make_batch, make_model, make_tokenizer, overfit
 
 from echo_ray.diffusion import (
     LAYOUTS,
@@ -15,11 +15,7 @@ from echo_ray.diffusion import (
     rad_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------- masks vs brute force

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_dvlm import make_batch, make_model, make_tokenizer, one_thread
+from tiny_dvlm import make_batch, make_model, make_tokenizer
 
 from echo_ray.config import ConfigError, EchoConfig, ModelConfig, apply_overrides, from_dict
 from echo_ray.diffusion import build_layout, compute_rad_loss
@@ -20,11 +20,7 @@ from echo_ray.tokenizer import (
     VISION_START_TOKEN,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from tiny_dvlm import make_model, one_thread, trained_model
+from tiny_dvlm import make_model, trained_model
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.dicom import write_dicom
@@ -9,11 +9,7 @@ from echo_ray.predictor import ReportGenerator
 from echo_ray.reports import CHEXPERT_LABELS
 from echo_ray.sampling import DECODING_MODES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

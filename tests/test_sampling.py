@@ -2,16 +2,12 @@ import math
 
 import pytest
 import torch
-from tiny_dvlm import make_model, one_thread, trained_model
+from tiny_dvlm import make_model, trained_model
 
 from echo_ray.diffusion import build_layout
 from echo_ray.sampling import generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +64,10 @@ def test_one_step_fused_equals_unfused_equals_uncached(model, pixel_values, batc
     assert fused.tokens.shape[1] <= max_new
 
 
-def _layout_argmax(model, pixel_values, response, layout):
-    """Greedy picks of one full forward of `layout` over [prompt | response], built
-    independently of the sampler (diffusion.build_layout), banned ids excluded."""
+def _layout_logits(model, pixel_values, response, layout, offset: int = 0):
+    """Logits of one full forward of `layout` over [prompt | response], built independently
+    of the sampler (diffusion.build_layout), from response position `offset` on, with the
+    ids a decoder never emits banned."""
     valid = torch.ones_like(response, dtype=torch.bool)
     lay = build_layout(model, response, valid, layout)
     with torch.no_grad():
@@ -79,10 +76,15 @@ def _layout_argmax(model, pixel_values, response, layout):
             attention_mask=lay.attention_mask,
             position_ids=lay.position_ids,
             image_embeds=model.encode_images(pixel_values),
-            logits_from=lay.logits_from,
+            logits_from=lay.logits_from + offset,
         )
     logits[..., [model.mask_token_id, model.pad_token_id, model.image_token_id]] = -torch.inf
-    return logits.argmax(-1)
+    return logits
+
+
+def _layout_argmax(model, pixel_values, response, layout):
+    """Greedy picks of `_layout_logits`."""
+    return _layout_logits(model, pixel_values, response, layout).argmax(-1)
 
 
 def test_decoders_match_independent_full_passes(model, pixel_values):
@@ -106,19 +108,7 @@ def test_decoders_match_independent_full_passes(model, pixel_values):
         for step in range(B):
             state = torch.where(order < step, block, model.mask_token_id)
             response = torch.cat([multi.tokens[:, : k * B], state], dim=1)
-            valid = torch.ones_like(response, dtype=torch.bool)
-            lay = build_layout(model, response, valid, "block")
-            with torch.no_grad():
-                logits = model(
-                    lay.input_ids,
-                    attention_mask=lay.attention_mask,
-                    position_ids=lay.position_ids,
-                    image_embeds=model.encode_images(pixel_values),
-                    logits_from=lay.logits_from + k * B,
-                )
-            logits[
-                ..., [model.mask_token_id, model.pad_token_id, model.image_token_id]
-            ] = -torch.inf
+            logits = _layout_logits(model, pixel_values, response, "block", offset=k * B)
             conf, picks = logits.softmax(-1).max(-1)  # (B, Bk)
             conf = conf.masked_fill(order < step, -1.0)
             for b in range(block.shape[0]):
