@@ -105,38 +105,114 @@ def summarize_manifest(m: dict) -> str:
     return "\n".join(lines)
 
 
+# --- train -------------------------------------------------------------------------------------
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", required=True, choices=("ar", "rad"),
+                   help="ar: autoregressive baseline; rad: block-diffusion teacher from --init")
+    p.add_argument("--data", required=True, help="`echo-ray prepare` output (folder or s3://)")
+    p.add_argument("--out", required=True,
+                   help="run folder (folder or s3://); rerunning with the same folder resumes")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint, run folder or Hugging Face model directory "
+                        "(required for --stage rad)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_config_args(p)
+
+
+def train(args: argparse.Namespace):
+    from echo_ray.train_loop import train as run_training
+
+    return run_training(
+        args.stage, args.data, args.out, _config(args), init=args.init,
+        overrides=tuple(args.overrides), s3_endpoint=args.s3_endpoint,
+        ray_address=args.ray_address,
+    )
+
+
 # --- quickstart --------------------------------------------------------------------------------
 
 
 def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="quickstart", help="folder for every stage's output")
-    p.add_argument("--studies", type=int, default=300, help="synthetic studies")
-    p.add_argument("--image-size", type=int, default=512, help="synthetic image side")
+    p.add_argument("--studies", type=int, default=2000, help="synthetic studies")
+    p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
+    p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
+    p.add_argument("--examples", type=int, default=3, help="test images to write reports for")
     _add_config_args(p)
 
 
 def quickstart(args: argparse.Namespace) -> dict:
     """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
     from echo_ray.data import prepare_shards
+    from echo_ray.train_loop import train as run_training
 
     out = Path(args.out)
     config = _config(args)
-    print(f"[1/2] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
+    print(f"[1/5] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
     synth(argparse.Namespace(
         out=str(out / "archive"), studies=args.studies, seed=args.seed,
         image_size=args.image_size, lateral_fraction=0.3, lateral_only_fraction=0.0,
         workers=min(4, os.cpu_count() or 1),
     ))
-    print(f"[2/2] prepare: DICOM shards -> {out / 'shards'}", flush=True)
+    print(f"[2/5] prepare: DICOM shards -> {out / 'shards'}", flush=True)
     manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
     print(summarize_manifest(manifest))
-    return manifest
+    runs = {}
+    for number, stage, steps, init in ((3, "ar", args.ar_steps, None),
+                                       (4, "rad", args.rad_steps, out / "runs" / "ar")):
+        print(f"[{number}/5] train {stage}: {steps} steps -> {out / 'runs' / stage}", flush=True)
+        overrides = (*args.overrides, f"train.max_steps={steps}")
+        runs[stage] = run_training(
+            stage, str(out / "shards"), str(out / "runs" / stage),
+            load_config(args.preset, overrides, args.config), init=init and str(init),
+            overrides=overrides,
+        )
+    print(f"[5/5] reports for {args.examples} test images: AR vs the RAD teacher "
+          "(multi-step block diffusion)", flush=True)
+    print(example_reports(out / "shards", {
+        "ar": (runs["ar"].model, "ar"), "rad teacher": (runs["rad"].model, "multi-step")
+    }, args.examples))
+    return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()}}
+
+
+def example_reports(shards: Path, systems: dict[str, tuple[str, str]], count: int) -> str:
+    """Reports written by each (checkpoint, decoding mode) for the first test images."""
+    import pyarrow.parquet as pq
+
+    from echo_ray.predictor import ReportGenerator
+
+    columns = ["dicom_id", "split", "view_position", "dicom", "report_normalized"]
+    rows = [r for r in pq.read_table(shards / "shards", columns=columns).to_pylist()
+            if r["split"] == "test"][:count]
+    outputs = {
+        name: ReportGenerator.from_checkpoint(path, decoding=mode).generate_dicom(
+            [r["dicom"] for r in rows]
+        )
+        for name, (path, mode) in systems.items()
+    }
+    lines = []
+    for i, row in enumerate(rows):
+        lines += ["", f"--- test image {row['dicom_id']} ({row['view_position']})",
+                  f"{'reference':>12}: {row['report_normalized']}"]
+        for name, reports in outputs.items():
+            r = reports[i]
+            text = r.get("report", f"error: {r.get('error')}")
+            lines.append(f"{name:>12}: {text}")
+            if "report" in r:
+                lines.append(f"{'':>12}  ({r['num_tokens']} tokens, {r['num_forwards']} "
+                             f"forwards for the batch, {r['decoding']})")
+    return "\n".join(lines)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]] = {
     "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
     "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
+    "train": (train, train_args, "train the AR model or the RAD teacher with Ray Train"),
     "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),
 }
 

@@ -169,6 +169,100 @@ class ModelConfig:
         )
 
 
+STRATEGIES = ("ddp", "deepspeed")
+PRECISIONS = ("auto", "fp32", "bf16")
+STAGES = ("ar", "rad")
+
+
+@dataclass
+class TrainConfig:
+    """A Ray Train run: workers, strategy, optimisation, evaluation, checkpoints, recovery.
+
+    Steps are optimizer steps; one step consumes `batch_size * grad_accum` rows per worker.
+    """
+
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); else CPU workers (gloo)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs Ray reserves per worker (fractional leaves room for Ray Data on a laptop)."""
+    torch_threads: int = 1
+    """Intra-op threads per worker (1 avoids oversubscribing a small machine; 0 = torch's)."""
+    strategy: str = "ddp"
+    """"ddp" (DistributedDataParallel) or "deepspeed" (ZeRO, `zero_stage`)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3) when strategy is deepspeed."""
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16" (autocast; DeepSpeed bf16)."""
+    batch_size: int = 8
+    """Rows per worker per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 500
+    """Optimizer steps of the run (epochs repeat the split as needed)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of `lr`."""
+    warmup_steps: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    freeze_vision: bool | None = None
+    """Freeze the vision tower + projector; None = the stage's default (rad: frozen, as the
+    paper; ar: trained)."""
+    report_every: int = 10
+    """Report metrics to Ray Train every this many steps (each report waits for the
+    controller's poll, about 2 s; every step still goes to metrics.jsonl)."""
+    eval_every: int = 100
+    """Validation loss every this many steps (0 = only at the end)."""
+    eval_batches: int = 4
+    """Validation batches per worker per evaluation."""
+    checkpoint_every: int = 250
+    """Checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run directory (the newest)."""
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
+    cache_decoded: bool = False
+    """Decode + tokenize the split once and keep it in the object store (small data sets:
+    epochs then cost no DICOM decoding); off streams and decodes every epoch."""
+    seed: int = 0
+    """Seeds shuffling, noise and the per-worker generators."""
+    fail_at_step: int = 0
+    """Fault drill: worker `fail_rank` raises at this step, once, in a run that did not start
+    from a checkpoint (0 = off). Recovery must resume from the latest checkpoint."""
+    fail_rank: int = 1
+    """The rank that raises in the fault drill."""
+
+    def validate(self) -> None:
+        _require(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _require(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _require(self.torch_threads >= 0, "train.torch_threads must be >= 0")
+        _require(
+            self.strategy in STRATEGIES,
+            f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}",
+        )
+        _require(self.zero_stage in (1, 2, 3), "train.zero_stage must be 1, 2 or 3")
+        _require(
+            self.precision in PRECISIONS,
+            f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        for name in ("warmup_steps", "report_every", "eval_every", "checkpoint_every",
+                     "max_failures", "shuffle_buffer", "fail_at_step", "fail_rank"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+
+
 @dataclass
 class EchoConfig:
     """The whole configuration of a run. Later stages add their sub-configs here."""
@@ -177,6 +271,7 @@ class EchoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> EchoConfig:
         for f in dataclasses.fields(self):
@@ -202,8 +297,8 @@ class EchoConfig:
 # Named presets: the differences from the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU laptop, CI and quickstart: the dataclass defaults (ModelConfig defaults are the
-    # 4M-parameter model of DESIGN.md section 9).
-    "tiny": {},
+    # 4M-parameter model of DESIGN.md section 9), with the decoded train split cached.
+    "tiny": {"train": {"cache_decoded": True}},
     # A Qwen2.5-VL-7B-sized run (Lingshu-7B, the paper's base) on a GPU cluster.
     "base-7b": {
         "data": {"rows_per_shard": 512, "num_cpus_per_task": 1.0},
@@ -225,6 +320,26 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dtype": "bfloat16",
             "max_response_len": 256,
             "freeze_vision": True,
+        },
+        # 8 GPUs, DeepSpeed ZeRO-2 in bf16; 8 x 4 x 4 = 128 reports per step.
+        "train": {
+            "cache_decoded": False,
+            "num_workers": 8,
+            "use_gpu": True,
+            "cpus_per_worker": 4.0,
+            "torch_threads": 0,
+            "strategy": "deepspeed",
+            "zero_stage": 2,
+            "batch_size": 4,
+            "grad_accum": 4,
+            "max_steps": 5000,
+            "lr": 1e-5,
+            "warmup_steps": 200,
+            "weight_decay": 0.0,
+            "eval_every": 500,
+            "eval_batches": 16,
+            "checkpoint_every": 500,
+            "shuffle_buffer": 1024,
         },
     },
 }

@@ -19,6 +19,7 @@ names), it never appends.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -100,11 +101,18 @@ _INSPECT_SCHEMA = pa.schema(
 )
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to Ray: an existing session, `address`/RAY_ADDRESS, or a new local cluster."""
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False
+) -> None:
+    """Connect to Ray: an existing session, `address`/RAY_ADDRESS, or a new local cluster.
+
+    Args:
+        dashboard: start the dashboard with a new local cluster (Ray Train's state queries
+            need it; Ray Data jobs do not).
+    """
     if ray.is_initialized():
         return
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +523,116 @@ def _manifest(src, dst, info, rows, errors, tokenizer_info, config, start) -> di
 def _log(message: str) -> None:
     logger.info(message)
     print(f"[echo-ray prepare] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training input: shards -> decoded, tokenized rows (streamed into Ray Train)
+
+# Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
+TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
+
+
+def shard_files(shards: Location) -> list[str]:
+    """The shard files of a prepared folder (paths in `shards.fs`), checking it is complete."""
+    if not shards.join(MANIFEST).exists():
+        raise FileNotFoundError(
+            f"{shards.uri} has no {MANIFEST}: it is not a finished `echo-ray prepare` output "
+            "(run prepare, or wait for it to finish)"
+        )
+    folder = shards.join(SHARDS_DIR)
+    return [folder.join(name).path for name in folder.list_files(".parquet")]
+
+
+def training_dataset(
+    shards: str,
+    split: str,
+    *,
+    image_size: int,
+    tokenizer_json: str,
+    config: EchoConfig,
+    s3_endpoint: str | None = None,
+) -> ray.data.Dataset:
+    """Rows of one split, decoded to `image_size` pixels and tokenized, as a Ray Data dataset.
+
+    Reads only the training columns of the shards, keeps the rows of `split`, then decodes
+    and tokenizes in `map_batches` on CPU tasks. A row that cannot be used (its DICOM no
+    longer decodes, or it has no report) stays in the stream with `ok = False` and its
+    reason in `error`, so trainers count it and skip it; it is logged, never raised.
+
+    Output columns: `dicom_id`, `pixels` (S * S float32 in [0, 1], row-major), `tokens` (int32
+    ids of the normalized report, no special tokens), `ok`, `error` (the reason, or "").
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    src = resolve(shards, s3_endpoint=s3_endpoint)
+    files = shard_files(src)
+    if not files:
+        raise FileNotFoundError(f"{src.uri}/{SHARDS_DIR} holds no .parquet shards")
+    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=list(TRAIN_COLUMNS))
+    return ds.map_batches(
+        _training_batch,
+        batch_format="pyarrow",
+        batch_size=config.data.batch_size,
+        num_cpus=config.data.num_cpus_per_task,
+        fn_kwargs={
+            "split": split,
+            "image_size": image_size,
+            "tokenizer_json": tokenizer_json,
+            "max_dimension": config.data.max_dimension,
+            "modalities": tuple(config.data.modalities) or None,
+        },
+    )
+
+
+def _training_batch(
+    batch: pa.Table, *, split: str, image_size: int, tokenizer_json: str, max_dimension: int,
+    modalities: tuple[str, ...] | None,
+) -> pa.Table:
+    batch = batch.filter(pc.equal(batch.column("split"), split))
+    n = batch.num_rows
+    tokenizer = _report_tokenizer(tokenizer_json)
+    pixels = np.zeros((n, image_size * image_size), np.float32)
+    ok = np.ones(n, bool)
+    errors = [""] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    ids = batch.column("dicom_id").to_pylist()
+    blobs = batch.column("dicom").to_pylist()
+    reports = batch.column("report_normalized").to_pylist()
+    for i in range(n):
+        if not reports[i]:
+            ok[i], errors[i] = False, "no_report"
+            logger.warning("skipping training row %s: no report to train on", ids[i])
+            continue
+        try:
+            image = decode_dicom(
+                blobs[i], size=image_size, max_dimension=max_dimension, modalities=modalities
+            )
+        except DicomError as e:
+            ok[i], errors[i] = False, e.reason
+            # dicom_id is an archive file name, never a patient identifier.
+            logger.warning("skipping training row %s: %s (%s)", ids[i], e.reason, e)
+            continue
+        pixels[i] = image.pixels.reshape(-1)
+        tokens[i] = tokenizer.encode(reports[i], add_special_tokens=False).ids
+    # Plain Arrow types (a fixed-size list per image, a list of ids per report): one schema
+    # for every block, the empty ones included.
+    return pa.table({
+        "dicom_id": pa.array(ids, pa.string()),
+        "pixels": pa.FixedSizeListArray.from_arrays(
+            pa.array(pixels.reshape(-1), pa.float32()), image_size * image_size
+        ),
+        "tokens": pa.array(tokens, pa.list_(pa.int32())),
+        "ok": pa.array(ok, pa.bool_()),
+        "error": pa.array(errors, pa.string()),
+    })
+
+
+@functools.lru_cache(maxsize=2)
+def _report_tokenizer(tokenizer_json: str):
+    """The `tokenizers` backend of a saved tokenizer (no transformers import in data tasks)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
 
 
 def iter_shard_rows(out: str, columns: Iterable[str] | None = None, *, s3_endpoint=None):

@@ -81,6 +81,22 @@ class Location:
         if self.exists():
             self.fs.delete_dir(self.path)
 
+    def copy_to(self, dst: Location, exclude: tuple[str, ...] = ()) -> None:
+        """Copy this folder (recursively) to `dst`, across filesystems, streaming each file.
+
+        Args:
+            exclude: top-level names (files or folders) not to copy.
+        """
+        for rel in self.list_files():
+            if rel.split("/", 1)[0] in exclude:
+                continue
+            target = dst.join(rel)
+            dst.fs.create_dir(posixpath.dirname(target.path), recursive=True)
+            pafs.copy_files(
+                self.join(rel).path, target.path,
+                source_filesystem=self.fs, destination_filesystem=dst.fs,
+            )
+
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem; `endpoint` (or AWS_ENDPOINT_URL) like `http://127.0.0.1:9000`."""

@@ -21,7 +21,8 @@ def ray_cluster():
     if ray.is_initialized():  # pragma: no cover - someone else's session
         yield ray
         return
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new cluster, never one a `ray start` left on the machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray
