@@ -154,9 +154,10 @@ def train(
     worker_config = {
         "stage": stage,
         "config": config.to_dict(),
-        "run": run.uri,
-        "s3_endpoint": s3_endpoint,
-        "init": init_loc.uri if init_loc is not None else None,
+        # Locations travel with their filesystem (and the driver's S3 credentials and
+        # endpoint): workers may have been started with another environment.
+        "run": run,
+        "init": init_loc,
         "tokenizer_files": _read_folder(shards.join(TOKENIZER_DIR)) if init_loc is None else {},
     }
     storage_path, storage_fs = _storage(run)
@@ -376,14 +377,12 @@ def _initial_model(cfg: dict[str, Any], config: EchoConfig, tmp: Path):
     from echo_ray.model import build_model
     from echo_ray.tokenizer import load_tokenizer
 
-    init = cfg["init"]
+    init: Location | None = cfg["init"]
     if init is not None:
-        path = init
-        if init.startswith("s3://"):
+        path = init.path
+        if init.is_s3:
             path = str(tmp / "init")
-            resolve(init, s3_endpoint=cfg["s3_endpoint"]).copy_to(
-                Location(pafs.LocalFileSystem(), path, path)
-            )
+            init.copy_to(Location(pafs.LocalFileSystem(), path, path))
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, pretrained_path=path)
         )
@@ -460,7 +459,7 @@ class _Loop:
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
         self.bad_rows = int(state.get("bad_rows", 0))
         self.resumed_from = self.step if state else None
-        self.run_dir = resolve(cfg["run"], s3_endpoint=cfg["s3_endpoint"])
+        self.run_dir: Location = cfg["run"]
         self.log = (
             _MetricsLog(self.run_dir.join(METRICS_FILE), self.resumed_from) if rank == 0 else None
         )

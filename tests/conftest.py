@@ -38,3 +38,27 @@ def single_thread():
 
     with one_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(monkeypatch_module):
+    """A real S3 API on loopback (moto server), with test credentials in the environment."""
+    import socket
+
+    moto_server = pytest.importorskip("moto.server")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch_module.setenv(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp

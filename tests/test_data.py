@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -200,24 +199,9 @@ def test_assign_split_is_deterministic_and_proportional():
 # --- S3 (a real S3 API: moto server on loopback) ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_prepare_from_and_to_s3(ray_cluster, archive, s3_endpoint, monkeypatch):
+def test_prepare_from_and_to_s3(ray_cluster, archive, s3_endpoint):
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
     root, broken, num_files = archive
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="cxr")
