@@ -184,14 +184,10 @@ def train(
             execution_options=_ordered_ingest(),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed after {tcfg.max_failures} restart(s)") from (
-            result.error
-        )
+    result = trainer.fit()  # raises once a failure exceeds train.max_failures restarts
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    ckpt = Location(result.checkpoint.filesystem, result.checkpoint.path, result.checkpoint.path)
+    ckpt = run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
     model_dir = run.join(MODEL_DIR)
     model_dir.delete_dir()
     ckpt.copy_to(model_dir, exclude=(TRAIN_STATE, DEEPSPEED_DIR))
