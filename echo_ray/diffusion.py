@@ -249,6 +249,14 @@ def ar_loss(
         response: `(B, L)` targets.
         valid: `(B, L)` non-pad positions.
     """
+    ce, scored = _ar_token_ce(logits, response, valid, eos_token_id)
+    return ce.sum() / scored.sum().clamp(min=1)
+
+
+def _ar_token_ce(
+    logits: torch.Tensor, response: torch.Tensor, valid: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token CE `(B, L)` (0 where not scored) and the scored mask `(B, L)`."""
     B, L, V = logits.shape
     is_eos = response == eos_token_id  # (B, L)
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (B, L) strictly after 1st eos
@@ -256,8 +264,7 @@ def ar_loss(
     ce = F.cross_entropy(
         logits.reshape(B * L, V).float(), response.reshape(B * L), reduction="none"
     ).view(B, L)  # (B, L)
-    ce = torch.where(scored, ce, torch.zeros_like(ce))
-    return ce.sum() / scored.sum().clamp(min=1)
+    return torch.where(scored, ce, torch.zeros_like(ce)), scored
 
 
 # ---------------------------------------------------------------------- layouts through the model
@@ -388,3 +395,32 @@ def compute_ar_loss(
         logits_from=lay.logits_from,
     )  # (B, L + 1, V): positions P-1 .. P+L-1
     return ar_loss(logits[:, :-1], response, valid, model.eos_token_id)
+
+
+def ar_report_nll(
+    model: EchoDVLM, pixel_values: torch.Tensor, response: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative log-likelihood of each report under an AR model, given its image.
+
+    The fluency metric: exp(sum of NLLs / sum of token counts) is the perplexity.
+
+    Args:
+        response, valid: `(B, L)` from `pad_responses` (the report tokens, then `<eos>`).
+
+    Returns:
+        `(nll, count)`, both `(B,)`: summed NLL (nats) of each report's tokens up to and
+        including its first `<eos>`, and how many tokens that is.
+    """
+    device = model.device
+    response, valid = response.to(device), valid.to(device)
+    lay = build_layout(model, response, valid, "causal")
+    logits = model(
+        lay.input_ids,
+        attention_mask=lay.attention_mask,
+        position_ids=lay.position_ids,
+        image_embeds=_image_embeds(model, pixel_values, 1),
+        logits_from=lay.logits_from,
+    )  # (B, L + 1, V)
+    ce, scored = _ar_token_ce(logits[:, :-1], response, valid, model.eos_token_id)  # (B, L)
+    return ce.sum(1), scored.sum(1)
+

@@ -26,6 +26,7 @@ import torch
 from echo_ray import __version__
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.dicom import RADIOGRAPH_MODALITIES, DicomError, decode_dicom
+from echo_ray.diffusion import ar_report_nll, pad_responses
 from echo_ray.model import EchoDVLM
 from echo_ray.reports import label_report, parse_sections
 from echo_ray.sampling import decoding_kwargs, generate
@@ -122,9 +123,16 @@ class ReportGenerator:
             reports.append(report)
         return reports
 
-    def generate_dicom(self, blobs: Sequence[bytes]) -> list[dict]:
-        """Reports for DICOM files, in order; undecodable files give an error dict."""
-        results: list[dict | None] = [None] * len(blobs)
+    def decode_dicoms(
+        self, blobs: Sequence[bytes]
+    ) -> tuple[list[dict | None], list[int], list[np.ndarray], list[dict]]:
+        """Decode DICOM files at this model's image size.
+
+        Returns:
+            (slots: an error dict for each file that failed, None for the others; the
+            indices that decoded; their images; their metadata).
+        """
+        slots: list[dict | None] = [None] * len(blobs)
         good, images, metas = [], [], []
         for i, data in enumerate(blobs):
             try:
@@ -135,11 +143,60 @@ class ReportGenerator:
                     include_phi=self.include_phi,
                 )
             except DicomError as err:
-                results[i] = {"error": err.reason, "message": str(err)}
+                slots[i] = {"error": err.reason, "message": str(err)}
                 continue
             good.append(i)
             images.append(image.pixels)
             metas.append(image.meta)
+        return slots, good, images, metas
+
+    def generate_dicom(self, blobs: Sequence[bytes]) -> list[dict]:
+        """Reports for DICOM files, in order; undecodable files give an error dict."""
+        results, good, images, metas = self.decode_dicoms(blobs)
         for i, report in zip(good, self.generate(images, metas), strict=True):
             results[i] = report
         return results
+
+
+class ReportScorer:
+    """Scores report texts under an AR model: the fluency (perplexity) metric.
+
+    The likelihood is the model's, p(report | image): the same image the report was
+    written for conditions it, so a report that reads well but contradicts the image also
+    costs likelihood.
+    """
+
+    def __init__(self, model: EchoDVLM, *, max_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.max_len = max_len or model.config.max_response_len
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> ReportScorer:
+        model, _ = load_checkpoint(path)
+        return cls(model, **kwargs)
+
+    @torch.no_grad()
+    def nll(
+        self, images: Sequence[np.ndarray] | np.ndarray, texts: Sequence[str]
+    ) -> tuple[list[float], list[int]]:
+        """Per report: summed NLL (nats) of its tokens and `<eos>`, and that token count.
+
+        Reports longer than the model's `max_response_len` are cut there (the count says
+        how many tokens were scored).
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        if len(texts) == 0:
+            return [], []
+        tokenizer = self.model.tokenizer
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        response, valid = pad_responses(
+            ids,
+            block_length=1,
+            max_len=self.max_len,
+            eos_token_id=self.model.eos_token_id,
+            pad_token_id=self.model.pad_token_id,
+        )
+        pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
+        nll, count = ar_report_nll(self.model, pixel_values, response, valid)
+        return nll.tolist(), [int(c) for c in count]

@@ -567,8 +567,13 @@ _ATTR_WINDOW_STOP = re.compile(
 # --------------------------------------------------------------------------------------
 
 # Clause boundaries end every negation / uncertainty scope (NegEx's terminators):
-# contrast words, relative "which", ", and there", ", with", and a comma that opens a new
-# "X is ..." clause (but not a list: ", or consolidation is seen" stays in scope).
+# contrast words, relative "which", ", and there", ", with", a comma that opens a new
+# "X is ..." clause (but not a list: ", or consolidation is seen" stays in scope), and a
+# comma before a severity word or "new" ("no pneumothorax, small left effusion"): those
+# open an asserted finding, never an item of a negated list ("no A, B, or C"). "large" is
+# left out ("no consolidation, large effusion, or pneumothorax" is a negated list), so are
+# "small or large" and a word ending the sentence; "stable" / "unchanged" too, as they
+# also qualify heart and mediastinum size ("heart normal, stable mediastinal contours").
 _CLAUSE_BREAK = re.compile(
     r"\s*[;:]\s*|\s+-\s+"
     r"|,?\s*\b(?:but|however|although|though|whereas|while|except|yet|which|apart from"
@@ -578,6 +583,7 @@ _CLAUSE_BREAK = re.compile(
     r"|,\s+with\b"
     r"|,\s+(?!(?:and|or|nor)\b)(?=(?:(?!(?:and|or|nor)\b)[\w'-]+\s+){1,3}"
     r"(?:is|are|was|were|has|have|remains?|appears?|persists?|measures?)\b)"
+    r"|,\s+(?=(?:small|tiny|trace|minimal|mild|moderate|severe|new)\b(?!\s+or\b)(?!\W*$))"
 )
 # A forward scope also ends at "and <new subject> is ...".
 _SCOPE_STOP = re.compile(

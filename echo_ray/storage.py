@@ -133,3 +133,35 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://")
     path = os.path.abspath(os.path.expanduser(uri))
     return Location(pafs.LocalFileSystem(), path, path)
+
+
+# A finished training run exports its final model to this sub-folder.
+RUN_MODEL_DIR = "model"
+
+
+def resolve_model_dir(uri: str, *, s3_endpoint: str | None = None, what: str = "model") -> Location:
+    """A model directory (config.json inside), local or S3; a run folder stands for its
+    exported `model/` sub-folder.
+
+    Args:
+        what: how the caller names this path in errors (e.g. "--init").
+    """
+    loc = resolve(uri, s3_endpoint=s3_endpoint)
+    if not loc.exists():
+        raise FileNotFoundError(f"{what} {uri} does not exist")
+    if not loc.join("config.json").exists() and loc.join(RUN_MODEL_DIR, "config.json").exists():
+        loc = loc.join(RUN_MODEL_DIR)
+    if not loc.join("config.json").exists():
+        raise FileNotFoundError(
+            f"{what} {uri} is neither a model directory (no config.json) nor a finished run "
+            f"folder (no {RUN_MODEL_DIR}/config.json)"
+        )
+    return loc
+
+
+def local_model_dir(loc: Location, cache: str) -> str:
+    """A local path for model directory `loc`: itself on local disk, else a copy in `cache`."""
+    if not loc.is_s3:
+        return loc.path
+    loc.copy_to(Location(pafs.LocalFileSystem(), cache, cache))
+    return cache

@@ -58,13 +58,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from echo_ray.checkpoint import CONFIG_FILE, save_checkpoint
 from echo_ray.config import STAGES, ConfigError, EchoConfig, apply_overrides, from_dict
 from echo_ray.data import TOKENIZER_DIR, init_ray, training_dataset
-from echo_ray.storage import Location, resolve
+from echo_ray.storage import RUN_MODEL_DIR as MODEL_DIR
+from echo_ray.storage import Location, resolve, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.pt"
 DEEPSPEED_DIR = "deepspeed"
-MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -123,7 +123,7 @@ def train(
     start = time.time()
     shards = resolve(data, s3_endpoint=s3_endpoint)
     run = resolve(out, s3_endpoint=s3_endpoint)
-    init_loc = _resolve_init(init, s3_endpoint) if init else None
+    init_loc = resolve_model_dir(init, s3_endpoint=s3_endpoint, what="--init") if init else None
     if init_loc is not None and init_loc.join(CONFIG_FILE).exists():
         config = _with_model_of(config, init_loc, overrides)
     elif init_loc is not None:  # a plain Hugging Face directory
@@ -209,21 +209,6 @@ def train(
          f"{metrics.get('loss', float('nan')):.4f}, validation loss "
          f"{'n/a' if val is None else f'{val:.4f}'}; model -> {model_dir.uri}")
     return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics)
-
-
-def _resolve_init(init: str, s3_endpoint: str | None) -> Location:
-    """`init` as a model directory: a run folder stands for its exported `model/`."""
-    loc = resolve(init, s3_endpoint=s3_endpoint)
-    if not loc.exists():
-        raise FileNotFoundError(f"--init {init} does not exist")
-    if not loc.join("config.json").exists() and loc.join(MODEL_DIR, "config.json").exists():
-        loc = loc.join(MODEL_DIR)
-    if not loc.join("config.json").exists():
-        raise FileNotFoundError(
-            f"--init {init} is neither a model directory (no config.json) nor a finished run "
-            f"folder (no {MODEL_DIR}/config.json)"
-        )
-    return loc
 
 
 def _with_model_of(config: EchoConfig, init: Location, overrides: tuple[str, ...]) -> EchoConfig:

@@ -5,7 +5,7 @@ from tiny_dvlm import make_model, trained_model
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.dicom import write_dicom
-from echo_ray.predictor import ReportGenerator
+from echo_ray.predictor import ReportGenerator, ReportScorer
 from echo_ray.reports import CHEXPERT_LABELS
 from echo_ray.sampling import DECODING_MODES
 
@@ -66,3 +66,37 @@ def test_same_report_for_an_image_and_its_checkpoint(tmp_path):
     a = ReportGenerator(model, max_new_tokens=16).generate(image)[0]
     b = ReportGenerator.from_checkpoint(tmp_path / "run", max_new_tokens=16).generate(image)[0]
     assert a["report"] == b["report"] and b["model_id"] == "run"
+
+
+def test_scorer_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    # Zero output weights give every id the same logit: each token costs ln V nats, so the
+    # perplexity is exactly V, whatever the report or the image.
+    model = make_model()
+    with torch.no_grad():
+        model.backbone.lm_head.weight.zero_()
+    scorer = ReportScorer(model)
+    images = np.random.default_rng(0).random((2, 40, 40))
+    nll, counts = scorer.nll(images, ["The heart size is normal.", ""])
+    ids = model.tokenizer("The heart size is normal.", add_special_tokens=False)["input_ids"]
+    assert counts == [len(ids) + 1, 1]  # the report's tokens and <eos>; an empty one: <eos>
+    assert nll == pytest.approx([c * np.log(model.vocab_size) for c in counts], rel=1e-5)
+
+
+def test_scorer_nll_is_the_ar_training_loss(model):
+    # The trained tiny model: the mean of the per-report NLLs equals the AR objective.
+    from tiny_dvlm import REPORTS
+
+    from echo_ray.diffusion import compute_ar_loss, pad_responses
+
+    images = np.random.default_rng(1).random((3, model.config.image_size, model.config.image_size))
+    nll, counts = ReportScorer(model).nll(images, REPORTS[:3])
+    ids = [model.tokenizer(r, add_special_tokens=False)["input_ids"] for r in REPORTS[:3]]
+    response, valid = pad_responses(ids, block_length=1, max_len=model.config.max_response_len,
+                                    eos_token_id=model.eos_token_id,
+                                    pad_token_id=model.pad_token_id)
+    pixel_values = torch.cat([model.preprocess_images(img[None]) for img in images])
+    with torch.no_grad():
+        loss = compute_ar_loss(model, pixel_values, response, valid)
+    assert sum(nll) / sum(counts) == pytest.approx(float(loss), rel=1e-5)
+    with pytest.raises(ValueError, match="3 images but 2 texts"):
+        ReportScorer(model).nll(images, REPORTS[:2])

@@ -565,3 +565,55 @@ def test_normalize_report_keeps_labels_on_generated_style_text():
     assert regions == list(REGIONS)
     assert label_report(out) == label_report(text)
     assert re.search(r"^FINDINGS: No chest wall abnormality is seen\. The trachea", out)
+
+
+# ---------------------------------------------------------------------------------------
+# Labeler: common phrasing variants (negation, uncertainty, normal statements, both sides)
+# ---------------------------------------------------------------------------------------
+
+PHRASING_CASES: list[tuple[str, dict[str, float | None]]] = [
+    # Negation cues: "no", "without", "negative for", "no evidence of".
+    ("No pleural effusion.", expected(NF=P, EFF=N)),
+    ("Without evidence of pneumothorax.", expected(NF=P, PTX=N)),
+    ("Lungs are well expanded without pneumothorax.", expected(NF=P, PTX=N)),
+    ("Negative for consolidation.", expected(NF=P, CO=N)),
+    ("The radiograph is negative for acute fracture.", expected(NF=P, FX=N)),
+    ("There is no evidence of pneumothorax.", expected(NF=P, PTX=N)),
+    # Uncertainty: hedges before and after the mention; "cannot exclude" is not a negation.
+    # An uncertain finding blocks No Finding; a hedged child makes a blank parent uncertain.
+    ("Possible small left effusion.", expected(EFF=U)),
+    ("Cannot exclude pneumonia.", expected(LO=U, PN=U)),
+    ("Pneumonia is possible.", expected(LO=U, PN=U)),
+    # The opacity is asserted, only its cause is hedged.
+    ("Bibasilar opacities may represent atelectasis.", expected(LO=P, AT=U)),
+    ("Retrocardiac opacity could be atelectasis.", expected(LO=P, AT=U)),
+    # Normal statements: clear lungs rule out airspace / interstitial disease but promise
+    # nothing about the pleura or atelectasis; a normal heart size says nothing of the
+    # mediastinum; a normal radiograph is No Finding without naming any label.
+    ("The lungs are clear.", expected(NF=P, LO=N, ED=N, CO=N, PN=N)),
+    ("Clear lungs.", expected(NF=P, LO=N, ED=N, CO=N, PN=N)),
+    ("Heart size is normal.", expected(NF=P, CM=N)),
+    ("Normal heart size.", expected(NF=P, CM=N)),
+    ("Normal chest radiograph.", expected(NF=P)),
+    # Both sides: an effusion on one side is a positive, whatever the other side says.
+    ("Bilateral pleural effusions.", expected(EFF=P)),
+    ("Right and left pleural effusions.", expected(EFF=P)),
+    ("Left effusion; no right effusion.", expected(EFF=P)),
+    ("No right effusion. Small left effusion.", expected(EFF=P)),
+    ("Small left pleural effusion but no right effusion.", expected(EFF=P)),
+    ("No effusion on the right, small effusion on the left.", expected(EFF=P)),
+    # A comma before a severity word opens an asserted finding, not a negated list item ...
+    ("No pneumothorax, small left effusion.", expected(PTX=N, EFF=P)),
+    ("No edema, mild cardiomegaly.", expected(ECM=P, CM=P, ED=N)),
+    ("Possible pneumonia, small effusion.", expected(LO=U, PN=U, EFF=P)),
+    # ... but "large" and "moderate or large" stay in a negated list, and a trailing
+    # "stable" is still the heart's attribute (uncertain, as CheXpert).
+    ("No focal consolidation, large effusion or pneumothorax.", expected(NF=P, CO=N, PTX=N, EFF=N)),
+    ("No pneumothorax, moderate or large effusion.", expected(NF=P, PTX=N, EFF=N)),
+    ("Heart size, stable.", expected(ECM=U, CM=U)),
+]
+
+
+@pytest.mark.parametrize("text, want", PHRASING_CASES, ids=[t[:40] for t, _ in PHRASING_CASES])
+def test_label_report_on_phrasing_variants(text, want):
+    assert label_report(text) == want

@@ -353,22 +353,30 @@ def test_one_gpu_worker_trains_in_bf16(shards, tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_every_stage_and_prints_reports(ray_cluster, tmp_path, capsys):
+def test_quickstart_runs_every_stage_and_ends_with_the_evaluation_table(
+    ray_cluster, tmp_path, capsys
+):
     out = tmp_path / "qs"
     summary = run("quickstart", [
         "--out", str(out), "--studies", "16", "--image-size", "96", "--ar-steps", "2",
         "--rad-steps", "2", "--examples", "2", *[a for s in SETTINGS for a in ("--set", s)],
     ])
     printed = capsys.readouterr().out
-    for header in ("[1/5] synth", "[2/5] prepare", "[3/5] train ar", "[4/5] train rad",
-                   "[5/5] reports"):
+    for header in ("[1/6] synth", "[2/6] prepare", "[3/6] train ar", "[4/6] train rad",
+                   "[5/6] evaluate", "[6/6] reports"):
         assert header in printed
     assert printed.count("reference:") == 2
-    assert printed.count("rad teacher:") == 2 and printed.count("ar:") >= 2
-    assert "multi-step" in printed
+    assert printed.count("teacher_onestep:") == 2 and printed.count(" ar:") >= 2
+    assert "multi-step" in printed and "one-step-fused" in printed
     for stage in ("ar", "rad"):
         assert Path(summary["runs"][stage], "model.safetensors").is_file()
     assert _steps(out / "runs" / "rad")[2]["step"] == 2
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results) == {"ar", "teacher", "teacher_onestep"}
+    # It ends with the table: one row per system, after the example reports.
+    table = printed[printed.rindex("| system |"):]
+    for name in results:
+        assert f"| {name} |" in table
 
 
 def test_trains_from_s3_shards_into_an_s3_run_folder(shards, s3_endpoint, tmp_path):
