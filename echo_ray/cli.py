@@ -109,9 +109,13 @@ def summarize_manifest(m: dict) -> str:
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", required=True, choices=("ar", "rad"),
-                   help="ar: autoregressive baseline; rad: block-diffusion teacher from --init")
-    p.add_argument("--data", required=True, help="`echo-ray prepare` output (folder or s3://)")
+    p.add_argument("--stage", required=True, choices=("ar", "rad", "dcd"),
+                   help="ar: autoregressive baseline; rad: block-diffusion teacher from --init "
+                        "(an AR run); dcd: one-step student distilled from --init (the teacher) "
+                        "on `echo-ray trajectories` output")
+    p.add_argument("--data", required=True,
+                   help="`echo-ray prepare` output (ar, rad) or `echo-ray trajectories` output "
+                        "(dcd); folder or s3://")
     p.add_argument("--out", required=True,
                    help="run folder (folder or s3://); rerunning with the same folder resumes")
     p.add_argument("--init", default=None,
@@ -130,6 +134,47 @@ def train(args: argparse.Namespace):
         overrides=tuple(args.overrides), s3_endpoint=args.s3_endpoint,
         ray_address=args.ray_address,
     )
+
+
+# --- trajectories ------------------------------------------------------------------------------
+
+
+def trajectories_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="RAD teacher: run folder or checkpoint")
+    p.add_argument("--data", required=True, help="`echo-ray prepare` output (folder or s3://)")
+    p.add_argument("--out", required=True,
+                   help="trajectories folder (or s3://); rerunning with it skips finished shards")
+    p.add_argument("--splits", default="train,validate", help="comma-separated splits")
+    p.add_argument("--top-k", type=int, default=8, help="teacher probabilities kept per position")
+    p.add_argument("--steps", type=int, default=None,
+                   help="teacher forwards per block at most (default: the block length)")
+    p.add_argument("--threshold", type=float, default=0.9, help="tau: commit confidence")
+    p.add_argument("--batch-size", type=int, default=16, help="images per teacher call")
+    p.add_argument("--actors", type=int, default=1, help="teacher replicas")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per actor (0: one per CPU of the actor)")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+
+
+def trajectories(args: argparse.Namespace) -> dict:
+    from echo_ray.trajectories import TrajectoryOptions, generate_trajectories
+
+    options = TrajectoryOptions(
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()), top_k=args.top_k,
+        steps=args.steps, threshold=args.threshold, batch_size=args.batch_size,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, threads=args.threads,
+    )
+    try:
+        options.validate()
+    except ValueError as e:
+        print(f"echo-ray trajectories: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return generate_trajectories(args.teacher, args.data, args.out, options,
+                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -209,13 +254,16 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
 
 def quickstart(args: argparse.Namespace) -> dict:
     """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
-    from echo_ray.data import prepare_shards
+    from echo_ray.data import init_ray, prepare_shards
     from echo_ray.evaluate import EvalOptions
     from echo_ray.evaluate import evaluate as run_evaluation
     from echo_ray.train_loop import train as run_training
 
     out = Path(args.out)
     config = _config(args)
+    # One local Ray for every stage, with the dashboard: Ray Train's placement-group cleaner
+    # queries the state API, and warns every few seconds without it.
+    init_ray(None, dashboard=True)
     print(f"[1/6] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
     synth(argparse.Namespace(
         out=str(out / "archive"), studies=args.studies, seed=args.seed,
@@ -284,6 +332,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]
     "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
     "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
     "train": (train, train_args, "train the AR model or the RAD teacher with Ray Train"),
+    "trajectories": (trajectories, trajectories_args,
+                     "roll the RAD teacher out (multi-step, top-k records) for DCD (Ray Data)"),
     "evaluate": (evaluate, evaluate_args,
                  "quality (CE F1, SemScore, ROUGE-L, BLEU-4, fluency) and speed of systems"),
     "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),

@@ -171,7 +171,8 @@ class ModelConfig:
 
 STRATEGIES = ("ddp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
-STAGES = ("ar", "rad")
+STAGES = ("ar", "rad", "dcd")
+DCD_STEP_WEIGHTINGS = ("linear", "uniform")
 
 
 @dataclass
@@ -239,6 +240,12 @@ class TrainConfig:
     from a checkpoint (0 = off). Recovery must resume from the latest checkpoint."""
     fail_rank: int = 1
     """The rank that raises in the fault drill."""
+    dcd_step_weighting: str = "linear"
+    """DCD: weight of a position's KL by the teacher step that committed it: "linear"
+    (step + 1: later commits, conditioned on more of the block, weigh more) or "uniform"."""
+    dcd_eos_weight: float = 1.0
+    """DCD: lambda, the weight of the cross-entropy pushing `<eos>` to one-hot on the
+    eos-filled tail of the last block."""
 
     def validate(self) -> None:
         _require(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -253,6 +260,12 @@ class TrainConfig:
             self.precision in PRECISIONS,
             f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
         )
+        _require(
+            self.dcd_step_weighting in DCD_STEP_WEIGHTINGS,
+            f"train.dcd_step_weighting must be one of {DCD_STEP_WEIGHTINGS}, "
+            f"got {self.dcd_step_weighting!r}",
+        )
+        _require(self.dcd_eos_weight >= 0, "train.dcd_eos_weight must be >= 0")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         for name in ("warmup_steps", "report_every", "eval_every", "checkpoint_every",

@@ -530,6 +530,9 @@ def _log(message: str) -> None:
 
 # Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
 TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
+# A trajectories folder (`echo-ray trajectories`) adds the teacher's rollout: its tokens
+# replace the tokenized reference, and the DCD targets travel along.
+TRAJECTORY_COLUMNS = ("tokens", "commit_step", "top_ids", "top_probs")
 
 
 def shard_files(shards: Location) -> list[str]:
@@ -561,6 +564,8 @@ def training_dataset(
 
     Output columns: `dicom_id`, `pixels` (S * S float32 in [0, 1], row-major), `tokens` (int32
     ids of the normalized report, no special tokens), `ok`, `error` (the reason, or "").
+    From a trajectories folder, `tokens` are the teacher's, and `commit_step`, `top_ids`,
+    `top_probs` (the DCD targets, per position up to and including `<eos>`) follow.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -568,7 +573,10 @@ def training_dataset(
     files = shard_files(src)
     if not files:
         raise FileNotFoundError(f"{src.uri}/{SHARDS_DIR} holds no .parquet shards")
-    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=list(TRAIN_COLUMNS))
+    manifest = json.loads(src.join(MANIFEST).read_text())
+    trajectories = str(manifest.get("format", "")).startswith("echo-ray-trajectories")
+    columns = [*TRAIN_COLUMNS, *(TRAJECTORY_COLUMNS if trajectories else ())]
+    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns)
     return ds.map_batches(
         _training_batch,
         batch_format="pyarrow",
@@ -598,8 +606,9 @@ def _training_batch(
     ids = batch.column("dicom_id").to_pylist()
     blobs = batch.column("dicom").to_pylist()
     reports = batch.column("report_normalized").to_pylist()
+    teacher = batch.column("tokens").to_pylist() if "tokens" in batch.column_names else None
     for i in range(n):
-        if not reports[i]:
+        if teacher is None and not reports[i]:
             ok[i], errors[i] = False, "no_report"
             logger.warning("skipping training row %s: no report to train on", ids[i])
             continue
@@ -613,10 +622,11 @@ def _training_batch(
             logger.warning("skipping training row %s: %s (%s)", ids[i], e.reason, e)
             continue
         pixels[i] = image.pixels.reshape(-1)
-        tokens[i] = tokenizer.encode(reports[i], add_special_tokens=False).ids
+        tokens[i] = (teacher[i] if teacher is not None
+                     else tokenizer.encode(reports[i], add_special_tokens=False).ids)
     # Plain Arrow types (a fixed-size list per image, a list of ids per report): one schema
     # for every block, the empty ones included.
-    return pa.table({
+    out = {
         "dicom_id": pa.array(ids, pa.string()),
         "pixels": pa.FixedSizeListArray.from_arrays(
             pa.array(pixels.reshape(-1), pa.float32()), image_size * image_size
@@ -624,7 +634,11 @@ def _training_batch(
         "tokens": pa.array(tokens, pa.list_(pa.int32())),
         "ok": pa.array(ok, pa.bool_()),
         "error": pa.array(errors, pa.string()),
-    })
+    }
+    if teacher is not None:
+        for name in TRAJECTORY_COLUMNS[1:]:
+            out[name] = batch.column(name)
+    return pa.table(out)
 
 
 @functools.lru_cache(maxsize=2)

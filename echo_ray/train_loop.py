@@ -120,6 +120,11 @@ def train(
             "--stage rad adapts an autoregressive model: pass --init with an AR checkpoint "
             "(the --out folder of `echo-ray train --stage ar`)"
         )
+    if stage == "dcd" and init is None:
+        raise ConfigError(
+            "--stage dcd distils a RAD teacher into a one-step student initialised from it: "
+            "pass --init with the teacher checkpoint (the --out folder of `--stage rad`)"
+        )
     start = time.time()
     shards = resolve(data, s3_endpoint=s3_endpoint)
     run = resolve(out, s3_endpoint=s3_endpoint)
@@ -253,16 +258,26 @@ def _log(stage: str, message: str) -> None:
 class _Objective(torch.nn.Module):
     """The stage's loss as a module, so DDP / DeepSpeed wrap one forward."""
 
-    def __init__(self, model, stage: str) -> None:
+    def __init__(self, model, stage: str, *, dcd_step_weighting: str = "linear",
+                 dcd_eos_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
+        self.dcd_step_weighting = dcd_step_weighting
+        self.dcd_eos_weight = dcd_eos_weight
 
-    def forward(self, pixel_values, response, valid, generator=None):
-        from echo_ray.diffusion import compute_ar_loss, compute_rad_loss
+    def forward(self, pixel_values, response, valid, generator=None, commit_step=None,
+                top_ids=None, top_probs=None):
+        from echo_ray.diffusion import compute_ar_loss, compute_dcd_loss, compute_rad_loss
 
         if self.stage == "ar":
             return compute_ar_loss(self.model, pixel_values, response, valid)
+        if self.stage == "dcd":
+            loss, _ = compute_dcd_loss(
+                self.model, pixel_values, response, valid, commit_step, top_ids, top_probs,
+                step_weighting=self.dcd_step_weighting, eos_weight=self.dcd_eos_weight,
+            )
+            return loss
         loss, _ = compute_rad_loss(self.model, pixel_values, response, valid, generator=generator)
         return loss
 
@@ -316,7 +331,8 @@ def _train_worker(cfg: dict[str, Any]) -> None:
             model.float()  # fp32 master weights; bf16 compute runs under autocast
         model.to(device).train()
 
-        objective = _Objective(model, stage)
+        objective = _Objective(model, stage, dcd_step_weighting=tcfg.dcd_step_weighting,
+                               dcd_eos_weight=tcfg.dcd_eos_weight)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
@@ -409,10 +425,23 @@ class _Collate(NumpyBatchCollateFn):
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from echo_ray.diffusion import pad_responses
+        from echo_ray.diffusion import collate_trajectories, pad_responses
 
         size = self.image_size
-        response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
+        extra = {}
+        if "top_ids" in batch:  # DCD: the teacher's rollouts and their recorded targets
+            records = [
+                {"tokens": list(t), "commit_step": list(c), "top_ids": [list(x) for x in i],
+                 "top_probs": [list(x) for x in p]}
+                for t, c, i, p in zip(batch["tokens"], batch["commit_step"], batch["top_ids"],
+                                      batch["top_probs"], strict=True)
+            ]
+            response, valid, commit_step, top_ids, top_probs = collate_trajectories(
+                records, **self.pad
+            )
+            extra = {"commit_step": commit_step, "top_ids": top_ids, "top_probs": top_probs}
+        else:
+            response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
         ok = torch.as_tensor(np.asarray(batch["ok"], bool))
         valid[~ok] = False  # unusable rows: in the batch, with no loss weight
         pixels = np.stack([np.asarray(p, np.float32) for p in batch["pixels"]])
@@ -420,6 +449,7 @@ class _Collate(NumpyBatchCollateFn):
             "pixels": torch.from_numpy(pixels.reshape(-1, size, size)),
             "response": response,
             "valid": valid,
+            **extra,
             "ok": ok,
             "dicom_id": [str(x) for x in batch["dicom_id"]],
             "error": [str(x) for x in batch["error"]],
@@ -465,9 +495,11 @@ class _Loop:
         pixel_values = self.model.preprocess_images(batch["pixels"].to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.bf16 and self.engine is None):
+            extra = {k: batch[k].to(self.device) for k in ("commit_step", "top_ids", "top_probs")
+                     if k in batch}
             return self.runner(
                 pixel_values, batch["response"].to(self.device), batch["valid"].to(self.device),
-                generator,
+                generator, **extra,
             )
 
     def _generator(self, *key: int) -> torch.Generator:
