@@ -1,4 +1,4 @@
-"""Block diffusion math: attention masks, sequence layouts, noising and losses (AR, RAD).
+"""Block diffusion math: attention masks, sequence layouts, noising and losses (AR, RAD, DCD).
 
 Shapes: B batch, P prompt length (image tokens + instruction), L response length (padded to
 a multiple of the diffusion block length `block_length`), T sequence length, V vocabulary.
@@ -23,14 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from echo_ray.config import DCD_STEP_WEIGHTINGS
 from echo_ray.model import EchoDVLM
 
-LAYOUTS = ("causal", "block", "rad", "full_copy")
+if TYPE_CHECKING:  # sampling imports this module: no runtime import back
+    from echo_ray.sampling import GenerateOutput
 
+LAYOUTS = ("causal", "block", "rad", "full_copy")
 
 # ---------------------------------------------------------------------- masks
 
@@ -424,3 +428,288 @@ def ar_report_nll(
     ce, scored = _ar_token_ce(logits[:, :-1], response, valid, model.eos_token_id)  # (B, L)
     return ce.sum(1), scored.sum(1)
 
+
+# ---------------------------------------------------------------------- DCD (DESIGN.md section 4)
+
+
+def _first_eos_split(
+    response: torch.Tensor, valid: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(before, tail)`, both `(B, L)` bool: valid positions strictly before the first `<eos>`
+    of each row, and valid positions at or after it."""
+    is_eos = response == eos_token_id  # (B, L)
+    from_eos = is_eos.long().cumsum(1) > 0  # (B, L) at or after the first eos
+    valid = valid.bool()
+    return valid & ~from_eos, valid & from_eos
+
+
+def dcd_loss(
+    logits: torch.Tensor,
+    response: torch.Tensor,
+    valid: torch.Tensor,
+    commit_step: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_probs: torch.Tensor,
+    *,
+    eos_token_id: int,
+    block_length: int,
+    step_weighting: str = "linear",
+    eos_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Conditional Distillation: the one-step student against the teacher's rollout.
+
+    Two disjoint sets of valid positions (pad positions, valid False, count in neither):
+
+    - KL positions, strictly before the first `<eos>` of the row (the report tokens): forward
+      KL(teacher || student), the teacher being its K recorded probabilities renormalized to
+      sum to 1 (a position whose records are all 0 counts 0): `sum_k t_k (log t_k - log
+      q_k)` with q the student's softmax over the whole vocabulary. It is >= 0 and exactly 0
+      when the student puts all its mass on the recorded ids, in the teacher's proportions.
+      Renormalizing (instead of a "rest" bucket for the unrecorded mass) keeps the student
+      from moving mass onto ids the teacher did not rank, `<eos>` above all: with a flat
+      tiny teacher (top-4 covering half the mass) a rest bucket let the student's argmax
+      drift to `<eos>` while the loss fell. Averaged with weights w(step):
+      "linear" w = commit_step + 1 (a later-committed position's record was conditioned on
+      more of its block's tokens and weighs more), "uniform" w = 1:
+      `kl = sum(w * KL) / sum(w)`.
+    - eos positions, at or after the first `<eos>` (the `<eos>` and the `<eos>` fill of the
+      last block): cross-entropy against `<eos>`, mean over those positions (`eos_ce`).
+
+    `loss = kl + eos_weight * eos_ce`; an empty set contributes 0 (never NaN).
+
+    Args:
+        logits: `(B, L, V)` the student's, at the noisy-copy positions (any float dtype; the
+            loss is computed in float32).
+        response: `(B, L)` the teacher's tokens as `pad_responses` builds them.
+        valid: `(B, L)` bool, False at pad positions.
+        commit_step: `(B, L)` int, the step (0-based, within its block) at which the teacher
+            committed each token; read only at KL positions, which must hold steps >= 0.
+        top_ids: `(B, L, K)` long, the teacher's top-k ids at commit time (distinct per
+            position); read only at KL positions.
+        top_probs: `(B, L, K)` float, their probabilities; read only at KL positions.
+        eos_token_id: the `<eos>` id.
+        block_length: the diffusion block length (L must be a multiple of it).
+        step_weighting: one of `DCD_STEP_WEIGHTINGS`.
+        eos_weight: lambda, the weight of the eos cross-entropy (>= 0).
+
+    Returns:
+        `(loss, parts)`: a scalar with a graph, and detached `kl`, `eos_ce` (unweighted),
+        `kl_positions`, `eos_positions` (counts) for logging.
+    """
+    if step_weighting not in DCD_STEP_WEIGHTINGS:
+        raise ValueError(
+            f"unknown step_weighting {step_weighting!r}; choose one of {DCD_STEP_WEIGHTINGS}"
+        )
+    if eos_weight < 0:
+        raise ValueError(f"eos_weight must be >= 0, got {eos_weight}")
+    B, L, V = logits.shape
+    K = top_ids.shape[-1]
+    if response.shape != (B, L) or top_ids.shape != (B, L, K) or top_probs.shape != (B, L, K):
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, response {tuple(response.shape)}, "
+            f"top_ids {tuple(top_ids.shape)}, top_probs {tuple(top_probs.shape)}; expected "
+            "(B, L, V), (B, L), (B, L, K), (B, L, K)"
+        )
+    if L % block_length:
+        raise ValueError(f"response length {L} is not a multiple of block_length {block_length}")
+    kl_at, eos_at = _first_eos_split(response, valid, eos_token_id)  # (B, L) each
+
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, L, V)
+    # KL(teacher top-k, renormalized || student), per position.
+    # Unrecorded positions may hold anything (NaN, out-of-range ids): zero them first, since
+    # a NaN in a where() branch that is not taken still poisons the gradient.
+    ids = torch.where(kl_at[..., None], top_ids.long(), 0)  # (B, L, K)
+    t = torch.where(kl_at[..., None], top_probs.float(), 0.0).clamp(min=0)  # (B, L, K)
+    t = t / t.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, L, K) renormalized over the K ids
+    s_log = logp.gather(-1, ids)  # (B, L, K) student log-probs of the recorded ids
+    # t * (log t - log s), with 0 * log 0 = 0; where() keeps unused positions' garbage out.
+    kl_ids = torch.where(t > 0, t * (t.clamp(min=1e-30).log() - s_log), 0.0).sum(-1)  # (B, L)
+    kl = torch.where(kl_at, kl_ids, 0.0)  # (B, L)
+    if step_weighting == "linear":
+        step = commit_step.to(kl.device).long()
+        if bool((step[kl_at] < 0).any()):
+            raise ValueError(
+                "commit_step is negative at a report position (before the first <eos>): "
+                "every report token needs its teacher commit step"
+            )
+        w = torch.where(kl_at, step + 1, 0).float()  # (B, L)
+    else:
+        w = kl_at.float()  # (B, L)
+    kl_term = (w * kl).sum() / w.sum().clamp(min=1)
+
+    eos_nll = -logp[..., eos_token_id]  # (B, L) CE against a one-hot <eos>
+    eos_nll = torch.where(eos_at, eos_nll, 0.0)
+    eos_term = eos_nll.sum() / eos_at.sum().clamp(min=1)
+
+    loss = kl_term + eos_weight * eos_term
+    parts = {
+        "kl": kl_term.detach(),
+        "eos_ce": eos_term.detach(),
+        "kl_positions": kl_at.sum(),
+        "eos_positions": eos_at.sum(),
+    }
+    return loss, parts
+
+
+def compute_dcd_loss(
+    model: EchoDVLM,
+    pixel_values: torch.Tensor,
+    response: torch.Tensor,
+    valid: torch.Tensor,
+    commit_step: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_probs: torch.Tensor,
+    *,
+    step_weighting: str = "linear",
+    eos_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DCD objective through the model: the RAD layout with clean copy = the teacher's
+    tokens and the noisy copy fully masked (every valid position `<|mask|>`, pads stay
+    `<pad>`), so each block is predicted in one forward from the teacher's previous blocks,
+    exactly as one-step decoding sees it; then `dcd_loss`.
+
+    Args:
+        pixel_values: from `model.preprocess_images`, one image per row.
+        response, valid, commit_step, top_ids, top_probs: as `dcd_loss` (e.g. from
+            `collate_trajectories`).
+    """
+    device = model.device
+    response, valid = response.to(device), valid.to(device).bool()
+    noisy = torch.where(valid, model.mask_token_id, response)  # (B, L) all masked
+    lay = build_layout(model, response, valid, "rad", noisy=noisy)
+    logits = model(
+        lay.input_ids,
+        attention_mask=lay.attention_mask,
+        position_ids=lay.position_ids,
+        image_embeds=_image_embeds(model, pixel_values, 1),
+        logits_from=lay.logits_from,
+    )  # (B, L, V)
+    return dcd_loss(
+        logits,
+        response,
+        valid,
+        commit_step.to(device),
+        top_ids.to(device),
+        top_probs.to(device),
+        eos_token_id=model.eos_token_id,
+        block_length=model.block_length,
+        step_weighting=step_weighting,
+        eos_weight=eos_weight,
+    )
+
+
+# ---------------------------------------------------------------------- DCD trajectories
+
+
+def trajectory_records(out: GenerateOutput, eos_token_id: int) -> list[dict]:
+    """A teacher rollout (`generate(mode="diffusion", record_top_k=k)`) -> one record per row.
+
+    Each record keeps the positions up to and including the row's first `<eos>` (everything
+    after it is the lockstep batch's filler, never part of the report):
+
+    - "tokens": list[int], the report tokens (no `<eos>`);
+    - "commit_step": list[int], one per kept position (len(tokens) + 1 with the `<eos>`);
+    - "top_ids": list[list[int]] and "top_probs": list[list[float]], the teacher's top-k at
+      each kept position's commit time;
+    - "mass": list[float], sum of "top_probs" per kept position (the mass the records cover);
+    - "ended": bool, whether the row produced `<eos>` (False: cut at max_new_tokens, and the
+      lists have len(tokens) entries).
+    """
+    if out.commit_step is None or out.top_k_ids is None or out.top_k_probs is None:
+        raise ValueError(
+            "the rollout has no recorded distributions: call generate(mode='diffusion', "
+            "record_top_k=k) with k >= 1"
+        )
+    tokens = out.tokens.cpu()
+    steps = out.commit_step.cpu()
+    ids = out.top_k_ids.cpu()
+    probs = out.top_k_probs.float().cpu()
+    records = []
+    for b in range(tokens.shape[0]):
+        row = tokens[b].tolist()
+        ended = eos_token_id in row
+        n = row.index(eos_token_id) if ended else len(row)  # report tokens
+        kept = n + int(ended)
+        p = probs[b, :kept]  # (kept, K)
+        records.append(
+            {
+                "tokens": row[:n],
+                "commit_step": steps[b, :kept].tolist(),
+                "top_ids": ids[b, :kept].tolist(),
+                "top_probs": p.tolist(),
+                "mass": p.sum(-1).tolist(),
+                "ended": ended,
+            }
+        )
+    return records
+
+
+def collate_trajectories(
+    records: Sequence[dict],
+    *,
+    block_length: int,
+    max_len: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trajectory records (as `trajectory_records` makes them) -> the tensors of `dcd_loss`.
+
+    Returns:
+        `(response, valid, commit_step, top_ids, top_probs)`: `(B, L)` long, `(B, L)` bool
+        (both from `pad_responses`), `(B, L)` long, `(B, L, K)` long, `(B, L, K)` float32.
+        Positions without a record (the `<eos>` fill, pads, a report cut at `max_len - 1`
+        tokens) hold 0. Every record must have the same K.
+    """
+    if not records:
+        raise ValueError("collate_trajectories needs at least one record")
+    ks = {len(r["top_ids"][0]) for r in records if len(r["top_ids"])}
+    if len(ks) > 1:
+        raise ValueError(f"records have different top-k sizes {sorted(ks)}: use one k per run")
+    K = ks.pop() if ks else 1
+    response, valid = pad_responses(
+        [list(r["tokens"]) for r in records],
+        block_length=block_length,
+        max_len=max_len,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )  # (B, L) each
+    B, L = response.shape
+    commit_step = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+    top_ids = torch.zeros(B, L, K, dtype=torch.long)  # (B, L, K)
+    top_probs = torch.zeros(B, L, K, dtype=torch.float32)  # (B, L, K)
+    for b, r in enumerate(records):
+        n = min(len(r["commit_step"]), L)
+        if n == 0:
+            continue
+        commit_step[b, :n] = torch.as_tensor(list(r["commit_step"][:n]), dtype=torch.long)
+        top_ids[b, :n] = torch.as_tensor([list(x) for x in r["top_ids"][:n]], dtype=torch.long)
+        top_probs[b, :n] = torch.as_tensor(
+            [list(x) for x in r["top_probs"][:n]], dtype=torch.float32
+        )
+    return response, valid, commit_step, top_ids, top_probs
+
+
+def is_degenerate(tokens: Sequence[int], *, max_ngram: int = 4, min_repeats: int = 3) -> bool:
+    """Whether a rollout fell into a repetition loop (DESIGN.md section 4: such rollouts are
+    dropped from the trajectory set and counted).
+
+    The rule: True iff for some n in 1..max_ngram some n-gram occurs `min_repeats` times in
+    a row, back to back, anywhere in `tokens`, i.e. some window of n * min_repeats tokens
+    has period n (`tokens[j] == tokens[j + n]` for every j in the window but its last n).
+    With the defaults: "a a a", "a b a b a b", "a b c a b c a b c" and "a b c d" x 3 are
+    loops; "a a", "a b a b" and a 5-gram repeated are not. Whether the rollout ended with
+    `<eos>` is a separate check (`trajectory_records`' "ended").
+    """
+    if max_ngram < 1 or min_repeats < 2:
+        raise ValueError(
+            f"need max_ngram >= 1 and min_repeats >= 2, got {max_ngram}, {min_repeats}"
+        )
+    seq = list(tokens)
+    for n in range(1, max_ngram + 1):
+        need = n * (min_repeats - 1)  # consecutive j with seq[j] == seq[j + n]
+        run = 0
+        for j in range(len(seq) - n):
+            run = run + 1 if seq[j] == seq[j + n] else 0
+            if run >= need:
+                return True
+    return False

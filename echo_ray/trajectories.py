@@ -294,8 +294,9 @@ class _TeacherActor:
             records = trajectory_records(out, model.eos_token_id)
             for i, record in zip(good, records, strict=True):
                 row = rows[i]
+                ended = record.pop("ended")
                 row.update(record, num_forwards=out.num_forwards)
-                if len(record["commit_step"]) == len(record["tokens"]):  # no <eos> recorded
+                if not ended:  # cut at max_new_tokens: a report that does not end
                     row["drop"] = "unfinished"
                 elif is_degenerate(record["tokens"], max_ngram=opts.max_ngram,
                                    min_repeats=opts.min_repeats):
