@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -149,7 +150,12 @@ def trajectories_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="teacher forwards per block at most (default: the block length)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau: commit confidence")
+    p.add_argument("--min-repeats", type=int, default=3,
+                   help="drop a rollout with an n-gram (n <= 4) repeated this many times in a "
+                        "row, a repetition loop (0: keep every rollout that ends)")
     p.add_argument("--batch-size", type=int, default=16, help="images per teacher call")
+    p.add_argument("--fail-after-shards", type=int, default=0,
+                   help="fault drill: die after writing this many shards (a rerun resumes)")
     p.add_argument("--actors", type=int, default=1, help="teacher replicas")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -165,6 +171,7 @@ def trajectories(args: argparse.Namespace) -> dict:
     options = TrajectoryOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()), top_k=args.top_k,
         steps=args.steps, threshold=args.threshold, batch_size=args.batch_size,
+        min_repeats=args.min_repeats, fail_after_shards=args.fail_after_shards,
         actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, threads=args.threads,
     )
@@ -246,10 +253,17 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
     p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
+    p.add_argument("--dcd-steps", type=int, default=300, help="training steps of the DCD stage")
+    p.add_argument("--trajectory-min-repeats", type=int, default=3,
+                   help="drop teacher rollouts that repeat an n-gram this many times in a row "
+                        "(0: keep all that end)")
     p.add_argument("--examples", type=int, default=3, help="test images whose reports are shown")
     p.add_argument("--eval-limit", type=int, default=0,
                    help="evaluate on the first N test images (0 = the whole test split)")
     _add_config_args(p)
+
+
+QUICKSTART_STAGES = 8
 
 
 def quickstart(args: argparse.Namespace) -> dict:
@@ -258,45 +272,60 @@ def quickstart(args: argparse.Namespace) -> dict:
     from echo_ray.evaluate import EvalOptions
     from echo_ray.evaluate import evaluate as run_evaluation
     from echo_ray.train_loop import train as run_training
+    from echo_ray.trajectories import TrajectoryOptions, generate_trajectories
 
     out = Path(args.out)
     config = _config(args)
+    start = time.perf_counter()
+
+    def stage(number: int, text: str) -> None:
+        print(f"[{number}/{QUICKSTART_STAGES}] {text} "
+              f"({time.perf_counter() - start:.0f} s so far)", flush=True)
+
     # One local Ray for every stage, with the dashboard: Ray Train's placement-group cleaner
     # queries the state API, and warns every few seconds without it.
     init_ray(None, dashboard=True)
-    print(f"[1/6] synth: {args.studies} synthetic studies -> {out / 'archive'}", flush=True)
+    stage(1, f"synth: {args.studies} synthetic studies -> {out / 'archive'}")
     synth(argparse.Namespace(
         out=str(out / "archive"), studies=args.studies, seed=args.seed,
         image_size=args.image_size, lateral_fraction=0.3, lateral_only_fraction=0.0,
         workers=min(4, os.cpu_count() or 1),
     ))
-    print(f"[2/6] prepare: DICOM shards -> {out / 'shards'}", flush=True)
+    stage(2, f"prepare: DICOM shards -> {out / 'shards'}")
     manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
     print(summarize_manifest(manifest))
     runs = {}
-    for number, stage, steps, init in ((3, "ar", args.ar_steps, None),
-                                       (4, "rad", args.rad_steps, out / "runs" / "ar")):
-        print(f"[{number}/6] train {stage}: {steps} steps -> {out / 'runs' / stage}", flush=True)
+
+    def train_stage(number, name, steps, data, init):
+        stage(number, f"train {name}: {steps} steps -> {out / 'runs' / name}")
         overrides = (*args.overrides, f"train.max_steps={steps}")
-        runs[stage] = run_training(
-            stage, str(out / "shards"), str(out / "runs" / stage),
+        runs[name] = run_training(
+            name, str(data), str(out / "runs" / name),
             load_config(args.preset, overrides, args.config), init=init and str(init),
             overrides=overrides,
         )
+
+    train_stage(3, "ar", args.ar_steps, out / "shards", None)
+    train_stage(4, "rad", args.rad_steps, out / "shards", out / "runs" / "ar")
+    stage(5, f"trajectories: the RAD teacher's multi-step rollouts -> {out / 'trajectories'}")
+    generate_trajectories(str(out / "runs" / "rad"), str(out / "shards"),
+                          str(out / "trajectories"),
+                          TrajectoryOptions(min_repeats=args.trajectory_min_repeats))
+    train_stage(6, "dcd", args.dcd_steps, out / "trajectories", out / "runs" / "rad")
     systems = [f"ar={runs['ar'].model}:ar", f"teacher={runs['rad'].model}:multi-step",
-               f"teacher_onestep={runs['rad'].model}:one-step-fused"]
-    print(f"[5/6] evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step "
-          f"block diffusion), teacher_onestep (RAD forced to one step per block) -> "
-          f"{out / 'eval'}", flush=True)
+               f"teacher_onestep={runs['rad'].model}:one-step-fused",
+               f"echo={runs['dcd'].model}:one-step-fused"]
+    stage(7, "evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step), "
+             "teacher_onestep (RAD forced to one step per block), echo (the DCD student, one "
+             f"step per block, fused cache) -> {out / 'eval'}")
     evaluation = run_evaluation(str(out / "shards"), str(out / "eval"), systems,
                                 EvalOptions(limit=args.eval_limit))
-    print(f"[6/6] reports for {args.examples} test images, then the evaluation table",
-          flush=True)
+    stage(8, f"reports for {args.examples} test images, then the evaluation table")
     print(example_reports(out / "eval", args.examples))
     print()
     print(evaluation.table())
     print(f"(all figures: {out / 'eval' / 'results.md'}; plot: "
-          f"{out / 'eval' / 'quality_vs_speed.png'})")
+          f"{out / 'eval' / 'quality_vs_speed.png'}; {time.perf_counter() - start:.0f} s)")
     return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
             "results": evaluation.results}
 

@@ -57,7 +57,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from echo_ray.checkpoint import CONFIG_FILE, save_checkpoint
 from echo_ray.config import STAGES, ConfigError, EchoConfig, apply_overrides, from_dict
-from echo_ray.data import TOKENIZER_DIR, init_ray, training_dataset
+from echo_ray.data import MANIFEST, TOKENIZER_DIR, init_ray, training_dataset
 from echo_ray.storage import RUN_MODEL_DIR as MODEL_DIR
 from echo_ray.storage import Location, resolve, resolve_model_dir
 
@@ -136,6 +136,8 @@ def train(
             config, model=dataclasses.replace(config.model, pretrained_path=init_loc.uri)
         )
     tcfg = config.train
+    if stage == "dcd":
+        _check_trajectories(shards)
     tokenizer_src = init_loc if init_loc is not None else shards.join(TOKENIZER_DIR)
     if not tokenizer_src.join(TOKENIZER_FILE).exists():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {tokenizer_src.uri}")
@@ -214,6 +216,25 @@ def train(
          f"{metrics.get('loss', float('nan')):.4f}, validation loss "
          f"{'n/a' if val is None else f'{val:.4f}'}; model -> {model_dir.uri}")
     return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics)
+
+
+def _check_trajectories(data: Location) -> None:
+    """DCD reads `echo-ray trajectories` output: refuse anything else, or an empty one, on
+    the driver (a worker would only find out after the cluster has started)."""
+    manifest_loc = data.join(MANIFEST)
+    manifest = json.loads(manifest_loc.read_text()) if manifest_loc.exists() else {}
+    if not str(manifest.get("format", "")).startswith("echo-ray-trajectories"):
+        raise ConfigError(
+            f"--stage dcd trains on teacher rollouts: {data.uri} is not the output of "
+            "`echo-ray trajectories` (no trajectories manifest.json)"
+        )
+    kept = manifest.get("splits", {}).get("train", {}).get("rollouts", 0)
+    if kept == 0:
+        raise ConfigError(
+            f"{data.uri} holds no train rollouts to distil (dropped: "
+            f"{json.dumps(manifest.get('dropped', {}))}); a teacher that loops or never ends "
+            "needs more training, or a looser filter (echo-ray trajectories --min-repeats)"
+        )
 
 
 def _with_model_of(config: EchoConfig, init: Location, overrides: tuple[str, ...]) -> EchoConfig:

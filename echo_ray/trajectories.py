@@ -80,7 +80,8 @@ class TrajectoryOptions:
     gpus_per_actor: float = 0.0
     threads: int = 0  # torch threads per actor (0: one per CPU of the actor)
     max_ngram: int = 4  # degenerate: an n-gram (n <= max_ngram) repeated min_repeats times
-    min_repeats: int = 3
+    min_repeats: int = 3  # in a row; 0 keeps every rollout that ends
+    fail_after_shards: int = 0  # fault drill: the job dies after writing this many shards
 
     def validate(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
@@ -187,6 +188,8 @@ def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
                 _log(f"{name}: {len(kept)} rollouts kept, dropped {json.dumps(dropped)}; "
                      f"{seen}/{total} images, {written}/{len(pending)} shards, "
                      f"{time.perf_counter() - t0:.0f} s")
+                if written == options.fail_after_shards:
+                    raise RuntimeError(f"fault drill: the job dies after {written} shard(s)")
     if rows:  # pragma: no cover - Ray Data lost rows; nothing half-written is left behind
         raise RuntimeError(f"incomplete shards after the rollout: {sorted(rows)}")
 
@@ -298,8 +301,9 @@ class _TeacherActor:
                 row.update(record, num_forwards=out.num_forwards)
                 if not ended:  # cut at max_new_tokens: a report that does not end
                     row["drop"] = "unfinished"
-                elif is_degenerate(record["tokens"], max_ngram=opts.max_ngram,
-                                   min_repeats=opts.min_repeats):
+                elif opts.min_repeats and is_degenerate(
+                    record["tokens"], max_ngram=opts.max_ngram, min_repeats=opts.min_repeats
+                ):
                     row["drop"] = "degenerate"
                 else:
                     row["drop"] = None

@@ -353,26 +353,35 @@ def test_one_gpu_worker_trains_in_bf16(shards, tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_every_stage_and_ends_with_the_evaluation_table(
+def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     ray_cluster, tmp_path, capsys
 ):
+    # Toy size: 8-token reports (block 4) let a 40-step RAD teacher finish its rollouts; the
+    # repetition filter is off, as such a teacher still loops.
+    settings = [*SETTINGS, "model.max_response_len=8", "model.block_length=4",
+                "train.checkpoint_every=100", "train.eval_every=100"]
     out = tmp_path / "qs"
     summary = run("quickstart", [
         "--out", str(out), "--studies", "16", "--image-size", "96", "--ar-steps", "2",
-        "--rad-steps", "2", "--examples", "2", *[a for s in SETTINGS for a in ("--set", s)],
+        "--rad-steps", "40", "--dcd-steps", "2", "--examples", "2",
+        "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
     ])
     printed = capsys.readouterr().out
-    for header in ("[1/6] synth", "[2/6] prepare", "[3/6] train ar", "[4/6] train rad",
-                   "[5/6] evaluate", "[6/6] reports"):
+    for header in ("[1/8] synth", "[2/8] prepare", "[3/8] train ar", "[4/8] train rad",
+                   "[5/8] trajectories", "[6/8] train dcd", "[7/8] evaluate", "[8/8] reports"):
         assert header in printed
     assert printed.count("reference:") == 2
-    assert printed.count("teacher_onestep:") == 2 and printed.count(" ar:") >= 2
+    assert printed.count("teacher_onestep:") == 2 and printed.count("   echo:") == 2
     assert "multi-step" in printed and "one-step-fused" in printed
-    for stage in ("ar", "rad"):
+    for stage in ("ar", "rad", "dcd"):
         assert Path(summary["runs"][stage], "model.safetensors").is_file()
-    assert _steps(out / "runs" / "rad")[2]["step"] == 2
+    assert _steps(out / "runs" / "dcd")[2]["step"] == 2
+    trajectories = json.loads((out / "trajectories" / "manifest.json").read_text())
+    assert trajectories["splits"]["train"]["rollouts"] > 0
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert set(results) == {"ar", "teacher", "teacher_onestep"}
+    assert set(results) == {"ar", "teacher", "teacher_onestep", "echo"}
+    # One forward per block: the student's forwards are the teacher-one-step's, not more.
+    assert results["echo"]["forwards_per_report"] <= results["teacher"]["forwards_per_report"]
     # It ends with the table: one row per system, after the example reports.
     table = printed[printed.rindex("| system |"):]
     for name in results:
