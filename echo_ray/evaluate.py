@@ -616,14 +616,17 @@ def plot_quality_vs_speed(results: dict[str, dict[str, Any]], path: str) -> None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, key, title in ((axes[0], "ce_f1_micro14", "CE F1, micro over 14 labels"),
                            (axes[1], "semscore", "SemScore")):
-        for name, f in shown.items():
-            if f.get(key) is None:
-                continue
-            ax.scatter(f["tokens_per_s"], f[key], s=50)
-            ax.annotate(f"{name}\n({f['tokens_per_forward']:.1f} tok/fwd)",
-                        (f["tokens_per_s"], f[key]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+        points = {n: (f["tokens_per_s"], f[key]) for n, f in shown.items()
+                  if f.get(key) is not None}
+        for name, (x, y) in points.items():
+            ax.scatter(x, y, s=50)
+            # Systems of similar speed sit close: the lower one is labelled below its point.
+            lower = any(y < y2 for n2, (x2, y2) in points.items()
+                        if n2 != name and max(x, x2) / min(x, x2) < 1.3)
+            ax.annotate(f"{name}\n({shown[name]['tokens_per_forward']:.1f} tok/fwd)", (x, y),
+                        textcoords="offset points", xytext=(6, -22 if lower else 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.margins(x=0.3)  # room for the labels of the outermost points

@@ -137,8 +137,11 @@ def generate_trajectories(
         _roll_out(pending, src, out_dir, teacher_loc, options, expected)
     manifest = _manifest(src, dst, teacher_loc, options, files, start)
     manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    coverage = manifest["top_k_mass_mean"]
     _log(f"done in {manifest['wall_time_s']} s: {manifest['rollouts']} rollouts kept, "
-         f"dropped {json.dumps(manifest['dropped'])} -> {dst.uri}")
+         f"dropped {json.dumps(manifest['dropped'])}"
+         + (f", top-{options.top_k} mass {coverage:.3f} on average" if coverage else "")
+         + f" -> {dst.uri}")
     return manifest
 
 
@@ -200,7 +203,9 @@ def _select(batch: pa.Table, *, splits: tuple[str, ...]) -> pa.Table:
 
 def _write_shard(loc: Location, rows: list[dict], dropped: dict[str, int]) -> None:
     table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    stats = {"rollouts": len(rows), "dropped": dropped}
+    masses = [m for r in rows for m in r["mass"]]
+    stats = {"rollouts": len(rows), "dropped": dropped, "positions": len(masses),
+             "mass_mean": float(np.mean(masses)) if masses else None}
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -230,6 +235,8 @@ def _manifest(src, dst, teacher, options, files, start) -> dict[str, Any]:
             splits[s]["rollouts"] += 1
     for s in splits:
         splits[s]["images"] = splits[s]["rollouts"]  # what a shards manifest calls it
+    positions = sum(s.get("positions", 0) for s in shards)
+    mass = sum(s["mass_mean"] * s["positions"] for s in shards if s.get("mass_mean") is not None)
     return {
         "format": FORMAT,
         "echo_ray_version": __version__,
@@ -238,6 +245,8 @@ def _manifest(src, dst, teacher, options, files, start) -> dict[str, Any]:
         "options": asdict(options),
         "rollouts": sum(s["rows"] for s in shards),
         "dropped": dropped,
+        # How much of the teacher's distribution the top-k records cover, over all positions.
+        "top_k_mass_mean": mass / positions if positions else None,
         "splits": splits,
         "shards": shards,
         "input_shards": len(files),

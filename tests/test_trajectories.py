@@ -108,6 +108,8 @@ def test_every_selected_image_is_a_rollout_or_a_counted_drop(shards, rolled_out)
     stats = [json.loads(pq.read_metadata(p).metadata[STATS_KEY])
              for p in (out / "shards").glob("*.parquet")]
     assert sum(s["rollouts"] for s in stats) == manifest["rollouts"]
+    masses = [m for r in rows for m in r["mass"]]
+    assert manifest["top_k_mass_mean"] == pytest.approx(sum(masses) / len(masses), rel=1e-5)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
