@@ -253,7 +253,7 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
     p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
-    p.add_argument("--dcd-steps", type=int, default=600, help="training steps of the DCD stage")
+    p.add_argument("--dcd-steps", type=int, default=300, help="training steps of the DCD stage")
     p.add_argument("--trajectory-min-repeats", type=int, default=3,
                    help="drop teacher rollouts that repeat an n-gram this many times in a row "
                         "(0: keep all that end)")
