@@ -27,6 +27,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+
+
+def _add_actor_args(p: argparse.ArgumentParser, replicas: str) -> None:
+    """The actor pool of a batch-inference job (one model per actor)."""
+    p.add_argument("--actors", type=int, default=1, help=replicas)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per actor (0: one per CPU of the actor)")
+
+
 def _config(args: argparse.Namespace) -> EchoConfig:
     return load_config(args.preset, args.overrides, args.config)
 
@@ -71,8 +85,7 @@ def synth(args: argparse.Namespace) -> dict:
 def prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archive", required=True, help="archive folder or s3://bucket/prefix")
     p.add_argument("--out", required=True, help="shards folder or s3://bucket/prefix")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_cluster_args(p)
     _add_config_args(p)
 
 
@@ -122,8 +135,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None,
                    help="start from this checkpoint, run folder or Hugging Face model directory "
                         "(required for --stage rad)")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_cluster_args(p)
     _add_config_args(p)
 
 
@@ -156,13 +168,8 @@ def trajectories_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per teacher call")
     p.add_argument("--fail-after-shards", type=int, default=0,
                    help="fault drill: die after writing this many shards (a rerun resumes)")
-    p.add_argument("--actors", type=int, default=1, help="teacher replicas")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per actor (0: one per CPU of the actor)")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_actor_args(p, "teacher replicas")
+    _add_cluster_args(p)
 
 
 def trajectories(args: argparse.Namespace) -> dict:
@@ -207,16 +214,11 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-labels", default="labeler", choices=("labeler", "shard"),
                    help="labeler: label the reference report with the project's labeler (the "
                         "CE convention); shard: the shards' labels (chexpert.csv if provided)")
-    p.add_argument("--actors", type=int, default=1, help="model replicas per system")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per actor (0: one per CPU of the actor)")
+    _add_actor_args(p, "model replicas per system")
     p.add_argument("--steps", type=int, default=None,
                    help="multi-step: forwards per block at most (default: the block length)")
     p.add_argument("--threshold", type=float, default=0.9, help="multi-step: tau")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    _add_cluster_args(p)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

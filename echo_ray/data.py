@@ -115,6 +115,23 @@ def init_ray(
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
+def select_splits(batch: pa.Table, *, splits: tuple[str, ...]) -> pa.Table:
+    """The rows of `batch` whose `split` is one of `splits` (a map_batches step)."""
+    return batch.filter(pc.is_in(batch.column("split"), pa.array(splits)))
+
+
+def setup_model_actor(threads: int, use_gpu: bool):
+    """Set up a Ray Data actor that holds a model: torch threads, transformers' load-time
+    progress bars and info logs off (noise in job logs). Returns the torch device to use."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # Archive discovery (driver side: file names and CSV tables only, no DICOM reads)
 

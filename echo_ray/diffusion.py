@@ -388,6 +388,15 @@ def compute_ar_loss(
     model: EchoDVLM, pixel_values: torch.Tensor, response: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """The AR objective: causal `[prompt | response]`, shifted next-token loss."""
+    logits, response, valid = _ar_logits(model, pixel_values, response, valid)
+    return ar_loss(logits, response, valid, model.eos_token_id)
+
+
+def _ar_logits(
+    model: EchoDVLM, pixel_values: torch.Tensor, response: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal `[prompt | response]` forward: `(B, L, V)` logits at positions P-1 ..
+    P+L-2 (each predicting the next response token), and response / valid on the device."""
     device = model.device
     response, valid = response.to(device), valid.to(device)
     lay = build_layout(model, response, valid, "causal")
@@ -398,7 +407,7 @@ def compute_ar_loss(
         image_embeds=_image_embeds(model, pixel_values, 1),
         logits_from=lay.logits_from,
     )  # (B, L + 1, V): positions P-1 .. P+L-1
-    return ar_loss(logits[:, :-1], response, valid, model.eos_token_id)
+    return logits[:, :-1], response, valid
 
 
 def ar_report_nll(
@@ -415,17 +424,8 @@ def ar_report_nll(
         `(nll, count)`, both `(B,)`: summed NLL (nats) of each report's tokens up to and
         including its first `<eos>`, and how many tokens that is.
     """
-    device = model.device
-    response, valid = response.to(device), valid.to(device)
-    lay = build_layout(model, response, valid, "causal")
-    logits = model(
-        lay.input_ids,
-        attention_mask=lay.attention_mask,
-        position_ids=lay.position_ids,
-        image_embeds=_image_embeds(model, pixel_values, 1),
-        logits_from=lay.logits_from,
-    )  # (B, L + 1, V)
-    ce, scored = _ar_token_ce(logits[:, :-1], response, valid, model.eos_token_id)  # (B, L)
+    logits, response, valid = _ar_logits(model, pixel_values, response, valid)
+    ce, scored = _ar_token_ce(logits, response, valid, model.eos_token_id)  # (B, L)
     return ce.sum(1), scored.sum(1)
 
 

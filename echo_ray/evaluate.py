@@ -45,7 +45,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
-from echo_ray.data import SPLITS, init_ray, shard_files
+from echo_ray.data import SPLITS, init_ray, select_splits, setup_model_actor, shard_files
 from echo_ray.metrics import (
     DEFAULT_SEMSCORE_MODEL,
     UNCERTAIN_POLICIES,
@@ -288,7 +288,7 @@ def _run_system(
     shards: Location, options: EvalOptions, expected: int,
 ) -> pa.Table:
     ds = ray.data.read_parquet(files, filesystem=shards.fs, columns=_INPUT_COLUMNS)
-    ds = ds.map_batches(_select_split, fn_kwargs={"split": options.split},
+    ds = ds.map_batches(select_splits, fn_kwargs={"splits": (options.split,)},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if options.limit:
         ds = ds.limit(options.limit)
@@ -323,25 +323,15 @@ def _run_system(
     return table
 
 
-def _select_split(batch: pa.Table, *, split: str) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("split"), split))
-
-
 class _ReportActor:
     """One model replica: DICOM bytes in, reports + timings + fluency NLL out (no pixels)."""
 
     def __init__(self, *, model: Location, mode: str, fluency: Location | None, threads: int,
                  use_gpu: bool, steps: int | None, threshold: float, batch_size: int) -> None:
-        import torch
-        import transformers
-
         from echo_ray.predictor import ReportGenerator, ReportScorer
         from echo_ray.storage import local_model_dir
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = setup_model_actor(threads, use_gpu)
         self.tmp = tempfile.mkdtemp(prefix="echo-eval-")
         generator = ReportGenerator.from_checkpoint(
             local_model_dir(model, os.path.join(self.tmp, "model")), decoding=mode,

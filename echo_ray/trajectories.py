@@ -43,7 +43,16 @@ import pyarrow.parquet as pq
 import ray
 
 from echo_ray import __version__
-from echo_ray.data import MANIFEST, SHARDS_DIR, SPLITS, TOKENIZER_DIR, init_ray, shard_files
+from echo_ray.data import (
+    MANIFEST,
+    SHARDS_DIR,
+    SPLITS,
+    TOKENIZER_DIR,
+    init_ray,
+    select_splits,
+    setup_model_actor,
+    shard_files,
+)
 from echo_ray.storage import Location, resolve, resolve_model_dir
 
 FORMAT = "echo-ray-trajectories/1"
@@ -157,7 +166,8 @@ def _selected_rows(files: list[str], src: Location, splits: tuple[str, ...]) -> 
 def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
     ds = ray.data.read_parquet(pending, filesystem=src.fs, columns=_INPUT_COLUMNS,
                                include_paths=True)
-    ds = ds.map_batches(_select, fn_kwargs={"splits": options.splits}, batch_format="pyarrow",
+    ds = ds.map_batches(select_splits, fn_kwargs={"splits": options.splits},
+                        batch_format="pyarrow",
                         batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(
         _TeacherActor,
@@ -195,10 +205,6 @@ def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
                     raise RuntimeError(f"fault drill: the job dies after {written} shard(s)")
     if rows:  # pragma: no cover - Ray Data lost rows; nothing half-written is left behind
         raise RuntimeError(f"incomplete shards after the rollout: {sorted(rows)}")
-
-
-def _select(batch: pa.Table, *, splits: tuple[str, ...]) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("split"), pa.array(splits)))
 
 
 def _write_shard(loc: Location, rows: list[dict], dropped: dict[str, int]) -> None:
@@ -264,19 +270,16 @@ class _TeacherActor:
 
     def __init__(self, *, teacher: Location, options: TrajectoryOptions, threads: int) -> None:
         import torch
-        import transformers
 
         from echo_ray.checkpoint import load_checkpoint
         from echo_ray.storage import local_model_dir
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        torch.set_num_threads(threads)
+        device = setup_model_actor(threads, options.gpus_per_actor > 0)
         self.options = options
         self.tmp = tempfile.mkdtemp(prefix="echo-traj-")
         model, _ = load_checkpoint(local_model_dir(teacher, os.path.join(self.tmp, "teacher")))
-        if options.gpus_per_actor > 0 and torch.cuda.is_available():
-            model.to("cuda", torch.bfloat16)
+        if device.type == "cuda":
+            model.to(device, torch.bfloat16)
         self.model = model.eval()
         self.steps = options.steps or model.block_length
 
