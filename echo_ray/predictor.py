@@ -63,9 +63,8 @@ class ReportGenerator:
     ) -> None:
         self.model = model.eval()
         self.decoding = decoding
-        self.generate_kwargs = decoding_kwargs(
-            decoding, block_length=model.block_length, steps=steps, threshold=threshold
-        )
+        self.steps, self.threshold = steps, threshold
+        self.generate_kwargs = self._decoding_kwargs(decoding)
         self.max_new_tokens = max_new_tokens
         self.model_id = model_id
         self.model_version = model_version
@@ -81,21 +80,36 @@ class ReportGenerator:
         kwargs.setdefault("model_id", Path(path).name)
         return cls(model, **kwargs)
 
+    def _decoding_kwargs(self, decoding: str) -> dict:
+        return decoding_kwargs(
+            decoding,
+            block_length=self.model.block_length,
+            steps=self.steps,
+            threshold=self.threshold,
+        )
+
     def generate(
-        self, images: Sequence[np.ndarray] | np.ndarray, metas: Sequence[dict] | None = None
+        self,
+        images: Sequence[np.ndarray] | np.ndarray,
+        metas: Sequence[dict] | None = None,
+        *,
+        decoding: str | None = None,
     ) -> list[dict]:
         """Reports for images in [0, 1] (`(N, H, W)` or a list of 2D arrays of any size).
 
         Args:
             metas: per image, DICOM metadata (UIDs, and PHI when `include_phi`).
+            decoding: this call's decoding mode (default: the generator's).
         """
         if len(images) == 0:
             return []
+        if decoding is None or decoding == self.decoding:
+            decoding, kwargs = self.decoding, self.generate_kwargs
+        else:
+            kwargs = self._decoding_kwargs(decoding)
         pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
         start = time.perf_counter()
-        out = generate(
-            self.model, pixel_values, max_new_tokens=self.max_new_tokens, **self.generate_kwargs
-        )
+        out = generate(self.model, pixel_values, max_new_tokens=self.max_new_tokens, **kwargs)
         latency_ms = 1000 * (time.perf_counter() - start)
         tokenizer = self.model.tokenizer
         reports = []
@@ -114,7 +128,7 @@ class ReportGenerator:
                 labels=label_report(text),
                 model_id=self.model_id,
                 model_version=self.model_version,
-                decoding=self.decoding,
+                decoding=decoding,
                 num_tokens=len(ids),
                 num_forwards=out.num_forwards,
                 tokens_per_forward=out.tokens_per_forward,
