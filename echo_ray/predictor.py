@@ -80,6 +80,15 @@ class ReportGenerator:
         kwargs.setdefault("model_id", Path(path).name)
         return cls(model, **kwargs)
 
+    def to(self, device: torch.device | str) -> ReportGenerator:
+        """Move the model to `device` (bf16 on CUDA); returns self."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            self.model.to(device, torch.bfloat16)
+        else:
+            self.model.to(device)
+        return self
+
     def _decoding_kwargs(self, decoding: str) -> dict:
         return decoding_kwargs(
             decoding,

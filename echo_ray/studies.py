@@ -157,6 +157,7 @@ def report_studies(
     *,
     study_ids: Sequence[str | None] | None = None,
     decoding: str | None = None,
+    with_image: bool = False,
 ) -> list[dict]:
     """One result per study, in order: a report dict or an error row (module docstring).
 
@@ -165,6 +166,7 @@ def report_studies(
     Args:
         generator: a `predictor.ReportGenerator`.
         decoding: this call's decoding mode (default: the generator's).
+        with_image: add "image", the model's input (float32 `(S, S)` in [0, 1]), to reports.
     """
     ids = list(study_ids) if study_ids is not None else [None] * len(studies)
     if len(ids) != len(studies):
@@ -199,4 +201,6 @@ def report_studies(
                 "file_errors": p.file_errors,
             }
         )
+        if with_image:
+            results[-1]["image"] = p.image
     return results
