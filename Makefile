@@ -29,8 +29,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
+# The review page's browser test drives Debian's chromium: installed here when this runs as
+# root with apt (CI, containers); elsewhere `sudo apt-get install chromium`, or the test skips.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null \
+	  && apt-get install -y -q chromium >/dev/null; }; }; } \
+	  || echo "note: chromium not installed; the review page's browser test will be skipped"
 	touch $@
 
 clean:
