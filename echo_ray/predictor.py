@@ -16,7 +16,7 @@ decoded gives `{"error": reason, "message": ...}` in its slot instead of failing
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,15 @@ class ReportGenerator:
         metas: Sequence[dict] | None = None,
         *,
         decoding: str | None = None,
+        on_text: Callable[[list[str]], None] | None = None,
     ) -> list[dict]:
         """Reports for images in [0, 1] (`(N, H, W)` or a list of 2D arrays of any size).
 
         Args:
             metas: per image, DICOM metadata (UIDs, and PHI when `include_phi`).
             decoding: this call's decoding mode (default: the generator's).
+            on_text: streaming: called with each image's report text so far every time a
+                block is final (every `block_length` tokens for AR).
         """
         if len(images) == 0:
             return []
@@ -117,14 +120,21 @@ class ReportGenerator:
         else:
             kwargs = self._decoding_kwargs(decoding)
         pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
+        on_block = None
+        if on_text is not None:
+            def on_block(tokens: torch.Tensor) -> None:
+                on_text([self._text(row) for row in tokens.tolist()])
+
         start = time.perf_counter()
-        out = generate(self.model, pixel_values, max_new_tokens=self.max_new_tokens, **kwargs)
+        out = generate(
+            self.model, pixel_values, max_new_tokens=self.max_new_tokens, on_block=on_block,
+            **kwargs,
+        )
         latency_ms = 1000 * (time.perf_counter() - start)
-        tokenizer = self.model.tokenizer
         reports = []
         for i in range(len(images)):
             ids = out.tokens[i, : int(out.lengths[i])].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = self._text(ids)
             sections = parse_sections(text)
             meta = metas[i] if metas is not None else {}
             report = {key: meta.get(key) for key in _UID_KEYS}
@@ -145,6 +155,12 @@ class ReportGenerator:
             )
             reports.append(report)
         return reports
+
+    def _text(self, ids: list[int]) -> str:
+        """The report text of generated ids, up to the first `<eos>`."""
+        eos = self.model.eos_token_id
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def decode_dicoms(
         self, blobs: Sequence[bytes]

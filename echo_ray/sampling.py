@@ -25,6 +25,7 @@ when every sequence has one, or at `max_new_tokens`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,7 @@ def generate(
     generator: torch.Generator | None = None,
     record_top_k: int = 0,
     ignore_eos: bool = False,
+    on_block: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerateOutput:
     """Decode one report per image.
 
@@ -153,6 +155,9 @@ def generate(
         generator: for sampling.
         record_top_k: diffusion: record the top-k distribution at commit time.
         ignore_eos: never emit `<eos>` (benchmarks: every sequence runs to max_new_tokens).
+        on_block: called with the final tokens so far, `(B, n)`, each time a block is final
+            (diffusion) or every `block_length` tokens (AR): streaming. Positions after a
+            sequence's `<eos>` are not cleaned up yet.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -174,7 +179,7 @@ def generate(
     clock = _Clock(start)
     if mode == "ar":
         tokens, commit_step, top_ids, top_probs, forwards = _decode_ar(
-            model, image_embeds, max_new, use_cache, picker, clock
+            model, image_embeds, max_new, use_cache, picker, clock, on_block
         )
     else:
         tokens, commit_step, top_ids, top_probs, forwards = _decode_blocks(
@@ -188,6 +193,7 @@ def generate(
             picker,
             record_top_k,
             clock,
+            on_block,
         )
     tokens = tokens[:, :max_new]  # (B, N)
     is_eos = tokens == model.eos_token_id  # (B, N)
@@ -251,7 +257,7 @@ class _Picker:
         return tokens, conf, probs
 
 
-def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock):
+def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock, on_block=None):
     batch, P = image_embeds.shape[0], model.prompt_length
     run = _Runner(model, image_embeds, "causal", max_new)
     prompt = model.prompt_input_ids(batch)  # (B, P)
@@ -264,7 +270,10 @@ def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock):
         tok, _, _ = picker(logits[:, -1:], need_probs=False)  # (B, 1)
         tokens[:, i : i + 1] = tok
         done |= tok[:, 0] == model.eos_token_id
-        if i == max_new - 1 or bool(done.all()):
+        finished = i == max_new - 1 or bool(done.all())
+        if on_block is not None and (finished or (i + 1) % model.block_length == 0):
+            on_block(tokens[:, : i + 1])
+        if finished:
             return tokens[:, : i + 1], None, None, None, run.num_forwards
         if use_cache:
             logits = run(tok, P + i, cache)  # (B, 1, V)
@@ -275,7 +284,8 @@ def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock):
 
 
 def _decode_blocks(
-    model, image_embeds, max_new, steps, threshold, fused, use_cache, picker, record_top_k, clock
+    model, image_embeds, max_new, steps, threshold, fused, use_cache, picker, record_top_k, clock,
+    on_block=None,
 ):
     batch, P, Bk = image_embeds.shape[0], model.prompt_length, model.block_length
     num_blocks = -(-max_new // Bk)
@@ -335,6 +345,8 @@ def _decode_blocks(
             if not bool(masked.any()):
                 break
         done |= (tokens[:, lo:hi] == model.eos_token_id).any(1)
+        if on_block is not None:
+            on_block(tokens[:, :hi])
         if k == num_blocks - 1 or bool(done.all()):
             return tokens[:, :hi], commit_step, top_ids, top_probs, run.num_forwards
         if use_cache and not fused:

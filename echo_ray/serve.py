@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -49,6 +50,7 @@ logger = logging.getLogger("echo_ray.serve")
 API_KEYS_ENV = "ECHO_RAY_API_KEYS"
 DICOM_MEDIA_TYPE = "application/dicom"
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
+SSE_MEDIA_TYPE = "text/event-stream"
 MODEL_DEPLOYMENT = "ReportModel"
 INGRESS_DEPLOYMENT = "ReportAPI"
 # The report fields an HTTP response carries (the report dict's, less internals).
@@ -227,6 +229,40 @@ class ReportModel:
     async def report(self, files: list[tuple[str, bytes]], decoding: str, preview: bool):
         return await self._report_batch((files, decoding, preview))
 
+    async def stream(self, files: list[tuple[str, bytes]], decoding: str):
+        """One study alone (no batching), streamed: {"event": "block", "text"} per final
+        block, then {"event": "report", ...the report or error dict}."""
+        from echo_ray.studies import report_studies
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_text(texts: list[str]) -> None:  # called in the decoding thread
+            loop.call_soon_threadsafe(queue.put_nowait, ("block", texts[0]))
+
+        async def decode() -> None:
+            try:
+                out = await asyncio.to_thread(
+                    report_studies, self.generator, [files], decoding=decoding, on_text=on_text
+                )
+                queue.put_nowait(("report", out[0]))
+            except Exception as exc:  # surfaces in the stream's consumer
+                queue.put_nowait(("failed", exc))
+
+        task = asyncio.create_task(decode())
+        blocks = 0
+        while True:
+            kind, value = await queue.get()
+            if kind == "block":
+                blocks += 1
+                yield {"event": "block", "block": blocks, "text": value}
+                continue
+            await task
+            if kind == "failed":
+                raise value
+            yield {"event": "report", **value, "batch_size": 1, "replica": self.replica}
+            return
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _report_batch(self, requests: list[tuple]) -> list[dict]:
         from echo_ray.studies import report_studies
@@ -319,12 +355,17 @@ class ReportAPI:
         "/v1/reports",
         summary="Report one study",
         description="Query: `mode` (a decoding mode of /v1/models), `preview=true` adds the "
-        "model's input image as a base64 PNG (`image_png`).",
+        "model's input image as a base64 PNG (`image_png`), `stream=true` (or `Accept: "
+        "text/event-stream`) streams server-sent events: `block` events with the report text "
+        "so far after each block, then one `report` event with the response fields.",
     )
     async def reports(
-        self, request: Request, mode: str | None = None, preview: bool = False
-    ) -> JSONResponse:
-        return await self._guard(request, self._report, mode=mode, preview=preview)
+        self, request: Request, mode: str | None = None, preview: bool = False,
+        stream: bool = False,
+    ) -> Response:
+        stream = stream or SSE_MEDIA_TYPE in request.headers.get("accept", "")
+        return await self._guard(request, self._report, mode=mode, preview=preview,
+                                 stream=stream)
 
     # -- internals
 
@@ -332,7 +373,7 @@ class ReportAPI:
     def open(self) -> bool:
         return self.options.insecure and not self.key_digests
 
-    async def _guard(self, request: Request, handler, **kwargs) -> JSONResponse:
+    async def _guard(self, request: Request, handler, **kwargs) -> Response:
         """Auth, then the handler; every failure becomes a JSON error, never a bare 500."""
         request_id = uuid.uuid4().hex[:16]
         try:
@@ -372,25 +413,61 @@ class ReportAPI:
         return JSONResponse({"data": [{**info, "limits": limits}]})
 
     async def _report(
-        self, request: Request, request_id: str, mode: str | None, preview: bool
-    ) -> JSONResponse:
+        self, request: Request, request_id: str, mode: str | None, preview: bool, stream: bool
+    ) -> Response:
         start = time.perf_counter()
         decoding = mode or self.options.decoding
         if decoding not in self.options.modes:
             raise _HTTPError(400, "unsupported_mode", f"mode {decoding!r} is not served; "
                              f"choose one of {list(self.options.modes)}")
         files = await self._read_files(request)
+        if stream:
+            return await self._stream(files, decoding, request_id, start)
         try:
             result = await asyncio.wait_for(
                 self.model.report.remote(files, decoding, preview),
                 timeout=self.options.request_timeout_s,
             )
         except TimeoutError:
-            raise _HTTPError(504, "timeout", f"no report within "
-                             f"{self.options.request_timeout_s:g} s; try again") from None
+            raise self._timeout() from None
+        self._check(result)
+        body = self._body(result, request_id, start)
+        logger.info("request %s: report, %d files, %s, batch %d, %.0f ms", request_id,
+                    len(files), decoding, result["batch_size"], body["latency_ms"])
+        if FHIR_MEDIA_TYPE in request.headers.get("accept", ""):
+            return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
+        return JSONResponse(body)
+
+    async def _stream(self, files, decoding: str, request_id: str, start: float) -> Response:
+        """Server-sent events; a bad study is still a plain 4xx (checked before streaming)."""
+        events = self.model.options(stream=True).stream.remote(files, decoding)
+        try:
+            first = await asyncio.wait_for(events.__anext__(),
+                                           timeout=self.options.request_timeout_s)
+        except TimeoutError:
+            events.cancel()
+            raise self._timeout() from None
+        if first["event"] == "report":
+            self._check(first)
+
+        async def sse():
+            event = first
+            while True:
+                if event["event"] == "report":
+                    event = {"event": "report", **self._body(event, request_id, start)}
+                yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                if event["event"] == "report":
+                    return
+                event = await events.__anext__()
+
+        return StreamingResponse(sse(), media_type=SSE_MEDIA_TYPE)
+
+    def _check(self, result: dict) -> None:
         if result.get("error"):
             raise _HTTPError(422, result["error"], result["message"],
                              file_errors=result["file_errors"])
+
+    def _body(self, result: dict, request_id: str, start: float) -> dict:
         fields = _RESPONSE_FIELDS + (_PHI_FIELDS if self.options.include_phi else ())
         body = {key: result.get(key) for key in fields}
         if "image_png" in result:
@@ -401,11 +478,11 @@ class ReportAPI:
             latency_ms=round(1000 * (time.perf_counter() - start), 2),
             batch_size=result["batch_size"],
         )
-        logger.info("request %s: report, %d files, %s, batch %d, %.0f ms", request_id,
-                    len(files), decoding, result["batch_size"], body["latency_ms"])
-        if FHIR_MEDIA_TYPE in request.headers.get("accept", ""):
-            return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
-        return JSONResponse(body)
+        return body
+
+    def _timeout(self) -> _HTTPError:
+        return _HTTPError(504, "timeout", f"no report within "
+                          f"{self.options.request_timeout_s:g} s; try again")
 
     async def _read_files(self, request: Request) -> list[tuple[str, bytes]]:
         """The uploaded DICOM files as (name, bytes); names are "file1".. unless PHI is on."""

@@ -158,6 +158,7 @@ def report_studies(
     study_ids: Sequence[str | None] | None = None,
     decoding: str | None = None,
     with_image: bool = False,
+    on_text=None,
 ) -> list[dict]:
     """One result per study, in order: a report dict or an error row (module docstring).
 
@@ -167,6 +168,8 @@ def report_studies(
         generator: a `predictor.ReportGenerator`.
         decoding: this call's decoding mode (default: the generator's).
         with_image: add "image", the model's input (float32 `(S, S)` in [0, 1]), to reports.
+        on_text: streaming, as `ReportGenerator.generate` (texts of the studies with an
+            image, in order).
     """
     ids = list(study_ids) if study_ids is not None else [None] * len(studies)
     if len(ids) != len(studies):
@@ -183,7 +186,9 @@ def report_studies(
     ]
     good = [p for p in prepared if p.error is None]
     reports = iter(
-        generator.generate([p.image for p in good], [p.meta for p in good], decoding=decoding)
+        generator.generate(
+            [p.image for p in good], [p.meta for p in good], decoding=decoding, on_text=on_text
+        )
     )
     results = []
     for p in prepared:

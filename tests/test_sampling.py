@@ -274,3 +274,29 @@ def test_generate_rejects_bad_flags(model, pixel_values):
     ]:
         with pytest.raises(ValueError, match=message):
             generate(model, pixel_values, **kw)
+
+
+@pytest.mark.parametrize("mode", ["ar", "multi-step", "one-step-fused"])
+def test_on_block_streams_the_final_tokens_block_by_block(mode):
+    from echo_ray.sampling import decoding_kwargs
+
+    model = trained_model()
+    size = model.config.image_size
+    images = torch.rand(2, size, size, generator=torch.Generator().manual_seed(3))
+    pixel_values = model.preprocess_images(images)
+    seen = []
+    kwargs = decoding_kwargs(mode, block_length=model.block_length)
+    out = generate(model, pixel_values, max_new_tokens=24,
+                   on_block=lambda t: seen.append(t.clone()), **kwargs)
+    plain = generate(model, pixel_values, max_new_tokens=24, **kwargs)
+    assert torch.equal(out.tokens, plain.tokens)  # streaming changes nothing
+    Bk = model.block_length
+    assert seen and all(s.shape[1] % Bk == 0 or s.shape[1] == out.tokens.shape[1] for s in seen)
+    assert [s.shape[1] for s in seen] == sorted({s.shape[1] for s in seen})  # growing prefixes
+    for s in seen:  # each streamed prefix is final: the output starts with it
+        n = min(s.shape[1], out.tokens.shape[1])
+        for b in range(2):
+            length = int(out.lengths[b])
+            assert torch.equal(s[b, : min(n, length)], out.tokens[b, : min(n, length)])
+    assert torch.equal(seen[-1][:, : out.tokens.shape[1]].masked_fill(
+        out.tokens == model.pad_token_id, model.pad_token_id), out.tokens)

@@ -1,6 +1,7 @@
 """The HTTP endpoint on a real Ray Serve (the session's local Ray), a tiny checkpoint."""
 
 import base64
+import json
 import os
 import shutil
 import socket
@@ -166,6 +167,26 @@ def test_fhir_diagnostic_report(server):
     assert "subject" not in resource and "Doe" not in r.text
 
 
+def test_streaming_sends_the_report_block_by_block(server):
+    r = _post(server, _dicom(12), Accept="text/event-stream")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for chunk in r.text.strip().split("\n\n"):
+        kind, data = chunk.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: ")
+        events.append((kind[len("event: "):], json.loads(data[len("data: "):])))
+    *blocks, (last, report) = events
+    assert last == "report" and blocks and all(kind == "block" for kind, _ in blocks)
+    assert [b["block"] for _, b in blocks] == list(range(1, len(blocks) + 1))
+    plain = _post(server, _dicom(12)).json()
+    assert report["report"] == plain["report"] and report["batch_size"] == 1
+    for _, block in blocks:  # each block's text is the start of the final report
+        assert report["report"].startswith(block["text"])
+    assert blocks[-1][1]["text"] == report["report"]
+    bad = _post(server, b"\x00" * 400, params={"stream": "true"})
+    assert bad.status_code == 422 and bad.json()["error"] == "not_dicom"
+
+
 def _truncated() -> bytes:
     data = _dicom(6)
     return data[: len(data) - 5000]
@@ -326,3 +347,19 @@ def test_serve_config_and_cluster_yaml_are_valid_for_ray():
     assert cluster["available_node_types"]["gpu"]["min_workers"] == 0
     setup = " ".join(cluster["setup_commands"])
     assert "torch==2.13.0" in setup and "-c constraints.txt" in setup
+
+
+def test_serve_command_refuses_unsafe_starts(monkeypatch, capsys, checkpoint):
+    from echo_ray.cli import build_parser, main, serve_app_args
+
+    monkeypatch.delenv("ECHO_RAY_API_KEYS", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--checkpoint", checkpoint, "--insecure", "--host", "0.0.0.0"])
+    assert exc.value.code == 2 and "refused on 0.0.0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--checkpoint", checkpoint])
+    assert exc.value.code == 2 and "no API keys configured" in capsys.readouterr().err
+    args = build_parser("serve").parse_args(
+        ["--checkpoint", checkpoint, "--max-batch-size", "4", "--batch-wait-ms", "20"])
+    options = ServeOptions.from_args(serve_app_args(args))  # every flag maps to an option
+    assert (options.max_batch_size, options.batch_wait_timeout_s) == (4, 0.02)
