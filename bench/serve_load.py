@@ -143,7 +143,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--scale-seconds", type=float, default=45.0,
-                   help="load of the autoscaling phase (the metric is averaged over 10 s)")
+                   help="load of the autoscaling phase (the metric is averaged over 15 s)")
     p.add_argument("--target", type=float, default=4.0,
                    help="target ongoing requests per replica (autoscaling)")
     p.add_argument("--port", type=int, default=8123)

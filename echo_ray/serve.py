@@ -567,7 +567,7 @@ def build_app(args: dict[str, Any]):
             "target_ongoing_requests": options.target_ongoing_requests,
             "upscale_delay_s": 3,
             "downscale_delay_s": 20,
-            "look_back_period_s": 10,
+            "look_back_period_s": 15,  # > Serve's 10 s metrics interval
         },
         max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
