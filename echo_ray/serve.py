@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -181,7 +182,9 @@ class ReportModel:
         opts = ServeOptions.from_args(options)
         device = setup_model_actor(opts.threads, use_gpu=opts.num_gpus > 0)
         loc = resolve_model_dir(opts.checkpoint, s3_endpoint=opts.s3_endpoint, what="checkpoint")
-        self.path = local_model_dir(loc, os.path.join(os.getcwd(), ".echo_ray_model_cache"))
+        # an s3:// model is downloaded into this replica's own folder (replicas of one node
+        # must not write the same files); a local one is used in place
+        self.path = local_model_dir(loc, tempfile.mkdtemp(prefix="echo-serve-model-"))
         kwargs = {"modalities": opts.modalities} if opts.modalities is not None else {}
         self.generator = ReportGenerator.from_checkpoint(
             self.path,
