@@ -245,6 +245,139 @@ def evaluate(args: argparse.Namespace) -> dict:
     return evaluation
 
 
+# --- report ------------------------------------------------------------------------------------
+
+
+def report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="the model: a run folder or checkpoint directory (local or s3://)")
+    p.add_argument("--archive", required=True,
+                   help="MIMIC-style tree or flat folder of DICOM files (folder or s3://)")
+    p.add_argument("--out", required=True,
+                   help="output folder (or s3://); rerunning with it continues a killed run "
+                        "and reports only the studies not reported yet (the nightly use)")
+    p.add_argument("--decoding", default="one-step-fused",
+                   help="ar, multi-step, one-step or one-step-fused")
+    p.add_argument("--steps", type=int, default=None,
+                   help="multi-step: forwards per block at most (default: the block length)")
+    p.add_argument("--threshold", type=float, default=0.9, help="multi-step: tau")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="report length cap (default: the model's max_response_len)")
+    p.add_argument("--batch-size", type=int, default=16, help="studies per model call")
+    p.add_argument("--unit-size", type=int, default=64,
+                   help="studies per part file: the unit of work, and what a kill can cost")
+    p.add_argument("--since", default=None, metavar="YYYY-MM-DD",
+                   help="only studies with a file modified on or after this date (UTC) or "
+                        "ISO datetime")
+    p.add_argument("--fhir", action="store_true",
+                   help="also write fhir.ndjson: one FHIR R4 DiagnosticReport per report")
+    p.add_argument("--include-phi", action="store_true",
+                   help="copy patient name / ID / birth date and full archive paths into the "
+                        "outputs (off: no patient identifiers anywhere)")
+    p.add_argument("--io-threads", type=int, default=8,
+                   help="parallel file reads per actor (and for the driver's header reads)")
+    _add_actor_args(p, "model replicas")
+    _add_cluster_args(p)
+
+
+def report(args: argparse.Namespace) -> dict:
+    from echo_ray.archive import ReportOptions, format_summary, report_archive
+
+    options = ReportOptions(
+        decoding=args.decoding, steps=args.steps, threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        unit_size=args.unit_size, since=args.since, fhir=args.fhir,
+        include_phi=args.include_phi, io_threads=args.io_threads, actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        threads=args.threads,
+    )
+    try:
+        options.validate()
+    except ValueError as e:
+        print(f"echo-ray report: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    summary = report_archive(args.checkpoint, args.archive, args.out, options,
+                             s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
+    print(format_summary(summary))
+    return summary
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="the model directory (a run's model/, local or s3://)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys-file", default=None,
+                   help="bearer API keys, one per line (also $ECHO_RAY_API_KEYS, comma-separated)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without API keys: development only, refused off loopback")
+    p.add_argument("--decoding", default="one-step-fused", help="the default decoding mode")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="studies decoded together (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0,
+                   help="how long a replica waits for a batch to fill")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--max-upload-mb", type=float, default=64.0)
+    p.add_argument("--max-files", type=int, default=8, help="files per study at most")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per request")
+    p.add_argument("--include-phi", action="store_true",
+                   help="return patient identifiers and file names (off: never)")
+    _add_cluster_args(p)
+
+
+def serve_app_args(args: argparse.Namespace) -> dict:
+    """The `build_app` args of `echo-ray serve`'s flags."""
+    return {
+        "checkpoint": args.checkpoint, "decoding": args.decoding,
+        "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1000, "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas, "num_cpus": args.cpus_per_replica,
+        "num_gpus": args.gpus_per_replica, "threads": args.threads,
+        "max_upload_mb": args.max_upload_mb, "max_files": args.max_files,
+        "request_timeout_s": args.timeout_s, "api_keys_file": args.api_keys_file,
+        "insecure": args.insecure, "include_phi": args.include_phi,
+        "s3_endpoint": args.s3_endpoint,
+    }
+
+
+def serve_cmd(args: argparse.Namespace) -> None:
+    """Start the endpoint on a local Ray (or `--ray-address`) and block until Ctrl-C."""
+    if args.insecure and args.host not in _LOOPBACK:
+        print(f"echo-ray serve: --insecure serves without API keys; refused on {args.host} "
+              f"(use {_LOOPBACK[0]}, or configure keys)", file=sys.stderr)
+        raise SystemExit(2)
+    from ray import serve
+
+    from echo_ray.data import init_ray
+    from echo_ray.serve import build_app
+
+    try:
+        app = build_app(serve_app_args(args))
+    except ValueError as e:
+        print(f"echo-ray serve: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    init_ray(args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="echo-ray", route_prefix="/")
+    print(f"echo-ray serve: {args.checkpoint} at http://{args.host}:{args.port}/ "
+          f"(API docs at /docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 # --- quickstart --------------------------------------------------------------------------------
 
 
@@ -367,6 +500,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]
                      "roll the RAD teacher out (multi-step, top-k records) for DCD (Ray Data)"),
     "evaluate": (evaluate, evaluate_args,
                  "quality (CE F1, SemScore, ROUGE-L, BLEU-4, fluency) and speed of systems"),
+    "report": (report, report_args,
+               "report every study of an archive exactly once, resumably (Ray Data)"),
+    "serve": (serve_cmd, serve_args,
+              "the HTTP report endpoint (Ray Serve): POST /v1/reports, review page at /"),
     "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),
 }
 

@@ -55,7 +55,7 @@ ERRORS_FILE = "errors.parquet"
 TOKENIZER_DIR = "tokenizer"
 
 # MIMIC-CXR: files/p10/p10000032/s50414267/<dicom_id>.dcm, report at .../s50414267.txt
-_MIMIC_IMAGE = re.compile(
+MIMIC_IMAGE = re.compile(
     r"(?:^|/)p\d+/p(?P<subject>\d+)/s(?P<study>\d+)/(?P<dicom>[^/]+)\.dcm$", re.IGNORECASE
 )
 
@@ -152,7 +152,7 @@ def discover_archive(src: Location) -> tuple[list[dict[str, str]], dict[str, Any
     items = []
     mimic = 0
     for rel in dicoms:
-        m = _MIMIC_IMAGE.search(rel)
+        m = MIMIC_IMAGE.search(rel)
         item = {
             "path": rel, "dicom_id": posixpath.basename(rel)[:-4], "subject_id": "",
             "study_id": "", "report_path": "", "split": "", "view_hint": "", "labels_json": "",

@@ -35,6 +35,14 @@ _UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 _PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
+def model_name(checkpoint: str) -> str:
+    """A model id from its path: the directory name, or the run's name for `RUN/model`."""
+    parts = [p for p in checkpoint.rstrip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else "echo-ray"
+
+
 class ReportGenerator:
     """Writes draft reports with a dVLM.
 
@@ -77,7 +85,7 @@ class ReportGenerator:
     ) -> ReportGenerator:
         """Load a run directory (see `checkpoint.save_checkpoint`)."""
         model, _ = load_checkpoint(path, overrides)
-        kwargs.setdefault("model_id", Path(path).name)
+        kwargs.setdefault("model_id", model_name(str(path)))
         return cls(model, **kwargs)
 
     def to(self, device: torch.device | str) -> ReportGenerator:

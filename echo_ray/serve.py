@@ -44,6 +44,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from echo_ray import __version__
 from echo_ray.fhir import FHIR_MEDIA_TYPE, diagnostic_report
+from echo_ray.predictor import model_name
 from echo_ray.sampling import DECODING_MODES
 
 logger = logging.getLogger("echo_ray.serve")
@@ -151,14 +152,6 @@ def load_api_keys(options: ServeOptions) -> list[str]:
         lines = Path(options.api_keys_file).read_text().splitlines()
         keys += [line.split("#", 1)[0].strip() for line in lines]
     return [k for k in keys if k]
-
-
-def model_name(checkpoint: str) -> str:
-    """A model id from its path: the directory name, or the run's name for `RUN/model`."""
-    parts = [p for p in checkpoint.rstrip("/").split("/") if p]
-    if len(parts) > 1 and parts[-1] == "model":
-        return parts[-2]
-    return parts[-1] if parts else "echo-ray"
 
 
 def _digest(key: str) -> str:

@@ -17,8 +17,9 @@ from tiny_dvlm import trained_model
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.dicom import write_dicom
+from echo_ray.predictor import model_name
 from echo_ray.reports import CHEXPERT_LABELS
-from echo_ray.serve import ServeOptions, build_app, load_api_keys, model_name
+from echo_ray.serve import ServeOptions, build_app, load_api_keys
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
