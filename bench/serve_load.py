@@ -204,7 +204,8 @@ def main() -> None:
     running = [int(n.split("+")[0]) for _, n in timeline]
     print(f"model replicas running+starting (load from 0 s to {load_end:.0f} s, then idle; "
           "sampled every 1-2 s): " + ", ".join(f"{n} at {t:g} s" for t, n in changes)
-          + f", {timeline[-1][1]} at {timeline[-1][0]:g} s (end)")
+          + ("" if changes[-1] == timeline[-1] else
+             f", {timeline[-1][1]} at {timeline[-1][0]:g} s (end)"))
     figures = {
         "batching_speedup": round(speedup, 3),
         "p99_ms": batched["p99_ms"],
