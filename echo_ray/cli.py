@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -367,15 +368,21 @@ def serve_cmd(args: argparse.Namespace) -> None:
         print(f"echo-ray serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     init_ray(args.ray_address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="echo-ray", route_prefix="/")
-    print(f"echo-ray serve: {args.checkpoint} at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs); Ctrl-C stops", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a backgrounded process ignores Ctrl-C's SIGINT
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="echo-ray", route_prefix="/")
+        print(f"echo-ray serve: {args.checkpoint} at http://{args.host}:{args.port}/ "
+              f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        print("echo-ray serve: stopped", flush=True)
 
 
 # --- quickstart --------------------------------------------------------------------------------
