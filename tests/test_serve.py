@@ -227,6 +227,52 @@ def test_bad_input_gets_a_clear_4xx_and_the_next_request_succeeds(server, name, 
     assert _post(server, _dicom(11)).status_code == 200
 
 
+def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, monkeypatch):
+    """Two more apps on the same Serve: a 504 when no report comes in time; with
+    include_phi and insecure (no keys), identifiers and file names come back, no key needed."""
+    from ray import serve
+
+    monkeypatch.delenv("ECHO_RAY_API_KEYS")
+    common = {"checkpoint": checkpoint, "num_cpus": 0.25, "max_new_tokens": 16,
+              "max_replicas": 1, "insecure": True}
+    # a lone request waits 2 s for its batch to fill: longer than the 0.5 s allowed
+    serve.run(build_app({**common, "batch_wait_timeout_s": 2.0, "request_timeout_s": 0.5}),
+              name="slow", route_prefix="/slow")
+    serve.run(build_app({**common, "include_phi": True}), name="dev", route_prefix="/dev")
+    try:
+        slow = _post(f"{server}/slow", _dicom(13), key=None)
+        assert slow.status_code == 504 and slow.json()["error"] == "timeout"
+        files = [("file", ("front.dcm", _dicom(13)))]
+        dev = _post(f"{server}/dev", files=files, content_type=None, key=None)
+        assert dev.status_code == 200, dev.text
+        body = dev.json()
+        assert body["patient_name"] == "Doe^Jane" and body["patient_id"] == "MRN-000123"
+        assert body["source_file"] == "front.dcm"
+        page = requests.get(f"{server}/dev/")
+        assert "const AUTH = false" in page.text  # the page hides its key field
+    finally:
+        serve.delete("slow")
+        serve.delete("dev")
+
+
+def test_no_patient_identifiers_in_the_serve_logs(server):
+    """The apps above saw DICOMs with a patient name and ID: none reached a log line of
+    the default app (the dev app, which returns them, logs the same lines without them)."""
+    assert _post(server, _dicom(14)).status_code == 200
+    logs = Path(_session_dir()) / "logs"
+    text = "".join(f.read_text(errors="replace") for f in logs.rglob("*")
+                   if f.is_file() and ("serve" in f.name.lower() or "worker" in f.name))
+    assert "ReportAPI" in text  # the replicas' logs are there
+    assert "Doe^Jane" not in text and "MRN-000123" not in text
+
+
+def _session_dir() -> str:
+    """This cluster's session folder (no public API gives it to a driver)."""
+    import ray
+
+    return ray._private.worker.global_worker.node.get_session_dir_path()
+
+
 def test_concurrent_requests_are_batched(server):
     results = [None] * 8
 
