@@ -468,6 +468,12 @@ def quickstart(args: argparse.Namespace) -> dict:
     print(evaluation.table())
     print(f"(all figures: {out / 'eval' / 'results.md'}; plot: "
           f"{out / 'eval' / 'quality_vs_speed.png'}; {time.perf_counter() - start:.0f} s)")
+    student = out / "runs" / "dcd" / "model"
+    print(f"\nnext: serve the student over HTTP (README: Serving), or report an archive "
+          f"(README: Bulk reporting):\n"
+          f"  ECHO_RAY_API_KEYS=change-me echo-ray serve --checkpoint {student}\n"
+          f"  echo-ray report --checkpoint {student} --archive {out / 'archive'} "
+          f"--out {out / 'reports'}")
     return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
             "results": evaluation.results}
 

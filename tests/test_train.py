@@ -386,6 +386,9 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     table = printed[printed.rindex("| system |"):]
     for name in results:
         assert f"| {name} |" in table
+    # then the next steps, with the student the run just wrote
+    assert f"echo-ray serve --checkpoint {out / 'runs' / 'dcd' / 'model'}" in printed
+    assert f"echo-ray report --checkpoint {out / 'runs' / 'dcd' / 'model'}" in printed
 
 
 def test_trains_from_s3_shards_into_an_s3_run_folder(shards, s3_endpoint, tmp_path):
