@@ -39,6 +39,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -294,6 +300,15 @@ def _png_base64(image) -> str:
 # ----------------------------------------------------------------------------- ingress
 
 
+# Model-side failures that are not the request's fault and pass: 503 + Retry-After.
+_UNAVAILABLE = (
+    RayActorError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+
 class _HTTPError(Exception):
     def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -380,7 +395,15 @@ class ReportAPI:
             body = {"error": err.error, "message": str(err), "request_id": request_id}
             logger.info("request %s: %d %s", request_id, err.status, err.error)
             return JSONResponse({**body, **err.extra}, status_code=err.status, headers=headers)
-        except Exception as exc:  # a bug or a dead replica: say so, without input details
+        except _UNAVAILABLE as exc:  # a replica died or is overloaded: retry later
+            logger.warning("request %s: model unavailable (%s)", request_id,
+                           type(exc).__name__)
+            return JSONResponse(
+                {"error": "unavailable", "message": "the model is restarting or overloaded; "
+                 "retry shortly", "request_id": request_id},
+                status_code=503, headers={"Retry-After": "5"},
+            )
+        except Exception as exc:  # a bug: say so, without input details
             logger.exception("request %s failed", request_id)
             return JSONResponse(
                 {"error": "internal", "message": f"{type(exc).__name__}", "request_id": request_id},

@@ -329,6 +329,8 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(server):
     for w in workers:
         w.join()
     assert statuses[n:] and all(s == 200 for s in statuses[n:]), statuses[n:]
+    # requests caught by the kill were told to retry (503), none got a 500
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
     assert requests.get(f"{server}/readyz").json()["ready"] is True
 
 
