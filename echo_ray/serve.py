@@ -231,7 +231,7 @@ class ReportModel:
     async def report(self, files: list[tuple[str, bytes]], decoding: str, preview: bool):
         return await self._report_batch((files, decoding, preview))
 
-    async def stream(self, files: list[tuple[str, bytes]], decoding: str):
+    async def stream(self, files: list[tuple[str, bytes]], decoding: str, preview: bool = False):
         """One study alone (no batching), streamed: {"event": "block", "text"} per final
         block, then {"event": "report", ...the report or error dict}."""
         from echo_ray.studies import report_studies
@@ -245,7 +245,8 @@ class ReportModel:
         async def decode() -> None:
             try:
                 out = await asyncio.to_thread(
-                    report_studies, self.generator, [files], decoding=decoding, on_text=on_text
+                    report_studies, self.generator, [files], decoding=decoding,
+                    on_text=on_text, with_image=True,
                 )
                 queue.put_nowait(("report", out[0]))
             except Exception as exc:  # surfaces in the stream's consumer
@@ -262,6 +263,9 @@ class ReportModel:
             await task
             if kind == "failed":
                 raise value
+            image = value.pop("image", None)
+            if image is not None and preview:
+                value["image_png"] = _png_base64(image)
             yield {"event": "report", **value, "batch_size": 1, "replica": self.replica}
             return
 
@@ -441,7 +445,7 @@ class ReportAPI:
                              f"choose one of {list(self.options.modes)}")
         files = await self._read_files(request)
         if stream:
-            return await self._stream(files, decoding, request_id, start)
+            return await self._stream(files, decoding, preview, request_id, start)
         try:
             result = await asyncio.wait_for(
                 self.model.report.remote(files, decoding, preview),
@@ -457,9 +461,10 @@ class ReportAPI:
             return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
         return JSONResponse(body)
 
-    async def _stream(self, files, decoding: str, request_id: str, start: float) -> Response:
+    async def _stream(self, files, decoding: str, preview: bool, request_id: str,
+                      start: float) -> Response:
         """Server-sent events; a bad study is still a plain 4xx (checked before streaming)."""
-        events = self.model.options(stream=True).stream.remote(files, decoding)
+        events = self.model.options(stream=True).stream.remote(files, decoding, preview)
         try:
             first = await asyncio.wait_for(events.__anext__(),
                                            timeout=self.options.request_timeout_s)

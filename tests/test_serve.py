@@ -184,6 +184,9 @@ def test_streaming_sends_the_report_block_by_block(server):
     for _, block in blocks:  # each block's text is the start of the final report
         assert report["report"].startswith(block["text"])
     assert blocks[-1][1]["text"] == report["report"]
+    with_image = _post(server, _dicom(12), params={"stream": "true", "preview": "true"})
+    last = with_image.text.strip().split("\n\n")[-1].split("\n")[1][len("data: "):]
+    assert base64.b64decode(json.loads(last)["image_png"])[:4] == b"\x89PNG"
     bad = _post(server, b"\x00" * 400, params={"stream": "true"})
     assert bad.status_code == 422 and bad.json()["error"] == "not_dicom"
 
@@ -360,7 +363,9 @@ def test_review_page_in_headless_chromium(server, tmp_path):
         assert natural == 112  # the tiny preset's image size: the model's input was shown
         report = page.input_value("#report")
         assert report == _post(server, _dicom(40)).json()["report"]
-        assert "one-step-fused" in page.inner_text("#status")
+        status = page.inner_text("#status")  # the page streams: blocks, then the report
+        assert "one-step-fused" in status and "blocks streamed" in status
+        assert " 0 blocks" not in status
         page.click("#copy")
         page.wait_for_function("document.getElementById('copied').textContent === 'copied'")
         page.screenshot(path=str(shot), full_page=True)
