@@ -31,9 +31,9 @@ How a run goes:
    writes the unit's part file in one atomic write (local: temporary file + rename; S3:
    one PUT). A job killed mid-write leaves at most a temporary file, which is ignored.
 4. Consolidation (driver): every part is read, each study kept once (should two parts
-   hold the same study, after two runs overlapped, the first part by name wins and the
-   duplicate is counted), and the final files are written, each atomically,
-   summary.json last.
+   hold the same study, after two runs overlapped or after `--retry-errors` reported a
+   failed study again, the latest row wins and the older one is counted), and the final
+   files are written, each atomically, summary.json last.
 
 No patient identifiers reach the outputs or the logs unless `include_phi`: MIMIC paths are
 shown from the study folder down (`s50414267/<dicom_id>.dcm`), the ledger holds hashes of
@@ -81,6 +81,8 @@ ARCHIVE_ERROR_REASONS = (
     "read_failed",  # the file could not be read from storage (after retries)
     "unexpected_error",  # the study made the reporting code raise (see the actor's log)
 )
+# Errors that say nothing about the study itself: `--retry-errors` reports those again.
+RETRYABLE_ERRORS = ARCHIVE_ERROR_REASONS
 DICOM_SUFFIXES = (".dcm", ".dicom")
 HEADER_PREFIX = 64 * 1024  # bytes read to find a flat file's StudyInstanceUID
 _PROGRESS_EVERY_S = 10.0
@@ -160,6 +162,7 @@ class ReportOptions:
     since: str | None = None  # YYYY-MM-DD or ISO datetime: files modified since then
     fhir: bool = False  # also write fhir.ndjson
     include_phi: bool = False  # patient name / ID / birth date and full paths in outputs
+    retry_errors: bool = False  # report studies again whose row is a RETRYABLE_ERRORS error
 
     def validate(self) -> None:
         from echo_ray.sampling import DECODING_MODES
@@ -404,7 +407,7 @@ def report_archive(
     summary_loc = dst.join(SUMMARY_FILE)
     if summary_loc.exists():
         dst.fs.delete_file(summary_loc.path)  # written again, last, when complete
-    done, known_files = _ledger(parts)
+    done, known_files = _ledger(parts, retry_errors=options.retry_errors)
     same_fs = type(src.fs) is type(dst.fs)
     found = discover_studies(
         src, done=done, known_files=known_files, since=options.since_timestamp(),
@@ -447,11 +450,19 @@ def report_archive(
     return summary
 
 
-def _ledger(parts: Location) -> tuple[set[str], set[str]]:
-    """The study keys and file keys already in the part files."""
+def _ledger(parts: Location, *, retry_errors: bool = False) -> tuple[set[str], set[str]]:
+    """The study keys and file keys already in the part files.
+
+    With `retry_errors`, a study whose current row is a `RETRYABLE_ERRORS` error is not
+    done: it is reported again, and its new row supersedes the old one.
+    """
     if not parts.exists():
         return set(), set()
-    table = _read_parts(parts, ["study_id", "file_keys"])
+    table = _read_parts(parts, ["study_id", "file_keys", "error", "unit", "reported_at"])
+    if retry_errors:
+        table, _ = _current_per_study(table)
+        retry = pc.is_in(table.column("error"), pa.array(RETRYABLE_ERRORS))
+        table = table.filter(pc.invert(pc.fill_null(retry, False)))
     keys = set(table.column("study_id").to_pylist())
     files = {k for ks in table.column("file_keys").to_pylist() for k in ks or ()}
     return keys, files
@@ -649,7 +660,7 @@ def fhir_resource(row: dict, issued: datetime) -> dict:
 def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[str, Any]:
     """Write the final files from the part files (each study once); returns the counts."""
     table = _read_parts(dst.join(PARTS_DIR))
-    table, duplicates = _first_per_study(table)
+    table, duplicates = _current_per_study(table)
     is_error = table.column("error").is_valid()
     reports = table.filter(pc.invert(is_error))
     errors = table.filter(is_error)
@@ -681,15 +692,17 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
     }
 
 
-def _first_per_study(table: pa.Table) -> tuple[pa.Table, int]:
-    """One row per study: the one from the first part by name (deterministic)."""
+def _current_per_study(table: pa.Table) -> tuple[pa.Table, int]:
+    """One row per study: the latest (`reported_at`, then part name: deterministic), and
+    how many older rows it superseded (a retried error, or two overlapping runs)."""
     keys = table.column("study_id").to_pylist()
     units = table.column("unit").to_pylist()
-    first: dict[str, int] = {}
-    for i in sorted(range(len(keys)), key=lambda i: (keys[i], units[i] or "")):
-        first.setdefault(keys[i], i)
-    rows = pa.array(sorted(first.values(), key=lambda i: keys[i]), pa.int64())
-    return table.take(rows), len(keys) - len(first)
+    times = table.column("reported_at").to_pylist()
+    current: dict[str, int] = {}
+    for i in sorted(range(len(keys)), key=lambda i: (keys[i], times[i] or "", units[i] or "")):
+        current[keys[i]] = i
+    rows = pa.array(sorted(current.values(), key=lambda i: keys[i]), pa.int64())
+    return table.take(rows), len(keys) - len(current)
 
 
 def _error_row(row: dict) -> dict:

@@ -275,6 +275,9 @@ def report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-phi", action="store_true",
                    help="copy patient name / ID / birth date and full archive paths into the "
                         "outputs (off: no patient identifiers anywhere)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="report again the studies whose error was transient (read_failed, "
+                        "unexpected_error); other errors stay final")
     p.add_argument("--io-threads", type=int, default=8,
                    help="parallel file reads per actor (and for the driver's header reads)")
     _add_actor_args(p, "model replicas")
@@ -288,7 +291,8 @@ def report(args: argparse.Namespace) -> dict:
         decoding=args.decoding, steps=args.steps, threshold=args.threshold,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         unit_size=args.unit_size, since=args.since, fhir=args.fhir,
-        include_phi=args.include_phi, io_threads=args.io_threads, actors=args.actors,
+        include_phi=args.include_phi, retry_errors=args.retry_errors,
+        io_threads=args.io_threads, actors=args.actors,
         cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
         threads=args.threads,
     )

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -337,6 +338,37 @@ def test_nightly_rerun_reports_only_the_new_studies(ray_cluster, checkpoint, arc
     # Nothing new: nothing reported, outputs the same.
     again = report_archive(str(checkpoint), str(src), str(out), OPTIONS)
     assert again["this_run"]["studies"] == 0 and again["studies"] == summary["studies"]
+
+
+@pytest.mark.ray
+def test_retry_errors_reports_transient_failures_again_and_only_those(
+        ray_cluster, checkpoint, archive, reported, tmp_path):
+    root, expected = archive
+    out = tmp_path / "out"
+    shutil.copytree(reported[0], out, copy_function=shutil.copy2)
+    # As if one study's files could not be read last night: its ledger row says read_failed.
+    victim = next(k for k, v in sorted(expected.items()) if v is None)
+    for part in (out / PARTS_DIR).glob("*.parquet"):
+        rows = pq.read_table(part).to_pylist()
+        if any(r["study_id"] == victim for r in rows):
+            for r in rows:
+                if r["study_id"] == victim:
+                    r.update(error="read_failed", message="could not read the file: OSError",
+                             report=None, findings=None, impression=None, labels=None)
+            pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), part)
+    plain = report_archive(str(checkpoint), str(root), str(out), OPTIONS)
+    assert plain["this_run"]["studies"] == 0  # without the flag an error row is final
+    _assert_exactly_once(out, {**expected, victim: "read_failed"})
+
+    retry = dataclasses.replace(OPTIONS, retry_errors=True)
+    summary = report_archive(str(checkpoint), str(root), str(out), retry)
+    assert summary["this_run"]["studies"] == 1  # that study only; lasting errors stay final
+    assert summary["duplicates_dropped"] == 1  # the old error row, superseded
+    _assert_exactly_once(out, expected)
+    reports, _ = _outcomes(out)
+    assert [r["run_id"] for r in reports if r["study_id"] == victim] == [summary["run_id"]]
+    again = report_archive(str(checkpoint), str(root), str(out), retry)
+    assert again["this_run"]["studies"] == 0
 
 
 @pytest.mark.ray
