@@ -337,24 +337,17 @@ class _ReportActor:
             local_model_dir(model, os.path.join(self.tmp, "model")), decoding=mode,
             steps=steps, threshold=threshold, model_id=model.uri,
         )
-        self.generator = self._to_device(generator)
+        self.generator = generator.to(self.device)
         self.scorer = None
         if fluency is not None:
             scorer = ReportScorer.from_checkpoint(
                 local_model_dir(fluency, os.path.join(self.tmp, "fluency"))
             )
-            self.scorer = self._to_device(scorer)
+            self.scorer = scorer.to(self.device)
         # Warm-up: the first forwards pay one-off costs (allocations, kernel selection) that
         # would otherwise land on whichever system's first batch.
         size = self.generator.model.config.image_size
         self.generator.generate(np.zeros((min(batch_size, 2), size, size), np.float32))
-
-    def _to_device(self, wrapper):
-        import torch
-
-        if self.device.type == "cuda":
-            wrapper.model.to(self.device, torch.bfloat16)
-        return wrapper
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         blobs = batch.column("dicom").to_pylist()

@@ -43,6 +43,14 @@ def model_name(checkpoint: str) -> str:
     return parts[-1] if parts else "echo-ray"
 
 
+def place_model(model: EchoDVLM, device: torch.device | str) -> EchoDVLM:
+    """Move a model for inference: bf16 on CUDA, its own dtype elsewhere; returns it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return model.to(device, torch.bfloat16)
+    return model.to(device)
+
+
 class ReportGenerator:
     """Writes draft reports with a dVLM.
 
@@ -89,12 +97,8 @@ class ReportGenerator:
         return cls(model, **kwargs)
 
     def to(self, device: torch.device | str) -> ReportGenerator:
-        """Move the model to `device` (bf16 on CUDA); returns self."""
-        device = torch.device(device)
-        if device.type == "cuda":
-            self.model.to(device, torch.bfloat16)
-        else:
-            self.model.to(device)
+        """Move the model to `device` (see `place_model`); returns self."""
+        place_model(self.model, device)
         return self
 
     def _decoding_kwargs(self, decoding: str) -> dict:
@@ -216,6 +220,11 @@ class ReportScorer:
     def __init__(self, model: EchoDVLM, *, max_len: int | None = None) -> None:
         self.model = model.eval()
         self.max_len = max_len or model.config.max_response_len
+
+    def to(self, device: torch.device | str) -> ReportScorer:
+        """Move the model to `device` (see `place_model`); returns self."""
+        place_model(self.model, device)
+        return self
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> ReportScorer:

@@ -269,18 +269,15 @@ class _TeacherActor:
     """One teacher replica: DICOM bytes in, multi-step rollouts with their records out."""
 
     def __init__(self, *, teacher: Location, options: TrajectoryOptions, threads: int) -> None:
-        import torch
-
         from echo_ray.checkpoint import load_checkpoint
+        from echo_ray.predictor import place_model
         from echo_ray.storage import local_model_dir
 
         device = setup_model_actor(threads, options.gpus_per_actor > 0)
         self.options = options
         self.tmp = tempfile.mkdtemp(prefix="echo-traj-")
         model, _ = load_checkpoint(local_model_dir(teacher, os.path.join(self.tmp, "teacher")))
-        if device.type == "cuda":
-            model.to(device, torch.bfloat16)
-        self.model = model.eval()
+        self.model = place_model(model, device).eval()
         self.steps = options.steps or model.block_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
