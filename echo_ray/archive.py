@@ -58,7 +58,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -544,10 +543,7 @@ class _ArchiveActor:
             max_new_tokens=options.max_new_tokens, model_id=model_name(model.uri),
             include_phi=options.include_phi,
         ).to(device)
-        # Warm-up: the first forwards pay one-off costs (allocations, kernel selection); pay
-        # them here, not inside the first unit's timing.
-        size = self.generator.model.config.image_size
-        self.generator.generate(np.zeros((min(options.batch_size, 2), size, size), np.float32))
+        self.generator.warm_up(min(options.batch_size, 2))  # not in the first unit's timing
         self.src, self.parts, self.options, self.run_id = src, parts, options, run_id
         self.io = ThreadPoolExecutor(options.io_threads)
         self.actor = f"{os.uname().nodename}:{os.getpid()}"

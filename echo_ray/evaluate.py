@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -344,10 +343,7 @@ class _ReportActor:
                 local_model_dir(fluency, os.path.join(self.tmp, "fluency"))
             )
             self.scorer = scorer.to(self.device)
-        # Warm-up: the first forwards pay one-off costs (allocations, kernel selection) that
-        # would otherwise land on whichever system's first batch.
-        size = self.generator.model.config.image_size
-        self.generator.generate(np.zeros((min(batch_size, 2), size, size), np.float32))
+        self.generator.warm_up(min(batch_size, 2))  # not in the first system's timing
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         blobs = batch.column("dicom").to_pylist()

@@ -101,6 +101,12 @@ class ReportGenerator:
         place_model(self.model, device)
         return self
 
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Decode blank images once: the first forwards pay one-off costs (allocations,
+        kernel selection) that would otherwise land on the first real batch."""
+        size = self.model.config.image_size
+        self.generate(np.zeros((batch_size, size, size), np.float32))
+
     def _decoding_kwargs(self, decoding: str) -> dict:
         return decoding_kwargs(
             decoding,

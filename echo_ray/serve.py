@@ -172,7 +172,6 @@ class ReportModel:
     """A `ReportGenerator` replica; concurrent studies are decoded as one batch."""
 
     def __init__(self, options: dict) -> None:
-        import numpy as np
 
         from echo_ray.data import setup_model_actor
         from echo_ray.predictor import ReportGenerator
@@ -197,9 +196,7 @@ class ReportModel:
         self.options = opts
         self.replica = serve.get_replica_context().replica_tag
         self._set_batching(opts.max_batch_size, opts.batch_wait_timeout_s)
-        # warm-up: the first forward allocates and (on GPU) initialises kernels
-        size = self.generator.model.config.image_size
-        self.generator.generate([np.zeros((size, size), np.float32)])
+        self.generator.warm_up()  # not in the first request's latency
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: {max_batch_size, batch_wait_timeout_s}."""
