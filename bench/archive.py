@@ -38,14 +38,13 @@ import time
 from pathlib import Path
 
 import torch
+from _random_model import random_model
 
 from echo_ray.archive import ReportOptions, report_archive
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.config import EchoConfig
 from echo_ray.data import init_ray
-from echo_ray.model import build_model
-from echo_ray.synth import sample_study, synthesize_archive, write_report
-from echo_ray.tokenizer import train_report_tokenizer
+from echo_ray.synth import synthesize_archive
 
 CONFIGS = ((1, 16), (2, 16), (1, 1))  # (actors, batch size)
 PROJECTED_STUDIES = 100_000
@@ -57,10 +56,8 @@ def _name(actors: int, batch: int) -> str:
 
 def _random_checkpoint(preset: str, path: Path, num_reports: int) -> Path:
     config = EchoConfig.from_name(preset)
-    reports = [write_report(sample_study(0, i)) for i in range(num_reports)]
-    tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
     torch.manual_seed(0)
-    return save_checkpoint(build_model(config.model, tokenizer), path, config)
+    return save_checkpoint(random_model(config, num_reports), path, config)
 
 
 def gpu_ms_per_report(args: argparse.Namespace) -> tuple[float | None, str]:

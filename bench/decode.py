@@ -22,22 +22,20 @@ import time
 
 import numpy as np
 import torch
+from _random_model import random_model
 
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.config import EchoConfig, apply_overrides
-from echo_ray.model import EchoDVLM, build_model
+from echo_ray.model import EchoDVLM
 from echo_ray.sampling import DECODING_MODES, decoding_kwargs, generate
-from echo_ray.synth import render_view, sample_study, write_report
-from echo_ray.tokenizer import train_report_tokenizer
+from echo_ray.synth import render_view, sample_study
 
 
 def _model(args: argparse.Namespace) -> EchoDVLM:
     if args.checkpoint:
         return load_checkpoint(args.checkpoint)[0]
     config = apply_overrides(EchoConfig.from_name(args.preset), args.overrides)
-    reports = [write_report(sample_study(0, i)) for i in range(args.tokenizer_reports)]
-    tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
-    return build_model(config.model, tokenizer)
+    return random_model(config, args.tokenizer_reports)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,16 +37,13 @@ API_KEY = "bench-key"
 def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
     if args.checkpoint:
         return args.checkpoint
+    from _random_model import random_model
+
     from echo_ray.checkpoint import save_checkpoint
     from echo_ray.config import EchoConfig
-    from echo_ray.model import build_model
-    from echo_ray.synth import sample_study, write_report
-    from echo_ray.tokenizer import train_report_tokenizer
 
-    config = EchoConfig.from_name("tiny")
-    reports = [write_report(sample_study(0, i)) for i in range(300)]
-    tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
-    return str(save_checkpoint(build_model(config.model, tokenizer), os.path.join(tmp, "model")))
+    model = random_model(EchoConfig.from_name("tiny"), 300)
+    return str(save_checkpoint(model, os.path.join(tmp, "model")))
 
 
 def _studies(count: int) -> list[bytes]:

@@ -1,0 +1,16 @@
+"""The benches' model when no checkpoint is given: a preset's shapes, randomly initialised,
+on a report tokenizer trained on synthetic reports (the work per token is the real one)."""
+
+from __future__ import annotations
+
+from echo_ray.config import EchoConfig
+from echo_ray.model import EchoDVLM, build_model
+from echo_ray.synth import sample_study, write_report
+from echo_ray.tokenizer import train_report_tokenizer
+
+
+def random_model(config: EchoConfig, num_reports: int) -> EchoDVLM:
+    """A randomly initialised model of `config.model` (seed torch first to fix it)."""
+    reports = [write_report(sample_study(0, i)) for i in range(num_reports)]
+    tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
+    return build_model(config.model, tokenizer)
