@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from prepared_shards import edit_first_shard, prepare_test_shards
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.cli import main, run
 from echo_ray.config import EchoConfig, ModelConfig, apply_overrides
-from echo_ray.data import prepare_shards
 from echo_ray.evaluate import (
     PLOT_FILE,
     REPORTS_FILE,
@@ -32,7 +31,6 @@ from echo_ray.evaluate import (
 from echo_ray.metrics import label_f1, labels_from_vectors
 from echo_ray.model import build_model
 from echo_ray.reports import CHEXPERT_LABELS, label_report
-from echo_ray.synth import synthesize_archive
 from echo_ray.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ray
@@ -41,16 +39,14 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def archive_shards(ray_cluster, tmp_path_factory):
     """Shards of a 30-study archive, one test-split DICOM corrupted in storage."""
-    archive = tmp_path_factory.mktemp("archive")
-    synthesize_archive(archive, num_studies=30, seed=5, image_size=64, lateral_fraction=0.0)
-    out = tmp_path_factory.mktemp("shards")
-    prepare_shards(str(archive), str(out), EchoConfig())
-    shard = sorted((out / "shards").glob("*.parquet"))[0]
-    table = pq.read_table(shard)
-    rows = table.to_pylist()
-    broken = next(r for r in rows if r["split"] == "test")
-    broken["dicom"] = b"this is not a DICOM file" * 8
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    out = prepare_test_shards(tmp_path_factory, num_studies=30, seed=5, image_size=64)
+
+    def corrupt(rows):
+        broken = next(r for r in rows if r["split"] == "test")
+        broken["dicom"] = b"this is not a DICOM file" * 8
+        return broken
+
+    broken = edit_first_shard(out, corrupt)
     tests = [r for r in pq.read_table(out / "shards").to_pylist() if r["split"] == "test"]
     assert len(tests) >= 3, "the archive needs a few test images"
     return out, broken["dicom_id"], len(tests)

@@ -15,18 +15,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from prepared_shards import edit_first_shard, prepare_test_shards
 from safetensors.torch import load_file
 
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.cli import main, run
 from echo_ray.config import ConfigError, EchoConfig, apply_overrides
-from echo_ray.data import prepare_shards, training_dataset
+from echo_ray.data import training_dataset
 from echo_ray.predictor import ReportGenerator
-from echo_ray.synth import synthesize_archive
 from echo_ray.tokenizer import load_tokenizer
 from echo_ray.train_loop import METRICS_FILE, MODEL_DIR, lr_lambda, train
 
@@ -58,20 +57,18 @@ def _config(*extra: str) -> EchoConfig:
 def shards(ray_cluster, tmp_path_factory):
     """Prepared shards with bad rows planted in the train split after prepare (a DICOM
     corrupted in storage, twice, and a row with no report)."""
-    archive = tmp_path_factory.mktemp("archive")
-    synthesize_archive(archive, num_studies=24, seed=11, image_size=96, lateral_fraction=0.0)
-    out = tmp_path_factory.mktemp("shards")
-    prepare_shards(str(archive), str(out), apply_overrides(EchoConfig(), ["data.rows_per_shard=8"]))
-    shard = sorted((out / "shards").glob("*.parquet"))[0]
-    table = pq.read_table(shard)
-    rows = table.to_pylist()
-    train_rows = [r for r in rows if r["split"] == "train"]
-    assert len(train_rows) >= 3
-    for r in train_rows[:2]:
-        r["dicom"] = b"not a DICOM file at all" * 10
-    train_rows[2]["report_normalized"] = ""
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
-    return out, {r["dicom_id"] for r in train_rows[:3]}
+    out = prepare_test_shards(tmp_path_factory, num_studies=24, seed=11, image_size=96,
+                              overrides=["data.rows_per_shard=8"])
+
+    def plant(rows):
+        train_rows = [r for r in rows if r["split"] == "train"]
+        assert len(train_rows) >= 3
+        for r in train_rows[:2]:
+            r["dicom"] = b"not a DICOM file at all" * 10
+        train_rows[2]["report_normalized"] = ""
+        return {r["dicom_id"] for r in train_rows[:3]}
+
+    return out, edit_first_shard(out, plant)
 
 
 @pytest.fixture(scope="module")

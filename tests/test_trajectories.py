@@ -9,18 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from prepared_shards import edit_first_shard, prepare_test_shards
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.config import ConfigError, EchoConfig, ModelConfig, apply_overrides
-from echo_ray.data import prepare_shards
 from echo_ray.dicom import decode_dicom
 from echo_ray.diffusion import compute_rad_loss, pad_responses
 from echo_ray.model import build_model
-from echo_ray.synth import synthesize_archive
 from echo_ray.tokenizer import load_tokenizer
 from echo_ray.train_loop import train
 from echo_ray.trajectories import STATS_KEY, TrajectoryOptions, generate_trajectories
@@ -35,17 +33,15 @@ SPLITS = ("train", "validate")
 def shards(ray_cluster, tmp_path_factory):
     """30 studies in shards of 4 rows (many shards: resumption has something to skip), one
     train DICOM corrupted in storage."""
-    archive = tmp_path_factory.mktemp("archive")
-    synthesize_archive(archive, num_studies=30, seed=3, image_size=64, lateral_fraction=0.0)
-    out = tmp_path_factory.mktemp("shards")
-    prepare_shards(str(archive), str(out), apply_overrides(EchoConfig(), ["data.rows_per_shard=4"]))
-    first = sorted((out / "shards").glob("*.parquet"))[0]
-    table = pq.read_table(first)
-    rows = table.to_pylist()
-    broken = next(r for r in rows if r["split"] == "train")
-    broken["dicom"] = b"not a DICOM" * 20
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), first)
-    return out, broken["dicom_id"]
+    out = prepare_test_shards(tmp_path_factory, num_studies=30, seed=3, image_size=64,
+                              overrides=["data.rows_per_shard=4"])
+
+    def corrupt(rows):
+        broken = next(r for r in rows if r["split"] == "train")
+        broken["dicom"] = b"not a DICOM" * 20
+        return broken["dicom_id"]
+
+    return out, edit_first_shard(out, corrupt)
 
 
 @pytest.fixture(scope="module")
