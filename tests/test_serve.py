@@ -355,7 +355,9 @@ def test_review_page_in_headless_chromium(server, tmp_path):
         page.fill("#key", KEY)
         page.set_input_files("#file", str(dicom))
         page.click("#submit")
-        page.wait_for_function("document.getElementById('report').value.length > 0",
+        # block events fill the report first; the final event enables Copy and sets the image
+        page.wait_for_function("!document.getElementById('copy').disabled "
+                               "|| document.getElementById('error').textContent !== ''",
                                timeout=30_000)
         assert page.locator("#error").inner_text() == ""
         assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
