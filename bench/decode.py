@@ -9,7 +9,12 @@ tokens per forward (TPF), median latency, tokens/s end to end (vision + prefill 
 and decode tokens/s (prefill excluded). Prints a table, then one JSON line with every figure.
 
     python bench/decode.py [--checkpoint DIR] [--batch-sizes 1,4] [--max-new-tokens 128]
+                           [--device cuda] [--cpu-kernels dense]
                            [model.hidden_size=128 ...]   (overrides of the random model)
+
+The model is placed as the product places it (`predictor.place_model`): bf16 on CUDA; on
+CPU its own dtype with prepacked decoder weights (`--cpu-kernels dense` keeps plain
+`F.linear`, to measure what the packing buys). Every mode runs on the same kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from _random_model import random_model
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.config import EchoConfig, apply_overrides
 from echo_ray.model import EchoDVLM
+from echo_ray.predictor import place_model
 from echo_ray.sampling import DECODING_MODES, decoding_kwargs, generate
 from echo_ray.synth import render_view, sample_study
 
@@ -47,6 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7, help="timed calls per mode (median kept)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau of the multi-step mode")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--cpu-kernels",
+        choices=("packed", "dense"),
+        default="packed",
+        help="CPU linear layers: prepacked weights (the product's default) or plain F.linear",
+    )
     p.add_argument("--tokenizer-reports", type=int, default=2000)
     p.add_argument(
         "--ignore-eos",
@@ -64,6 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     model = _model(args).eval()
+    if args.cpu_kernels == "dense" and torch.device(args.device).type == "cpu":
+        model.to(args.device)
+    else:
+        place_model(model, args.device)
     size = model.config.image_size
     images = np.stack(
         [render_view(sample_study(7, i), image_size=size) for i in range(max(batch_sizes))]
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ignore_eos": ignore_eos,
         "threads": torch.get_num_threads(),
         "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "cpu_kernels": args.cpu_kernels if model.device.type == "cpu" else None,
         "machine": platform.machine(),
         "repeats": args.repeats,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from echo_ray.config import ModelConfig
+from echo_ray.cpu_kernels import PackedLinear, pack_linears
 from echo_ray.tokenizer import (
     IMAGE_PAD_TOKEN,
     MASK_TOKEN,
@@ -154,6 +155,18 @@ class EchoDVLM(nn.Module):
         start = self.response_position_start + offset
         pos = torch.arange(start, start + length, device=self.device)  # (L,)
         return pos.view(1, 1, -1).expand(3, 1, -1)
+
+    def pack_linears(self) -> int:
+        """CPU decoding: the language model's and the LM head's linear layers multiply
+        against prepacked weights (`cpu_kernels.PackedLinear`; same parameters, same state
+        dict, plain `F.linear` under autograd or off CPU). Idempotent; returns the number of
+        layers swapped."""
+        swapped = pack_linears(self.backbone.model.language_model)
+        head = self.backbone.lm_head
+        if swapped and type(head) is nn.Linear:
+            self.backbone.lm_head = PackedLinear.from_linear(head)
+            swapped += 1
+        return swapped
 
     def set_vision_trainable(self, trainable: bool) -> None:
         """Freeze (or unfreeze) the vision tower and its projector (the patch merger)."""

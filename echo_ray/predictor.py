@@ -44,11 +44,15 @@ def model_name(checkpoint: str) -> str:
 
 
 def place_model(model: EchoDVLM, device: torch.device | str) -> EchoDVLM:
-    """Move a model for inference: bf16 on CUDA, its own dtype elsewhere; returns it."""
+    """Move a model for inference: bf16 on CUDA; on CPU its own dtype, with prepacked
+    decoder weights (`EchoDVLM.pack_linears`); returns it."""
     device = torch.device(device)
     if device.type == "cuda":
         return model.to(device, torch.bfloat16)
-    return model.to(device)
+    model.to(device)
+    if device.type == "cpu":
+        model.pack_linears()
+    return model
 
 
 class ReportGenerator:
