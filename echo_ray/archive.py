@@ -147,7 +147,7 @@ ERROR_SCHEMA = pa.schema([
 class ReportOptions:
     """How to report an archive (everything but the checkpoint and the locations)."""
 
-    decoding: str = "one-step-fused"  # one of sampling.DECODING_MODES
+    decoding: str = "one-step-fused"  # one of decoding.DECODING_MODES
     steps: int | None = None  # multi-step: forwards per block at most
     threshold: float = 0.9  # multi-step: tau
     max_new_tokens: int | None = None  # default: the model's max_response_len
@@ -164,7 +164,7 @@ class ReportOptions:
     retry_errors: bool = False  # report studies again whose row is a RETRYABLE_ERRORS error
 
     def validate(self) -> None:
-        from echo_ray.sampling import DECODING_MODES
+        from echo_ray.decoding import DECODING_MODES
 
         if self.decoding not in DECODING_MODES:
             raise ValueError(f"decoding {self.decoding!r}: choose one of {DECODING_MODES}")

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import ray
 
 from echo_ray.data import SPLITS, init_ray, select_splits, setup_model_actor, shard_files
+from echo_ray.decoding import DECODING_MODES
 from echo_ray.metrics import (
     DEFAULT_SEMSCORE_MODEL,
     UNCERTAIN_POLICIES,
@@ -63,12 +64,11 @@ from echo_ray.metrics import (
     semscore,
 )
 from echo_ray.reports import CHEXPERT_LABELS, label_report, labels_to_vector
-from echo_ray.sampling import DECODING_MODES
 from echo_ray.storage import Location, resolve, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
-# Short names accepted in a system spec, for the decoding modes of sampling.DECODING_MODES.
+# Short names accepted in a system spec, for the decoding modes of decoding.DECODING_MODES.
 MODE_ALIASES = {"multistep": "multi-step", "onestep": "one-step", "fused": "one-step-fused"}
 REFERENCE_LABELS = ("labeler", "shard")
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "quality_vs_speed.png"
@@ -118,7 +118,7 @@ class System:
 
     @classmethod
     def parse(cls, spec: str) -> System:
-        """`NAME=PATH:MODE`; MODE one of sampling.DECODING_MODES or MODE_ALIASES."""
+        """`NAME=PATH:MODE`; MODE one of decoding.DECODING_MODES or MODE_ALIASES."""
         name, eq, rest = spec.partition("=")
         path, colon, mode = rest.rpartition(":")
         if not eq or not colon or not name.strip() or not path:

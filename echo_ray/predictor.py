@@ -30,17 +30,10 @@ from echo_ray.diffusion import ar_report_nll, pad_responses
 from echo_ray.model import EchoDVLM
 from echo_ray.reports import label_report, parse_sections
 from echo_ray.sampling import decoding_kwargs, generate
+from echo_ray.storage import model_name
 
 _UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 _PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
-
-
-def model_name(checkpoint: str) -> str:
-    """A model id from its path: the directory name, or the run's name for `RUN/model`."""
-    parts = [p for p in checkpoint.rstrip("/").split("/") if p]
-    if len(parts) > 1 and parts[-1] == "model":
-        return parts[-2]
-    return parts[-1] if parts else "echo-ray"
 
 
 def place_model(model: EchoDVLM, device: torch.device | str) -> EchoDVLM:
@@ -60,7 +53,7 @@ class ReportGenerator:
 
     Args:
         model: the model (put in eval mode here).
-        decoding: one of `sampling.DECODING_MODES`.
+        decoding: one of `decoding.DECODING_MODES`.
         steps, threshold: of the "multi-step" mode.
         max_new_tokens: default: the model's `max_response_len`.
         model_id, model_version: written into every report.

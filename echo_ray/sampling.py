@@ -31,34 +31,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from echo_ray.decoding import DECODING_MODES, decoding_kwargs  # noqa: F401 (re-exported)
 from echo_ray.diffusion import attention_mask
 from echo_ray.model import EchoDVLM
 
 MODES = ("ar", "diffusion")
-# Named decoding modes (reports, benchmarks and configs use these names): see `decoding_kwargs`.
-DECODING_MODES = ("ar", "multi-step", "one-step", "one-step-fused")
-
-
-def decoding_kwargs(
-    name: str, *, block_length: int, steps: int | None = None, threshold: float = 0.9
-) -> dict:
-    """The `generate` flags of a named decoding mode.
-
-    Args:
-        name: one of `DECODING_MODES`.
-        steps: forwards per block of "multi-step" (default: block_length, one token each at
-            worst); ignored by the other modes.
-        threshold: tau of "multi-step".
-    """
-    if name == "ar":
-        return {"mode": "ar"}
-    if name == "multi-step":
-        return {"steps": steps or block_length, "threshold": threshold, "fused": True}
-    if name == "one-step":
-        return {"steps": 1, "fused": False}
-    if name == "one-step-fused":
-        return {"steps": 1, "fused": True}
-    raise ValueError(f"unknown decoding mode {name!r}; choose one of {DECODING_MODES}")
 
 
 @dataclass

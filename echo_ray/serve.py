@@ -49,9 +49,9 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from echo_ray import __version__
+from echo_ray.decoding import DECODING_MODES
 from echo_ray.fhir import FHIR_MEDIA_TYPE, diagnostic_report
-from echo_ray.predictor import model_name
-from echo_ray.sampling import DECODING_MODES
+from echo_ray.storage import model_name
 
 logger = logging.getLogger("echo_ray.serve")
 

@@ -165,3 +165,11 @@ def local_model_dir(loc: Location, cache: str) -> str:
         return loc.path
     loc.copy_to(Location(pafs.LocalFileSystem(), cache, cache))
     return cache
+
+
+def model_name(checkpoint: str) -> str:
+    """A model id from its path: the directory name, or the run's name for `RUN/model`."""
+    parts = [p for p in checkpoint.rstrip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else "echo-ray"

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,9 +19,9 @@ from tiny_dvlm import trained_model
 
 from echo_ray.checkpoint import save_checkpoint
 from echo_ray.dicom import write_dicom
-from echo_ray.predictor import model_name
 from echo_ray.reports import CHEXPERT_LABELS
 from echo_ray.serve import ServeOptions, build_app, load_api_keys
+from echo_ray.storage import model_name
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -98,6 +100,17 @@ def test_keys_come_from_the_environment_and_a_file(monkeypatch, tmp_path):
     keys = tmp_path / "k"
     keys.write_text("c\n# comment\n d # note\n")
     assert load_api_keys(ServeOptions(checkpoint="x", api_keys_file=str(keys))) == list("abcd")
+
+
+def test_the_ingress_module_does_not_import_torch():
+    """The ingress replica imports this module only to parse and route: no torch, no
+    transformers (hundreds of MB per ingress process); the model replicas import them."""
+    code = (
+        "import sys, echo_ray.serve; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_model_id_is_the_run_name():
