@@ -9,7 +9,13 @@ from tiny_dvlm import make_batch, make_model, make_tokenizer
 
 from echo_ray.config import ConfigError, EchoConfig, ModelConfig, apply_overrides, from_dict
 from echo_ray.diffusion import build_layout, compute_rad_loss
-from echo_ray.model import add_mask_token, build_model, hf_config, load_pretrained
+from echo_ray.model import (
+    PatchProjection,
+    add_mask_token,
+    build_model,
+    hf_config,
+    load_pretrained,
+)
 from echo_ray.tokenizer import (
     EOS_TOKEN,
     IMAGE_PAD_TOKEN,
@@ -100,6 +106,25 @@ def test_any_image_size_becomes_the_fixed_grid(model):
     assert pv.shape[0] == model.num_patches
     with pytest.raises(ValueError, match=r"images must be \(N, H, W\)"):
         model.preprocess_images(torch.rand(2, 2, 64, 64))
+
+
+def test_patch_projection_is_the_conv3d_as_a_matmul(model):
+    """The vision tower's patch Conv3d runs as one matmul per patch: same numbers, same
+    parameter (state-dict key), same gradient; other input shapes still convolve."""
+    proj = model.backbone.model.visual.patch_embed.proj
+    assert isinstance(proj, PatchProjection)
+    assert "backbone.model.visual.patch_embed.proj.weight" in model.state_dict()
+    patches = torch.randn(10, 3, 2, 14, 14, requires_grad=True)
+    conv = torch.nn.functional.conv3d(patches, proj.weight, proj.bias, stride=proj.stride)
+    ours = proj(patches)
+    torch.testing.assert_close(ours, conv, atol=1e-5, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), proj.weight)
+    (g_conv,) = torch.autograd.grad(conv.square().sum(), proj.weight)
+    torch.testing.assert_close(g_ours, g_conv, atol=1e-4, rtol=1e-4)
+    two = torch.randn(1, 3, 4, 28, 28)  # two patches per axis: a real convolution
+    with torch.no_grad():
+        expected = torch.nn.functional.conv3d(two, proj.weight, stride=proj.stride)
+        torch.testing.assert_close(proj(two), expected)
 
 
 def test_forward_with_explicit_mask_and_positions_equals_the_hf_forward(model):
