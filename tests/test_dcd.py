@@ -346,11 +346,13 @@ def test_a_few_dcd_steps_distil_the_teacher_rollouts(teacher, rollout, pixel_val
     assert parts_after["eos_ce"] < 0.1 * parts_before["eos_ce"]
     # The KL alone, by plain gradient descent: the student's one-step distributions move
     # towards the teacher's multi-step ones at every step (the start is already close: the
-    # one-step and multi-step conditions differ only by the block's earlier commits).
+    # one-step and multi-step conditions differ only by the block's earlier commits). The
+    # step must be small enough for plain descent to be monotone: at lr 0.03 the first step
+    # overshot for some (equally good) teachers, i.e. it depended on float rounding.
     torch.manual_seed(0)
     student = trained_model()
     student.train()
-    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.03)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01)
     kls = [parts["kl"] for _, parts in train(student, opt, 5, eos_weight=0.0)]
     assert kls[0] > 0 and all(b < a for a, b in zip(kls, kls[1:])), kls
 
