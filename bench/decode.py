@@ -31,9 +31,10 @@ from _random_model import random_model
 
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.config import EchoConfig, apply_overrides
+from echo_ray.decoding import DECODING_MODES, decoding_kwargs
 from echo_ray.model import EchoDVLM
 from echo_ray.predictor import place_model
-from echo_ray.sampling import DECODING_MODES, decoding_kwargs, generate
+from echo_ray.sampling import generate
 from echo_ray.synth import render_view, sample_study
 
 

@@ -69,6 +69,14 @@ class PackedLinear(nn.Linear):
         packed.train(linear.training)
         return packed
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy without the packed copy (an opaque oneDNN tensor that cannot be
+        serialised); the copy packs again on its first forward."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        state.pop("_packed_key", None)
+        return state
+
     def _key(self) -> tuple:
         w, b = self.weight, self.bias
         bias_key = None if b is None else (b.data_ptr(), b._version, b.dtype)

@@ -25,11 +25,12 @@ import torch
 
 from echo_ray import __version__
 from echo_ray.checkpoint import load_checkpoint
+from echo_ray.decoding import decoding_kwargs
 from echo_ray.dicom import RADIOGRAPH_MODALITIES, DicomError, decode_dicom
 from echo_ray.diffusion import ar_report_nll, pad_responses
 from echo_ray.model import EchoDVLM
 from echo_ray.reports import label_report, parse_sections
-from echo_ray.sampling import decoding_kwargs, generate
+from echo_ray.sampling import generate
 from echo_ray.storage import model_name
 
 _UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")

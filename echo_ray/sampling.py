@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from echo_ray.decoding import DECODING_MODES, decoding_kwargs  # noqa: F401 (re-exported)
 from echo_ray.diffusion import attention_mask
 from echo_ray.model import EchoDVLM
 

@@ -1,6 +1,9 @@
 """Prepacked CPU linears: same numbers as nn.Linear, never stale, invisible to training and
 checkpoints, and the decoders' invariants hold on a packed model."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +12,10 @@ from torch import nn
 
 from echo_ray.checkpoint import load_checkpoint, save_checkpoint
 from echo_ray.cpu_kernels import PackedLinear, pack_linears, packing_available
+from echo_ray.decoding import DECODING_MODES, decoding_kwargs
 from echo_ray.diffusion import attention_mask
 from echo_ray.predictor import place_model
-from echo_ray.sampling import DECODING_MODES, decoding_kwargs, generate
+from echo_ray.sampling import generate
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -72,6 +76,18 @@ def test_packed_copy_follows_every_weight_change():
                 rtol=2e-2,
                 atol=2e-2,
             )
+
+
+def test_a_packed_layer_pickles_and_copies():
+    """The packed copy is an opaque oneDNN tensor: it is left out and rebuilt."""
+    _, packed = _pair()
+    x = torch.randn(8, 48)
+    with torch.no_grad():
+        want = packed(x)
+        for clone in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+            assert clone._packed is None
+            torch.testing.assert_close(clone(x), want)
+            assert clone._packed is not None
 
 
 def test_training_through_a_packed_layer_is_training_a_linear():

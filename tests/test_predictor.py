@@ -4,10 +4,10 @@ import torch
 from tiny_dvlm import make_model, trained_model
 
 from echo_ray.checkpoint import save_checkpoint
+from echo_ray.decoding import DECODING_MODES
 from echo_ray.dicom import write_dicom
 from echo_ray.predictor import ReportGenerator, ReportScorer
 from echo_ray.reports import CHEXPERT_LABELS
-from echo_ray.sampling import DECODING_MODES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -278,7 +278,7 @@ def test_generate_rejects_bad_flags(model, pixel_values):
 
 @pytest.mark.parametrize("mode", ["ar", "multi-step", "one-step-fused"])
 def test_on_block_streams_the_final_tokens_block_by_block(mode):
-    from echo_ray.sampling import decoding_kwargs
+    from echo_ray.decoding import decoding_kwargs
 
     model = trained_model()
     size = model.config.image_size
