@@ -355,6 +355,9 @@ class ReportAPI:
     @app.get("/", response_class=HTMLResponse, summary="Review page: upload a DICOM")
     async def page(self) -> HTMLResponse:
         html = resources.files("echo_ray").joinpath("review_page.html").read_text()
+        opts = self.options
+        modes = [opts.decoding, *(m for m in opts.modes if m != opts.decoding)]
+        html = html.replace("{{MODES}}", json.dumps(modes))
         return HTMLResponse(html.replace("{{AUTH}}", "false" if self.open else "true"))
 
     # -- authenticated routes

@@ -129,6 +129,7 @@ def test_open_routes_and_auth(server):
     assert {"/v1/reports", "/v1/models", "/healthz", "/readyz"} <= set(spec["paths"])
     page = requests.get(f"{server}/")
     assert page.status_code == 200 and 'id="file"' in page.text and "const AUTH = true" in page.text
+    assert 'const MODES = ["one-step-fused", "ar", "multi-step", "one-step"];' in page.text
     for key in (None, "wrong-key", ""):
         r = requests.get(f"{server}/v1/models",
                          headers={} if key is None else {"Authorization": f"Bearer {key}"})
@@ -254,7 +255,8 @@ def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, mo
     # a lone request waits 2 s for its batch to fill: longer than the 0.5 s allowed
     serve.run(build_app({**common, "batch_wait_timeout_s": 2.0, "request_timeout_s": 0.5}),
               name="slow", route_prefix="/slow")
-    serve.run(build_app({**common, "include_phi": True}), name="dev", route_prefix="/dev")
+    serve.run(build_app({**common, "include_phi": True, "decoding": "ar",
+                         "modes": ["one-step-fused", "ar"]}), name="dev", route_prefix="/dev")
     try:
         slow = _post(f"{server}/slow", _dicom(13), key=None)
         assert slow.status_code == 504 and slow.json()["error"] == "timeout"
@@ -266,6 +268,7 @@ def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, mo
         assert body["source_file"] == "front.dcm"
         page = requests.get(f"{server}/dev/")
         assert "const AUTH = false" in page.text  # the page hides its key field
+        assert 'const MODES = ["ar", "one-step-fused"];' in page.text  # its default first
     finally:
         serve.delete("slow")
         serve.delete("dev")
@@ -365,6 +368,8 @@ def test_review_page_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         page.goto(server)
         assert page.locator("#submit").is_disabled()
+        modes = page.eval_on_selector_all("#mode option", "els => els.map(e => e.textContent)")
+        assert modes == ["server default (one-step-fused)", "ar", "multi-step", "one-step"]
         page.fill("#key", KEY)
         page.set_input_files("#file", str(dicom))
         page.click("#submit")
