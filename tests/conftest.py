@@ -10,6 +10,11 @@ import pytest
 # Keep test runs off the network and quiet.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fake AWS credentials for the moto S3 server, set before the Ray cluster starts so that its
+# workers (e.g. a Serve replica loading an s3:// model) have them too; no test reaches AWS.
+for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_key, "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(scope="session")

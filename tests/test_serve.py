@@ -274,6 +274,30 @@ def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, mo
         serve.delete("dev")
 
 
+def test_a_model_in_s3_is_served(server, checkpoint, s3_endpoint):
+    """A replica downloads an s3:// run folder's model into its own folder and serves it:
+    the same report as the local copy of the same weights, the run's name as model id."""
+    import boto3
+    from ray import serve
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="models")
+    for path in Path(checkpoint).rglob("*"):
+        if path.is_file():
+            key = f"runs/dcd/model/{path.relative_to(checkpoint).as_posix()}"
+            s3.upload_file(str(path), "models", key)
+    serve.run(build_app({"checkpoint": "s3://models/runs/dcd", "s3_endpoint": s3_endpoint,
+                         "num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1}),
+              name="s3", route_prefix="/s3")
+    try:
+        remote, local = _post(f"{server}/s3", _dicom(21)), _post(server, _dicom(21))
+        assert remote.status_code == 200, remote.text
+        assert remote.json()["model_id"] == "dcd"
+        assert remote.json()["report"] == local.json()["report"]
+    finally:
+        serve.delete("s3")
+
+
 def test_no_patient_identifiers_in_the_serve_logs(server):
     """The apps above saw DICOMs with a patient name and ID: none reached a log line of
     the default app (the dev app, which returns them, logs the same lines without them)."""
