@@ -11,10 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Fake AWS credentials for the moto S3 server, set before the Ray cluster starts so that its
-# workers (e.g. a Serve replica loading an s3:// model) have them too; no test reaches AWS.
-for _key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-    os.environ.setdefault(_key, "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# workers (e.g. a Serve replica loading an s3:// model) have them too. Always fake, even if
+# the developer's shell has real ones: no test may carry real credentials anywhere.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_SESSION_TOKEN", None)
 
 
 @pytest.fixture(scope="session")
