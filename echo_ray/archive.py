@@ -43,7 +43,6 @@ paths, not paths.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -62,7 +61,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from echo_ray import __version__
@@ -530,9 +528,8 @@ def _log(message: str) -> None:
 class _ArchiveActor:
     def __init__(self, *, model: Location, src: Location, parts: Location,
                  options: ReportOptions, run_id: str) -> None:
-
-        from echo_ray.predictor import ReportGenerator, model_name
-        from echo_ray.storage import local_model_dir
+        from echo_ray.predictor import ReportGenerator
+        from echo_ray.storage import local_model_dir, model_name
 
         threads = options.threads or max(1, int(options.cpus_per_actor))
         device = setup_model_actor(threads, options.gpus_per_actor > 0)
@@ -570,10 +567,8 @@ class _ArchiveActor:
             row.update(unit=unit, run_id=self.run_id, reported_at=reported_at.isoformat())
             if self.options.fhir and row["error"] is None:
                 row["fhir"] = json.dumps(fhir_resource(row, reported_at))
-        table = pa.Table.from_pylist(rows, schema=PART_SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.parts.join(f"{unit}.parquet").write_bytes(buffer.getvalue())  # atomic
+        self.parts.join(f"{unit}.parquet").write_parquet(
+            pa.Table.from_pylist(rows, schema=PART_SCHEMA))
         reasons = Counter(r["error"] for r in rows if r["error"] is not None)
         return {
             "unit": unit, "actor": self.actor, "studies": len(rows),
@@ -662,7 +657,7 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
     errors = table.filter(is_error)
     columns = [c for c in REPORT_COLUMNS if options.include_phi or c not in _PHI_KEYS]
     report_table = reports.select(columns)
-    _write_parquet(dst.join(REPORTS_FILE), report_table)
+    dst.join(REPORTS_FILE).write_parquet(report_table)
     rows = report_table.to_pylist()
     dst.join(REPORTS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if fhir:
@@ -673,7 +668,7 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
                 row, datetime.fromisoformat(row["reported_at"]))))
         dst.join(FHIR_FILE).write_text("".join(line + "\n" for line in lines))
     error_rows = [_error_row(r) for r in errors.to_pylist()]
-    _write_parquet(dst.join(ERRORS_FILE), pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA))
+    dst.join(ERRORS_FILE).write_parquet(pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA))
     file_errors = Counter(e["error"] for fe in table.column("file_errors").to_pylist()
                           for e in fe or ())
     return {
@@ -711,12 +706,6 @@ def _error_row(row: dict) -> dict:
             "file": one, "reason": row["error"], "message": row["message"],
             "num_files": row["num_files"], "files": files, "file_errors": file_errors,
             "run_id": row["run_id"], "reported_at": row["reported_at"]}
-
-
-def _write_parquet(loc: Location, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    loc.write_bytes(buffer.getvalue())  # atomic
 
 
 def _cleanup_temporary(parts: Location) -> None:

@@ -455,10 +455,7 @@ def _write_errors(dst: Location, errors: list[dict[str, Any]]) -> None:
          "reason": e["error_reason"], "detail": e["error_detail"]}
         for e in errors
     ]
-    table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    dst.join(ERRORS_FILE).write_bytes(sink.getvalue().to_pybytes())
+    dst.join(ERRORS_FILE).write_parquet(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ERROR_SCHEMA.names)
     writer.writeheader()

@@ -12,7 +12,9 @@ import posixpath
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class Location:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
+
+    def write_parquet(self, table: pa.Table) -> None:
+        """Write a table as one Parquet file, whole (see `write_bytes`): a job killed
+        mid-write leaves no partial file."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(sink.getvalue().to_pybytes())
 
     def list_files(self, suffix: str | None = None) -> list[str]:
         """All files below this location, as paths relative to it, sorted."""

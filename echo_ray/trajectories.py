@@ -24,7 +24,6 @@ whole, atomically).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -213,9 +212,7 @@ def _write_shard(loc: Location, rows: list[dict], dropped: dict[str, int]) -> No
     stats = {"rollouts": len(rows), "dropped": dropped, "positions": len(masses),
              "mass_mean": float(np.mean(masses)) if masses else None}
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    loc.write_bytes(buffer.getvalue())  # atomic: a killed job leaves no partial shard
+    loc.write_parquet(table)  # atomic: a killed job leaves no partial shard
 
 
 def _copy_tokenizer(teacher: Location, dst: Location) -> None:
