@@ -172,7 +172,6 @@ class ReportModel:
     """A `ReportGenerator` replica; concurrent studies are decoded as one batch."""
 
     def __init__(self, options: dict) -> None:
-
         from echo_ray.data import setup_model_actor
         from echo_ray.predictor import ReportGenerator
         from echo_ray.storage import local_model_dir, resolve_model_dir
@@ -337,6 +336,16 @@ class ReportAPI:
         self.options = ServeOptions.from_args(options)
         self.key_digests = key_digests
         self.max_bytes = int(self.options.max_upload_mb * 1024 * 1024)
+        self.page_html = self._render_page()
+
+    def _render_page(self) -> str:
+        """The review page with this server's settings: whether it needs a key, and its
+        decoding modes, the default first."""
+        opts = self.options
+        modes = [opts.decoding, *(m for m in opts.modes if m != opts.decoding)]
+        html = resources.files("echo_ray").joinpath("review_page.html").read_text()
+        html = html.replace("{{MODES}}", json.dumps(modes))
+        return html.replace("{{AUTH}}", "false" if self.open else "true")
 
     # -- open routes
 
@@ -354,11 +363,7 @@ class ReportAPI:
 
     @app.get("/", response_class=HTMLResponse, summary="Review page: upload a DICOM")
     async def page(self) -> HTMLResponse:
-        html = resources.files("echo_ray").joinpath("review_page.html").read_text()
-        opts = self.options
-        modes = [opts.decoding, *(m for m in opts.modes if m != opts.decoding)]
-        html = html.replace("{{MODES}}", json.dumps(modes))
-        return HTMLResponse(html.replace("{{AUTH}}", "false" if self.open else "true"))
+        return HTMLResponse(self.page_html)
 
     # -- authenticated routes
 
