@@ -3,14 +3,18 @@ on a report tokenizer trained on synthetic reports (the work per token is the re
 
 from __future__ import annotations
 
+import torch
+
 from echo_ray.config import EchoConfig
 from echo_ray.model import EchoDVLM, build_model
 from echo_ray.synth import sample_study, write_report
 from echo_ray.tokenizer import train_report_tokenizer
 
 
-def random_model(config: EchoConfig, num_reports: int) -> EchoDVLM:
-    """A randomly initialised model of `config.model` (seed torch first to fix it)."""
+def random_model(config: EchoConfig, num_reports: int, device: str = "cpu") -> EchoDVLM:
+    """A randomly initialised model of `config.model`, built and initialised on `device` (a
+    7B model is initialised on a GPU in seconds, on the CPU in minutes)."""
     reports = [write_report(sample_study(0, i)) for i in range(num_reports)]
     tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
-    return build_model(config.model, tokenizer)
+    with torch.device(device):
+        return build_model(config.model, tokenizer)

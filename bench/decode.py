@@ -42,7 +42,7 @@ def _model(args: argparse.Namespace) -> EchoDVLM:
     if args.checkpoint:
         return load_checkpoint(args.checkpoint)[0]
     config = apply_overrides(EchoConfig.from_name(args.preset), args.overrides)
-    return random_model(config, args.tokenizer_reports)
+    return random_model(config, args.tokenizer_reports, args.device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in DECODING_MODES
     }
     rows: list[dict] = []
+    agreement: dict[int, float] = {}
     for batch in batch_sizes:
         pixel_values = model.preprocess_images(images[:batch])
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeats):
             for name, kw in modes.items():
                 runs[name].append(call(kw))
+        # Same weights, same greedy picks: fused and unfused one-step must agree token for
+        # token (exactly in fp32; in bf16 the two cache layouts round differently).
+        agreement[batch] = float(
+            (runs["one-step-fused"][0].tokens == runs["one-step"][0].tokens).float().mean()
+        )
         for name, outs in runs.items():
             total = statistics.median(o.total_seconds for o in outs)
             decode = statistics.median(o.total_seconds - o.prefill_seconds for o in outs)
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     for key, value in speedups.items():
         print(f"{key} = {value:.2f}x")
+    for batch, value in agreement.items():
+        print(f"fused == unfused tokens, batch {batch}: {value:.1%}")
     # The headline figures the issue names: end to end (prefill included), at the smallest
     # batch measured (batch 1 by default).
     head = min(batch_sizes)
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **headline,
         **speedups,
+        **{f"fused_unfused_token_agreement_b{b}": v for b, v in agreement.items()},
         "rows": rows,
     }
     print(json.dumps(result))

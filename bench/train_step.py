@@ -12,6 +12,9 @@ since the counter has none for CPU flash attention). Prints a table, then one JS
 every figure (`rad_step_speedup`, `rad_theoretical_speedup`, ...).
 
     python bench/train_step.py [--batch-size 2] [--response-len 128] [--image-size 896]
+                               [--device cuda] [--precision bf16] [model.num_layers=8 ...]
+
+On CUDA the step runs as GPU training does: fp32 master weights, bf16 autocast.
 """
 
 from __future__ import annotations
@@ -65,8 +68,16 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch intra-op threads (1: on a shared 2-core machine more threads oversubscribe "
         "the cores and a step was measured up to 5x slower, drowning the comparison)",
     )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default=None,
+        help="bf16: autocast over fp32 master weights, as training runs on a GPU "
+        "(default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = apply_overrides(
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     reports = [write_report(sample_study(0, i)) for i in range(500)]
     tokenizer = train_report_tokenizer(reports, vocab_size=config.tokenizer.vocab_size)
-    model = build_model(config.model, tokenizer).train()
+    with torch.device(device):  # initialised where it trains (seconds for 7B on a GPU)
+        model = build_model(config.model, tokenizer).float().train()
     size = model.config.image_size
     images = torch.stack(
         [
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(args.batch_size)
         ]
     )
-    pixel_values = model.preprocess_images(images)
+    pixel_values = model.preprocess_images(images).to(device)
     # Rows of exactly response_len tokens (report tokens, cut, then the eos fill).
     ids = [tokenizer(r)["input_ids"] * 8 for r in reports[: args.batch_size]]
     response, valid = pad_responses(
@@ -92,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         eos_token_id=model.eos_token_id,
         pad_token_id=model.pad_token_id,
     )
+    response, valid = response.to(device), valid.to(device)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     P, L = model.prompt_length, response.shape[1]
     objectives = {
         "ar": (lambda: compute_ar_loss(model, pixel_values, response, valid), P + L),
@@ -109,12 +122,19 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def step(loss_fn) -> float:
+        sync()
         start = time.perf_counter()
-        loss = loss_fn()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - start
 
     flops = {}
@@ -162,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
         "image_tokens": model.num_image_tokens,
         "response_length": L,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": precision,
         "machine": platform.machine(),
         "rad_step_speedup": round(measured, 4),
         "rad_theoretical_speedup": round(theoretical, 4),

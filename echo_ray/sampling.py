@@ -152,7 +152,7 @@ def generate(
     if ignore_eos:
         banned[model.eos_token_id] = float("-inf")
     picker = _Picker(banned, temperature, generator)
-    clock = _Clock(start)
+    clock = _Clock(start, model.device)
     if mode == "ar":
         tokens, commit_step, top_ids, top_probs, forwards = _decode_ar(
             model, image_embeds, max_new, use_cache, picker, clock, on_block
@@ -192,19 +192,27 @@ def generate(
         top_k_ids=top_ids,
         top_k_probs=top_probs,
         prefill_seconds=clock.prefill,
-        total_seconds=time.perf_counter() - start,
+        total_seconds=clock.elapsed(),
     )
 
 
 class _Clock:
-    """Marks the end of the prefill (vision tower + prompt forward)."""
+    """Marks the end of the prefill (vision tower + prompt forward). On CUDA it waits for
+    the device first: kernels run asynchronously, and the host clock alone would time only
+    their launch."""
 
-    def __init__(self, start: float):
+    def __init__(self, start: float, device: torch.device):
         self.start = start
+        self.device = device
         self.prefill = 0.0
 
+    def elapsed(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
+
     def prefill_done(self) -> None:
-        self.prefill = time.perf_counter() - self.start
+        self.prefill = self.elapsed()
 
 
 class _Picker:

@@ -127,6 +127,27 @@ def test_patch_projection_is_the_conv3d_as_a_matmul(model):
         torch.testing.assert_close(proj(two), expected)
 
 
+def test_precomputed_vision_inputs_give_the_hf_vision_tower_output(tokenizer):
+    """encode_images hands the tower its grid-dependent inputs, computed once per batch size:
+    bit-identical to HF computing them per call, with several attention windows per image
+    (224 px: 8 x 8 merged tokens in 4 windows) and batch sizes that come and go."""
+    torch.manual_seed(0)
+    model = make_model(tokenizer, image_size=224).eval()
+    visual = model.backbone.model.visual
+    for num in (1, 3, 1):
+        images = torch.rand(num, 224, 224, generator=torch.Generator().manual_seed(num))
+        pixel_values = model.preprocess_images(images)
+        with torch.no_grad():
+            ours = model.encode_images(pixel_values)
+            grid = model.image_grid_thw.expand(num, -1)
+            ref = visual(pixel_values, grid_thw=grid).pooler_output.view(num, -1, ours.shape[-1])
+        assert torch.equal(ours, ref)
+    inputs = model.vision_inputs(3)
+    assert inputs is model.vision_inputs(3)  # computed once
+    assert len(inputs["cu_window_seqlens"]) == 3 * 4 + 1  # 4 windows per image
+    assert inputs["cu_seqlens"].tolist() == [0, 256, 512, 768]  # full attention per image
+
+
 def test_forward_with_explicit_mask_and_positions_equals_the_hf_forward(model):
     """Our embedding scatter + explicit M-RoPE positions + causal 4D mask == HF's own path."""
     pixel_values, response, valid = make_batch(model, num=2)
