@@ -7,8 +7,12 @@ variables. No ray imports: Ray Data is handed the (filesystem, path) pair this m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -60,6 +64,33 @@ class Location:
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
+
+    @contextlib.contextmanager
+    def open_output(self) -> Iterator[pa.NativeFile]:
+        """A binary stream that writes this file, for outputs too large to build in memory.
+
+        The file appears only when the block ends without an error: on a local disk the
+        stream is a temporary file renamed at the end (removed on an error); for S3 it is a
+        temporary file on local disk, uploaded at the end in one upload.
+        """
+        parent = posixpath.dirname(self.path)
+        if parent:
+            self.fs.create_dir(parent, recursive=True)
+        if self.is_s3:
+            with tempfile.TemporaryFile() as spool:
+                yield pa.PythonFile(spool, mode="w")
+                spool.seek(0)
+                with self.fs.open_output_stream(self.path) as f:
+                    shutil.copyfileobj(spool, f, length=8 << 20)
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                yield f
+        except BaseException:
+            self.fs.delete_file(tmp)
+            raise
+        self.fs.move(tmp, self.path)
 
     def write_parquet(self, table: pa.Table) -> None:
         """Write a table as one Parquet file, whole (see `write_bytes`): a job killed
