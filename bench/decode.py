@@ -6,7 +6,10 @@ mode alike). Without `--checkpoint` the model is the tiny preset, randomly initi
 tokenizer trained on synthetic reports, and `<eos>` is ignored so every mode decodes exactly
 `--max-new-tokens` tokens per sequence. Figures per mode and batch size: forwards per call,
 tokens per forward (TPF), median latency, tokens/s end to end (vision + prefill included),
-and decode tokens/s (prefill excluded). Prints a table, then one JSON line with every figure.
+and decode tokens/s (prefill excluded). Also, per batch size, whether fused and unfused
+one-step wrote the same tokens, and the forwards one block costs in each (unfused: predict B
+rows + write B rows; fused: 2B rows), whose ratio bounds fused vs unfused decoding. Prints a
+table, then one JSON line with every figure.
 
     python bench/decode.py [--checkpoint DIR] [--batch-sizes 1,4] [--max-new-tokens 128]
                            [--device cuda] [--cpu-kernels dense]
@@ -28,13 +31,14 @@ import time
 import numpy as np
 import torch
 from _random_model import random_model
+from transformers import DynamicCache
 
 from echo_ray.checkpoint import load_checkpoint
 from echo_ray.config import EchoConfig, apply_overrides
 from echo_ray.decoding import DECODING_MODES, decoding_kwargs
 from echo_ray.model import EchoDVLM
 from echo_ray.predictor import place_model
-from echo_ray.sampling import generate
+from echo_ray.sampling import _Runner, generate
 from echo_ray.synth import render_view, sample_study
 
 
@@ -43,6 +47,37 @@ def _model(args: argparse.Namespace) -> EchoDVLM:
         return load_checkpoint(args.checkpoint)[0]
     config = apply_overrides(EchoConfig.from_name(args.preset), args.overrides)
     return random_model(config, args.tokenizer_reports, args.device)
+
+
+def _block_forward_costs(model: EchoDVLM, pixel_values: torch.Tensor, repeats: int) -> dict:
+    """Median ms of the forwards one block costs, on a cache holding the prompt and 8 blocks:
+    unfused, a predict forward (B rows, logits) plus a write forward (B rows, no logits);
+    fused, one forward of 2B rows (B logits). Their ratio bounds fused vs unfused decoding:
+    the two modes process the same rows, and fused saves one forward's fixed cost a block."""
+    Bk, P = model.block_length, model.prompt_length
+    batch = pixel_values.shape[0] // model.num_patches
+    run = _Runner(model, model.encode_images(pixel_values), "block", 10 * Bk)
+    cache = DynamicCache(config=model.backbone.config)
+    run(model.prompt_input_ids(batch), 0, cache, logits_from=P)
+    ids = model.prompt_ids[-1:].expand(batch, 8 * Bk)  # (B, 8 blocks) any real token
+    run(ids, P, cache, logits_from=ids.shape[1])
+    cases = {"predict": (Bk, 0), "write": (Bk, Bk), "fused": (2 * Bk, Bk)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(repeats + 3):  # interleaved; the first 3 are warm-up
+        for name, (rows, logits_from) in cases.items():
+            _sync(model.device)
+            start = time.perf_counter()
+            run(ids[:, :rows], P + 8 * Bk, cache, logits_from=logits_from)
+            _sync(model.device)
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+            cache.crop(-rows)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows: list[dict] = []
     agreement: dict[int, float] = {}
+    costs: dict[int, dict[str, float]] = {}
     for batch in batch_sizes:
         pixel_values = model.preprocess_images(images[:batch])
 
@@ -110,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeats):
             for name, kw in modes.items():
                 runs[name].append(call(kw))
+        with torch.no_grad():
+            costs[batch] = _block_forward_costs(model, pixel_values, 10 * args.repeats)
         # Same weights, same greedy picks: fused and unfused one-step must agree token for
         # token (exactly in fp32; in bf16 the two cache layouts round differently).
         agreement[batch] = float(
@@ -156,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{key} = {value:.2f}x")
     for batch, value in agreement.items():
         print(f"fused == unfused tokens, batch {batch}: {value:.1%}")
+    block_bound = {}
+    for batch, c in costs.items():
+        block_bound[batch] = (c["predict"] + c["write"]) / c["fused"]
+        print(f"one block's forwards, batch {batch}: unfused {c['predict']:.2f} + "
+              f"{c['write']:.2f} ms, fused {c['fused']:.2f} ms -> at most "
+              f"{block_bound[batch]:.2f}x fused vs unfused decoding")
     # The headline figures the issue names: end to end (prefill included), at the smallest
     # batch measured (batch 1 by default).
     head = min(batch_sizes)
@@ -184,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         **headline,
         **speedups,
         **{f"fused_unfused_token_agreement_b{b}": v for b, v in agreement.items()},
+        **{f"block_bound_fused_vs_unfused_b{b}": v for b, v in block_bound.items()},
+        "block_forward_ms": {str(b): c for b, c in costs.items()},
         "rows": rows,
     }
     print(json.dumps(result))
