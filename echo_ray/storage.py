@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -66,8 +67,9 @@ class Location:
         self.write_bytes(text.encode("utf-8"))
 
     @contextlib.contextmanager
-    def open_output(self) -> Iterator[pa.NativeFile]:
-        """A binary stream that writes this file, for outputs too large to build in memory.
+    def open_output(self) -> Iterator[BinaryIO | pa.NativeFile]:
+        """A binary stream (`write(bytes)`) that writes this file, for outputs too large to
+        build in memory.
 
         The file appears only when the block ends without an error: on a local disk the
         stream is a temporary file renamed at the end (removed on an error); for S3 it is a
@@ -78,7 +80,7 @@ class Location:
             self.fs.create_dir(parent, recursive=True)
         if self.is_s3:
             with tempfile.TemporaryFile() as spool:
-                yield pa.PythonFile(spool, mode="w")
+                yield spool
                 spool.seek(0)
                 with self.fs.open_output_stream(self.path) as f:
                     shutil.copyfileobj(spool, f, length=8 << 20)
@@ -88,7 +90,8 @@ class Location:
             with self.fs.open_output_stream(tmp) as f:
                 yield f
         except BaseException:
-            self.fs.delete_file(tmp)
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
             raise
         self.fs.move(tmp, self.path)
 

@@ -19,6 +19,7 @@ from echo_ray.config import ConfigError, EchoConfig, ModelConfig, apply_override
 from echo_ray.dicom import decode_dicom
 from echo_ray.diffusion import compute_rad_loss, pad_responses
 from echo_ray.model import build_model
+from echo_ray.sampling import generate
 from echo_ray.tokenizer import load_tokenizer
 from echo_ray.train_loop import train
 from echo_ray.trajectories import STATS_KEY, TrajectoryOptions, generate_trajectories
@@ -65,13 +66,24 @@ def teacher(shards, tmp_path_factory):
     pixel_values = model.preprocess_images(images)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(60):
-        loss, _ = compute_rad_loss(model, pixel_values, response, valid, generator=generator)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    threshold = TrajectoryOptions().threshold
+    # Trained until it ends most of its training reports as the job decodes them (60 steps
+    # have always been enough here, but one CI run's job found a teacher that ended none):
+    # a job that drops everything below then points at the job, not at this fixture.
+    for step in range(60, 301, 20):
+        model.train()
+        for _ in range(20 if step > 60 else 60):
+            loss, _ = compute_rad_loss(model, pixel_values, response, valid, generator=generator)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        out = generate(model, pixel_values, steps=4, threshold=threshold)
+        ended = float((out.tokens == model.eos_token_id).any(1).float().mean())
+        if ended >= 0.75:
+            break
+    print(f"teacher: {step} steps, ends {ended:.0%} of its training reports")  # on failure
+    assert ended >= 0.75, f"the teacher ends {ended:.0%} of its training reports after {step} steps"
     return save_checkpoint(model, tmp_path_factory.mktemp("teacher") / "model", config)
 
 
