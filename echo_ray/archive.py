@@ -465,14 +465,24 @@ def _ledger(parts: Location, *, retry_errors: bool = False) -> tuple[set[str], s
     return keys, files
 
 
+_READ_GROUP = 512
+
+
 def _read_parts(parts: Location, columns: list[str] | None = None) -> pa.Table:
     names = [n for n in parts.list_files(".parquet") if "/" not in n] if parts.exists() else []
     if not names:
         return PART_SCHEMA.empty_table().select(columns or PART_SCHEMA.names)
-    # An explicit schema: parts written by an older version get its new columns as nulls.
-    dataset = pads.dataset([parts.join(n).path for n in names], filesystem=parts.fs,
-                           format="parquet", schema=PART_SCHEMA)
-    return dataset.to_table(columns=columns)
+    # A scan keeps every file's Parquet metadata until it ends, and each file's rows as their
+    # own chunks: reading the 15,625 parts of a million studies in one scan held 3.9 GB for
+    # 0.9 GB of data. Scanned _READ_GROUP files at a time, each group's rows joined into one
+    # chunk: 1.3 GB, in 16 s instead of 14.
+    tables = []
+    for start in range(0, len(names), _READ_GROUP):
+        # An explicit schema: parts of an older version get its new columns as nulls.
+        dataset = pads.dataset([parts.join(n).path for n in names[start:start + _READ_GROUP]],
+                               filesystem=parts.fs, format="parquet", schema=PART_SCHEMA)
+        tables.append(dataset.to_table(columns=columns).combine_chunks())
+    return pa.concat_tables(tables)
 
 
 def _run_units(units, src, parts, model, options, run_id) -> dict[str, Any]:
@@ -650,10 +660,9 @@ def fhir_resource(row: dict, issued: datetime) -> dict:
 
 def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[str, Any]:
     """Write the final files from the part files (each study once); returns the counts."""
-    # Every column but the ledger's file hashes, and one copy of each kept row. A million
-    # studies (bench/consolidate.py): 5.5 GB peak, 40 s; most of it is the scan of 15,625
-    # small part files (3.9 GB resident for 0.9 GB of Arrow data). 10.5 GB and 59 s when the
-    # JSON was built in one piece from whole-table copies.
+    # Every column but the ledger's file hashes, and one copy of each kept row; the JSON
+    # files written a slice at a time (a million studies took 10.5 GB when they were built
+    # in one piece from whole-table copies).
     table = _read_parts(dst.join(PARTS_DIR),
                         [n for n in PART_SCHEMA.names if n != "file_keys"
                          and (fhir or n != "fhir")])
