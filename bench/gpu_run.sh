@@ -16,8 +16,9 @@ status=0
 bench() {  # name, then the command: full log in $out/name.log, its JSON line in name.json
   local name=$1; shift
   echo "== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' || true
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! $name failed"; status=1; }
+  "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{'
+  local code=${PIPESTATUS[0]}  # the bench's own exit status (no `set -e`: go on after it)
+  [ "$code" -eq 0 ] || { echo "!! $name failed ($code)"; status=1; }
   tail -n 1 "$out/$name.log" | grep '^{' > "$out/$name.json" || true
 }
 
