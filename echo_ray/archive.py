@@ -457,7 +457,7 @@ def _ledger(parts: Location, *, retry_errors: bool = False) -> tuple[set[str], s
         return set(), set()
     table = _read_parts(parts, ["study_id", "file_keys", "error", "unit", "reported_at"])
     if retry_errors:
-        table, _ = _current_per_study(table)
+        table = table.take(_current_rows(table)[0])
         retry = pc.is_in(table.column("error"), pa.array(RETRYABLE_ERRORS))
         table = table.filter(pc.invert(pc.fill_null(retry, False)))
     keys = set(table.column("study_id").to_pylist())
@@ -722,12 +722,6 @@ def _current_rows(table: pa.Table) -> tuple[pa.Array, int]:
         current[keys[i]] = i
     rows = pa.array(sorted(current.values(), key=lambda i: keys[i]), pa.int64())
     return rows, len(keys) - len(current)
-
-
-def _current_per_study(table: pa.Table) -> tuple[pa.Table, int]:
-    """One row per study (see `_current_rows`), and how many older rows were dropped."""
-    rows, dropped = _current_rows(table)
-    return table.take(rows), dropped
 
 
 def _error_row(row: dict) -> dict:

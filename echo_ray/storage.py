@@ -50,18 +50,16 @@ class Location:
         return self.read_bytes().decode("utf-8", errors="replace")
 
     def write_bytes(self, data: bytes) -> None:
-        """Write a whole file; on a local disk atomically (temp file + rename)."""
-        parent = posixpath.dirname(self.path)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
-        if self.is_s3:  # an S3 PUT is atomic already
+        """Write a whole file; on a local disk atomically (see `open_output`)."""
+        if self.is_s3:  # an S3 PUT is atomic already, no spool needed for bytes in memory
+            parent = posixpath.dirname(self.path)
+            if parent:
+                self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
             return
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:
+        with self.open_output() as f:
             f.write(data)
-        self.fs.move(tmp, self.path)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
