@@ -8,7 +8,11 @@
 - `fused=True` (diffusion + cache): the first forward of block k takes `[final block k-1 |
   masked block k]` (2 x block_length tokens), keeps only block k-1's KV (block k's was
   computed from mask tokens) and predicts block k: one forward per block at one step,
-  instead of a predict forward plus a forward that writes the final block's KV.
+  instead of a predict forward plus a forward that writes the final block's KV. Block 0's
+  is the prefill, `[prompt | masked block 0]`: the prompt's KV is written by the forward
+  that predicts block 0, so one-step fused costs exactly ceil(L / block_length) forwards,
+  block_length tokens each. Unfused, every KV write is a forward of its own, the prompt's
+  included: 1 + 2 ceil(L / block_length) - 1.
 - `use_cache=False`: every forward recomputes the whole sequence (prompt included) with
   the same mask: the reference the cached paths must reproduce.
 
@@ -53,6 +57,11 @@ class GenerateOutput:
             distribution at each position when it was committed.
         prefill_seconds: wall time before the decode loop: the vision tower, and the prompt
             forward (every mode but uncached diffusion, whose forwards all redo the prompt).
+            The prompt forward yields the first token (AR) or block (fused diffusion), as
+            a time to first token does; unfused diffusion's writes the prompt's KV only.
+        prefill_tokens: tokens (over the batch) the prompt forward committed: one per
+            sequence (AR), block 0's first-step commits (fused diffusion), none otherwise.
+            Per-token decode speed is `(generated - prefill_tokens) / (total - prefill)`.
         total_seconds: wall time of the whole call.
     """
 
@@ -64,6 +73,7 @@ class GenerateOutput:
     top_k_ids: torch.Tensor | None = None
     top_k_probs: torch.Tensor | None = None
     prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
     total_seconds: float = 0.0
 
 
@@ -179,6 +189,13 @@ def generate(
     has_eos = is_eos.any(1)  # (B,)
     first = torch.where(has_eos, is_eos.long().argmax(1), tokens.shape[1])  # (B,)
     generated = (first + has_eos.long()).float()  # (B,) incl. eos
+    if mode == "ar":
+        prefill_tokens = tokens.shape[0]
+    elif fused and use_cache:
+        first_block = commit_step[:, : min(model.block_length, tokens.shape[1])]  # (B, <=Bk)
+        prefill_tokens = int((first_block == 0).sum())
+    else:
+        prefill_tokens = 0
     if commit_step is not None:
         commit_step = commit_step[:, : tokens.shape[1]]
         top_ids = None if top_ids is None else top_ids[:, : tokens.shape[1]]
@@ -192,6 +209,7 @@ def generate(
         top_k_ids=top_ids,
         top_k_probs=top_probs,
         prefill_seconds=clock.prefill,
+        prefill_tokens=prefill_tokens,
         total_seconds=clock.elapsed(),
     )
 
@@ -284,10 +302,15 @@ def _decode_blocks(
         top_ids = torch.zeros(batch, length, record_top_k, dtype=torch.long, device=device)
         top_probs = torch.zeros(batch, length, record_top_k, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-    cache = None
+    cache = first_logits = None
     if use_cache:
         cache = DynamicCache(config=model.backbone.config)
-        run(prompt, 0, cache, logits_from=P)  # prefill: KV only, no logits
+        if fused:  # [prompt | masked block 0]: keep the prompt's KV, predict block 0
+            ids = torch.cat([prompt, tokens[:, :Bk]], dim=1)  # (B, P + Bk)
+            first_logits = run(ids, 0, cache, logits_from=P)  # (B, Bk, V)
+            cache.crop(-Bk)
+        else:
+            run(prompt, 0, cache, logits_from=P)  # prefill: KV only, no logits
     clock.prefill_done()
     ranks = torch.arange(Bk, device=device).expand(batch, -1)  # (B, Bk)
     all_masked = torch.ones(batch, Bk, dtype=torch.bool, device=device)  # (B, Bk)
@@ -298,7 +321,9 @@ def _decode_blocks(
             if not use_cache:
                 ids = torch.cat([prompt, tokens[:, :hi]], dim=1)  # (B, P + hi)
                 logits = run(ids, 0, None, logits_from=P + lo)  # (B, Bk, V)
-            elif fused and k > 0 and step == 0:
+            elif fused and step == 0 and k == 0:
+                logits = first_logits  # from the prefill forward
+            elif fused and step == 0:
                 # [final block k-1 | block k]: keep k-1's KV, drop k's.
                 logits = run(tokens[:, lo - Bk : hi], P + lo - Bk, cache, logits_from=Bk)
                 cache.crop(-Bk)

@@ -172,17 +172,22 @@ def test_forward_counts_are_exact(random_model, pixel_values):
     for n in (8, 13, 21):
         blocks = math.ceil(n / B)
         fused = decode(n, steps=1)
-        assert fused.num_forwards == 1 + blocks  # prefill + one forward per block
+        # one forward per block, block 0's also the prefill ([prompt | masked block 0])
+        assert fused.num_forwards == blocks
         assert fused.tokens.shape == (2, n) and (fused.lengths == n).all()
-        assert fused.tokens_per_forward == pytest.approx(n / (1 + blocks))
-        assert decode(n, steps=1, fused=False).num_forwards == 1 + 2 * blocks - 1
+        assert fused.tokens_per_forward == pytest.approx(n / blocks)
+        assert fused.prefill_tokens == 2 * min(B, n)  # the prefill forward predicted block 0
+        unfused = decode(n, steps=1, fused=False)
+        assert unfused.num_forwards == 1 + 2 * blocks - 1 and unfused.prefill_tokens == 0
         assert decode(n, steps=1, use_cache=False).num_forwards == blocks  # no prefill
         ar = decode(n, mode="ar")
         assert ar.num_forwards == n and ar.tokens_per_forward == 1.0
+        assert ar.prefill_tokens == 2  # the first token of each sequence
         assert decode(n, mode="ar", use_cache=False).num_forwards == n
         # threshold never reached: exactly `steps` forwards per block, 2 commits per step.
         multi = decode(n, steps=4, threshold=2.0)
-        assert multi.num_forwards == 1 + 4 * blocks
+        assert multi.num_forwards == 4 * blocks  # the first step of block 0 is the prefill
+        assert multi.prefill_tokens == 2 * 2
         assert decode(n, steps=4, threshold=2.0, fused=False).num_forwards == (
             1 + 4 * blocks + blocks - 1
         )
@@ -218,7 +223,7 @@ def test_each_sequence_stops_at_its_own_eos(random_model, pixel_values, monkeypa
     else:  # stops after the block holding the last eos (block 3 of 8 tokens)
         assert out.tokens.shape[1] == 4 * B
         if kw == dict(steps=1):
-            assert out.num_forwards == 1 + 4
+            assert out.num_forwards == 4
     generated = sum(e + 1 for e in eos_at) / 3  # tokens per sequence, eos included
     assert out.tokens_per_forward == pytest.approx(generated / out.num_forwards)
 
