@@ -11,7 +11,7 @@
   instead of a predict forward plus a forward that writes the final block's KV. Block 0's
   is the prefill, `[prompt | masked block 0]`: the prompt's KV is written by the forward
   that predicts block 0, so one-step fused costs exactly ceil(L / block_length) forwards,
-  block_length tokens each. Unfused, every KV write is a forward of its own, the prompt's
+  a block of tokens each. Unfused, every KV write is a forward of its own, the prompt's
   included: 2 ceil(L / block_length) (the last block's KV is never written).
 - `use_cache=False`: every forward recomputes the whole sequence (prompt included) with
   the same mask: the reference the cached paths must reproduce.
