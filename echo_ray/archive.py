@@ -674,16 +674,9 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
     columns = [c for c in REPORT_COLUMNS if options.include_phi or c not in _PHI_KEYS]
     report_table = reports.select(columns)
     dst.join(REPORTS_FILE).write_parquet(report_table)
-    # The JSON files are written a slice of rows at a time, not built in memory whole.
-    with dst.join(REPORTS_JSONL).open_output() as out:
-        for rows in _row_slices(report_table):
-            out.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    _write_lines(dst.join(REPORTS_JSONL), report_table, json.dumps)
     if fhir:
-        with dst.join(FHIR_FILE).open_output() as out:
-            for rows in _row_slices(reports):
-                out.write("".join((row["fhir"] or json.dumps(fhir_resource(
-                    row, datetime.fromisoformat(row["reported_at"])))) + "\n"
-                    for row in rows).encode())
+        _write_lines(dst.join(FHIR_FILE), reports, _fhir_line)
     error_rows = [_error_row(r) for r in errors.to_pylist()]
     dst.join(ERRORS_FILE).write_parquet(pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA))
     file_errors = Counter()
@@ -704,10 +697,19 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
     }
 
 
-def _row_slices(table: pa.Table, rows: int = 10_000):
-    """The table's rows as lists of dicts, `rows` at a time."""
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows).to_pylist()
+def _write_lines(loc: Location, table: pa.Table, line, rows: int = 10_000) -> None:
+    """One line per row, `line(row dict)`, written `rows` rows at a time: a JSON file is
+    never built in memory whole."""
+    with loc.open_output() as out:
+        for start in range(0, table.num_rows, rows):
+            chunk = table.slice(start, rows).to_pylist()
+            out.write("".join(line(r) + "\n" for r in chunk).encode())
+
+
+def _fhir_line(row: dict) -> str:
+    """The row's stored FHIR DiagnosticReport, or one built from it (older parts)."""
+    return row["fhir"] or json.dumps(
+        fhir_resource(row, datetime.fromisoformat(row["reported_at"])))
 
 
 def _current_rows(table: pa.Table) -> tuple[pa.Array, int]:

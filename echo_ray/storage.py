@@ -52,9 +52,7 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Write a whole file; on a local disk atomically (see `open_output`)."""
         if self.is_s3:  # an S3 PUT is atomic already, no spool needed for bytes in memory
-            parent = posixpath.dirname(self.path)
-            if parent:
-                self.fs.create_dir(parent, recursive=True)
+            self._create_parent()
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
             return
@@ -73,9 +71,7 @@ class Location:
         stream is a temporary file renamed at the end (removed on an error); for S3 it is a
         temporary file on local disk, uploaded at the end in one upload.
         """
-        parent = posixpath.dirname(self.path)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
+        self._create_parent()
         if self.is_s3:
             with tempfile.TemporaryFile() as spool:
                 yield spool
@@ -92,6 +88,11 @@ class Location:
                 self.fs.delete_file(tmp)
             raise
         self.fs.move(tmp, self.path)
+
+    def _create_parent(self) -> None:
+        parent = posixpath.dirname(self.path)
+        if parent:
+            self.fs.create_dir(parent, recursive=True)
 
     def write_parquet(self, table: pa.Table) -> None:
         """Write a table as one Parquet file, whole (see `write_bytes`): a job killed
@@ -132,7 +133,7 @@ class Location:
             if rel.split("/", 1)[0] in exclude:
                 continue
             target = dst.join(rel)
-            dst.fs.create_dir(posixpath.dirname(target.path), recursive=True)
+            target._create_parent()
             pafs.copy_files(
                 self.join(rel).path, target.path,
                 source_filesystem=self.fs, destination_filesystem=dst.fs,
