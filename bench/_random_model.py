@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from echo_ray.config import EchoConfig
-from echo_ray.model import EchoDVLM, build_model
-from echo_ray.synth import sample_study, write_report
-from echo_ray.tokenizer import train_report_tokenizer
+from echo_ray.config.schema import EchoConfig
+from echo_ray.model.dvlm import EchoDVLM, build_model
+from echo_ray.synth.archive import sample_study, write_report
+from echo_ray.text.tokenizer import train_report_tokenizer
 
 
 def random_model(config: EchoConfig, num_reports: int, device: str = "cpu") -> EchoDVLM:

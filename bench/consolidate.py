@@ -26,9 +26,9 @@ import time
 
 import pyarrow as pa
 
-from echo_ray.archive import PART_SCHEMA, PARTS_DIR, ReportOptions, _ledger, consolidate
-from echo_ray.reports import CHEXPERT_LABELS
-from echo_ray.storage import resolve
+from echo_ray.batch.job import PART_SCHEMA, PARTS_DIR, ReportOptions, _ledger, consolidate
+from echo_ray.data.storage import resolve
+from echo_ray.text.labels import CHEXPERT_LABELS
 
 REPORT = (
     "FINDINGS: The heart size is normal. The mediastinal and hilar contours are unremarkable. "

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import ray
 
-from echo_ray.data import decode_files_batch
-from echo_ray.storage import resolve
-from echo_ray.synth import synthesize_archive
+from echo_ray.data.prepare import decode_files_batch
+from echo_ray.data.storage import resolve
+from echo_ray.synth.archive import synthesize_archive
 
 
 def main(argv: list[str] | None = None) -> dict:

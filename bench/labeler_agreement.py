@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from echo_ray.reports import CHEXPERT_LABELS, POSITIVE, UNCERTAIN, label_report, normalize_report
-from echo_ray.synth import chexpert_labels, plan_archive, write_report
+from echo_ray.synth.archive import chexpert_labels, plan_archive, write_report
+from echo_ray.text.labeler import label_report, normalize_report
+from echo_ray.text.labels import CHEXPERT_LABELS, POSITIVE, UNCERTAIN
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

@@ -39,16 +39,16 @@ def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
         return args.checkpoint
     from _random_model import random_model
 
-    from echo_ray.checkpoint import save_checkpoint
-    from echo_ray.config import EchoConfig
+    from echo_ray.config.schema import EchoConfig
+    from echo_ray.model.checkpoint import save_checkpoint
 
     model = random_model(EchoConfig.from_name("tiny"), 300)
     return str(save_checkpoint(model, os.path.join(tmp, "model")))
 
 
 def _studies(count: int) -> list[bytes]:
-    from echo_ray.dicom import write_dicom
-    from echo_ray.synth import render_view, sample_study
+    from echo_ray.data.dicom import write_dicom
+    from echo_ray.synth.archive import render_view, sample_study
 
     out = []
     for i in range(count):
@@ -61,7 +61,7 @@ def _studies(count: int) -> list[bytes]:
 def _deploy(checkpoint: str, *, batch: int, replicas: tuple[int, int], args) -> None:
     from ray import serve
 
-    from echo_ray.serve import build_app
+    from echo_ray.serving.app import build_app
 
     app = build_app({
         "checkpoint": checkpoint, "max_batch_size": batch, "batch_wait_timeout_s": args.wait_s,

@@ -28,11 +28,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from echo_ray.config import EchoConfig, apply_overrides
-from echo_ray.diffusion import compute_ar_loss, compute_rad_loss, pad_responses
-from echo_ray.model import build_model
-from echo_ray.synth import render_view, sample_study, write_report
-from echo_ray.tokenizer import train_report_tokenizer
+from echo_ray.config.schema import EchoConfig, apply_overrides
+from echo_ray.diffusion.losses import compute_ar_loss, compute_rad_loss, pad_responses
+from echo_ray.model.dvlm import build_model
+from echo_ray.synth.archive import render_view, sample_study, write_report
+from echo_ray.text.tokenizer import train_report_tokenizer
 
 _ATEN = torch.ops.aten
 

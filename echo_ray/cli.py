@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from echo_ray.config import ConfigError, EchoConfig, load_config
+from echo_ray.config.schema import ConfigError, EchoConfig, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def synth(args: argparse.Namespace) -> dict:
-    from echo_ray.synth import synthesize_archive
+    from echo_ray.synth.archive import synthesize_archive
 
     summary = synthesize_archive(
         args.out, num_studies=args.studies, seed=args.seed, image_size=args.image_size,
@@ -91,7 +91,7 @@ def prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    from echo_ray.data import prepare_shards
+    from echo_ray.data.prepare import prepare_shards
 
     manifest = prepare_shards(
         args.archive, args.out, _config(args), s3_endpoint=args.s3_endpoint,
@@ -141,7 +141,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train(args: argparse.Namespace):
-    from echo_ray.train_loop import train as run_training
+    from echo_ray.train.driver import train as run_training
 
     return run_training(
         args.stage, args.data, args.out, _config(args), init=args.init,
@@ -174,7 +174,7 @@ def trajectories_args(p: argparse.ArgumentParser) -> None:
 
 
 def trajectories(args: argparse.Namespace) -> dict:
-    from echo_ray.trajectories import TrajectoryOptions, generate_trajectories
+    from echo_ray.distill.rollout import TrajectoryOptions, generate_trajectories
 
     options = TrajectoryOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()), top_k=args.top_k,
@@ -223,8 +223,8 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from echo_ray.evaluate import EvalOptions, System
-    from echo_ray.evaluate import evaluate as run_evaluation
+    from echo_ray.eval.job import EvalOptions, System
+    from echo_ray.eval.job import evaluate as run_evaluation
 
     try:
         systems = [System.parse(spec) for spec in args.systems]
@@ -285,7 +285,7 @@ def report_args(p: argparse.ArgumentParser) -> None:
 
 
 def report(args: argparse.Namespace) -> dict:
-    from echo_ray.archive import ReportOptions, format_summary, report_archive
+    from echo_ray.batch.job import ReportOptions, format_summary, report_archive
 
     options = ReportOptions(
         decoding=args.decoding, steps=args.steps, threshold=args.threshold,
@@ -363,8 +363,8 @@ def serve_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     from ray import serve
 
-    from echo_ray.data import init_ray
-    from echo_ray.serve import build_app
+    from echo_ray.data.prepare import init_ray
+    from echo_ray.serving.app import build_app
 
     try:
         app = build_app(serve_app_args(args))
@@ -414,11 +414,11 @@ QUICKSTART_STAGES = 8
 
 def quickstart(args: argparse.Namespace) -> dict:
     """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
-    from echo_ray.data import init_ray, prepare_shards
-    from echo_ray.evaluate import EvalOptions
-    from echo_ray.evaluate import evaluate as run_evaluation
-    from echo_ray.train_loop import train as run_training
-    from echo_ray.trajectories import TrajectoryOptions, generate_trajectories
+    from echo_ray.data.prepare import init_ray, prepare_shards
+    from echo_ray.distill.rollout import TrajectoryOptions, generate_trajectories
+    from echo_ray.eval.job import EvalOptions
+    from echo_ray.eval.job import evaluate as run_evaluation
+    from echo_ray.train.driver import train as run_training
 
     out = Path(args.out)
     config = _config(args)
@@ -486,7 +486,7 @@ def example_reports(eval_dir: Path, count: int) -> str:
     """Reports each evaluated system wrote for the first `count` images (reports.parquet)."""
     import pyarrow.parquet as pq
 
-    from echo_ray.evaluate import REPORTS_FILE
+    from echo_ray.eval.job import REPORTS_FILE
 
     rows = pq.read_table(eval_dir / REPORTS_FILE).to_pylist()
     systems = list(dict.fromkeys(r["system"] for r in rows))

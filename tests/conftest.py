@@ -40,7 +40,7 @@ def ray_cluster():
 def single_thread():
     """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): the
     tiny-model tests are faster and steadier that way on the shared 2-core machine."""
-    from tiny_dvlm import one_thread
+    from helpers.tiny_dvlm import one_thread
 
     with one_thread():
         yield

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_dvlm import make_batch, make_model, trained_model
+from helpers.tiny_dvlm import make_batch, make_model, trained_model
 
-from echo_ray.checkpoint import save_checkpoint
-from echo_ray.diffusion import build_layout
-from echo_ray.predictor import ReportGenerator, place_model
-from echo_ray.sampling import generate
+from echo_ray.decode.predictor import ReportGenerator, place_model
+from echo_ray.decode.sampler import generate
+from echo_ray.diffusion.losses import build_layout
+from echo_ray.model.checkpoint import save_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

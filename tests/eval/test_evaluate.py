@@ -1,0 +1,203 @@
+"""`echo-ray evaluate`: systems on a tiny archive through Ray Data, every output written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers.prepared_shards import edit_first_shard, prepare_test_shards
+from PIL import Image
+
+from echo_ray.cli import main, run
+from echo_ray.config.schema import EchoConfig, ModelConfig, apply_overrides
+from echo_ray.eval.job import (
+    PLOT_FILE,
+    REPORTS_FILE,
+    RESULT_KEYS,
+    RESULTS_FILE,
+    RUN_FILE,
+    TABLE_FILE,
+    EvalOptions,
+    System,
+    TrainingReference,
+    score_systems,
+    speed_figures,
+)
+from echo_ray.eval.metrics import label_f1, labels_from_vectors
+from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.model.dvlm import build_model
+from echo_ray.text.labeler import label_report
+from echo_ray.text.labels import CHEXPERT_LABELS
+from echo_ray.text.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def archive_shards(ray_cluster, tmp_path_factory):
+    """Shards of a 30-study archive, one test-split DICOM corrupted in storage."""
+    out = prepare_test_shards(tmp_path_factory, num_studies=30, seed=5, image_size=64)
+
+    def corrupt(rows):
+        broken = next(r for r in rows if r["split"] == "test")
+        broken["dicom"] = b"this is not a DICOM file" * 8
+        return broken
+
+    broken = edit_first_shard(out, corrupt)
+    tests = [r for r in pq.read_table(out / "shards").to_pylist() if r["split"] == "test"]
+    assert len(tests) >= 3, "the archive needs a few test images"
+    return out, broken["dicom_id"], len(tests)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(archive_shards, tmp_path_factory):
+    """An untrained AR and an untrained RAD checkpoint on the shards' tokenizer: evaluation
+    does not care whether the reports are good, only that every figure is computed."""
+    shards = archive_shards[0]
+    tokenizer = load_tokenizer(shards / "tokenizer")
+    folders = {}
+    for name, seed in (("ar", 0), ("rad", 1)):
+        torch.manual_seed(seed)
+        config = apply_overrides(EchoConfig(), [])
+        config.model = ModelConfig(image_size=56, max_response_len=24, block_length=8)
+        model = build_model(config.model, tokenizer)
+        folders[name] = save_checkpoint(model, tmp_path_factory.mktemp(name) / "model", config)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def evaluated(archive_shards, checkpoints, tmp_path_factory):
+    shards, broken, num_test = archive_shards
+    out = tmp_path_factory.mktemp("eval")
+    evaluation = run("evaluate", [
+        "--data", str(shards), "--out", str(out),
+        "--system", f"ar={checkpoints['ar']}:ar",
+        "--system", f"teacher={checkpoints['rad']}:multistep",
+        "--system", f"onestep={checkpoints['rad']}:one-step-fused",
+        "--batch-size", "4", "--cpus-per-actor", "0.5", "--threads", "1",
+    ])
+    return out, evaluation.results, broken, num_test
+
+
+def test_evaluate_writes_results_table_plot_and_reports(evaluated):
+    out, results, broken, num_test = evaluated
+    on_disk = json.loads((out / RESULTS_FILE).read_text())
+    assert list(on_disk) == ["ar", "onestep", "teacher"]  # sorted keys, one object per system
+    assert on_disk == json.loads(json.dumps(results))
+    for name, figures in on_disk.items():
+        missing = [k for k in RESULT_KEYS if k not in figures]
+        assert not missing, f"{name} lacks {missing}"
+        # The broken DICOM is one error row; every other test image has a report.
+        assert figures["num_errors"] == 1
+        assert figures["num_reports"] == num_test - 1
+        for key in ("ce_f1_micro14", "ce_f1_macro14", "ce_f1_micro5", "semscore", "rouge_l",
+                    "bleu4", "known_sentences"):
+            assert 0.0 <= figures[key] <= 1.0, (name, key, figures[key])
+        assert math.isfinite(figures["fluency_ppl"]) and figures["fluency_ppl"] > 1.0
+        assert figures["tokens_per_s"] > 0 and figures["ms_per_report"] > 0
+        assert figures["ratescore"] is None  # no weights here: skipped, see the notes
+    assert on_disk["ar"]["tokens_per_forward"] <= 1.0 + 1e-9  # one token per forward at most
+    # One-step fused decoding writes a whole block per forward: far fewer forwards.
+    assert on_disk["onestep"]["forwards_per_report"] < on_disk["ar"]["forwards_per_report"]
+    assert on_disk["onestep"]["tokens_per_forward"] > 1.5
+
+    table = (out / TABLE_FILE).read_text()
+    for name in ("ar", "teacher", "onestep"):
+        assert f"| {name} |" in table
+    assert "SemScore" in table and "all-MiniLM-L6-v2" in table
+    assert "ratescore: skipped:" in table  # the reason is shown, not a crash
+    with Image.open(out / PLOT_FILE) as image:
+        assert image.format == "PNG" and image.size[0] > 400
+
+    run_info = json.loads((out / RUN_FILE).read_text())
+    assert run_info["systems"]["teacher"]["mode"] == "multi-step"  # the alias was resolved
+    # Fluency is scored under the AR system's checkpoint when no --fluency-model is given.
+    assert run_info["fluency_model"] == run_info["systems"]["ar"]["path"]
+    # The majority-class baseline (train split) is scored on the same images, shown last.
+    baseline = run_info["majority_baseline"]
+    assert 0.0 <= baseline["ce_f1_micro14"] <= 1.0 and set(baseline["per_label_f1"]) == set(
+        CHEXPERT_LABELS)
+    assert table.index("| onestep |") < table.index("| majority (train) |")
+    assert "majority (train)" in table.split("Per-label CE F1")[1]
+
+
+def test_reports_parquet_has_every_image_once_per_system_and_the_error_row(evaluated):
+    out, results, broken, num_test = evaluated
+    rows = pq.read_table(out / REPORTS_FILE).to_pylist()
+    assert len(rows) == 3 * num_test
+    for system in ("ar", "teacher", "onestep"):
+        mine = [r for r in rows if r["system"] == system]
+        assert len({r["dicom_id"] for r in mine}) == num_test
+        bad = [r for r in mine if r["error"] is not None]
+        assert [(r["dicom_id"], r["error"], r["report"]) for r in bad] == [
+            (broken, "not_dicom", None)
+        ]
+        good = [r for r in mine if r["error"] is None]
+        assert all(isinstance(r["report"], str) and r["reference"] for r in good)
+        # The CE F1 in results.json is the labeler on these very texts.
+        predicted = labels_from_vectors(r["labels"] for r in good)
+        reference = [label_report(r["reference"]) for r in good]
+        assert results[system]["ce_f1_micro14"] == pytest.approx(
+            label_f1(predicted, reference)["f1_micro14"]
+        )
+        assert results[system]["ce_f1_micro14_uncertain_positive"] == pytest.approx(
+            label_f1(predicted, reference, uncertain="positive")["f1_micro14"]
+        )
+        assert results[system]["fluency_ppl"] == pytest.approx(math.exp(
+            sum(r["fluency_nll"] for r in good) / sum(r["fluency_tokens"] for r in good)
+        ))
+
+
+def test_a_missing_optional_metric_is_skipped_with_its_reason(evaluated):
+    out, _, _, _ = evaluated
+    table = pq.read_table(out / REPORTS_FILE)
+    tables = {"ar": table.filter(pc.equal(table.column("system"), "ar"))}
+    options = EvalOptions(semscore_model="no-such-org/no-such-encoder")
+    train = TrainingReference(sentences=set(), labels=[])
+    results, notes, baseline = score_systems([System("ar", "unused", "ar")], tables, options, train)
+    assert baseline is None  # no training labels, no majority baseline
+    assert results["ar"]["semscore"] is None
+    assert notes["semscore"].startswith("skipped:") and "no-such-encoder" in notes["semscore"]
+    assert notes["ratescore"].startswith("skipped:")
+    assert notes["fluency_ppl"].startswith("skipped:")  # no AR checkpoint named
+    assert results["ar"]["rouge_l"] is not None  # the rest is still computed
+
+
+def test_speed_figures_share_a_batch_between_its_reports():
+    rows = [  # two batches: 2 reports in 100 ms, 1 report in 50 ms
+        {"batch_id": "a", "batch_latency_ms": 100.0, "num_tokens": 10, "batch_forwards": 11,
+         "batch_tokens_per_forward": 1.0},
+        {"batch_id": "a", "batch_latency_ms": 100.0, "num_tokens": 6, "batch_forwards": 11,
+         "batch_tokens_per_forward": 1.0},
+        {"batch_id": "b", "batch_latency_ms": 50.0, "num_tokens": 14, "batch_forwards": 3,
+         "batch_tokens_per_forward": 5.0},
+    ]
+    speed = speed_figures(rows)
+    assert speed["tokens_per_s"] == pytest.approx(30 / 0.15)  # 30 tokens in 150 ms
+    assert speed["ms_per_report"] == pytest.approx(50.0)  # 150 ms / 3 reports
+    assert speed["forwards_per_report"] == pytest.approx((11 + 11 + 3) / 3)
+    assert speed["tokens_per_forward"] == pytest.approx((1 + 1 + 5) / 3)
+    assert speed["num_batches"] == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ar-no-mode=/some/path", "NAME=PATH:MODE"),
+    ("ar=/some/path:sideways", "unknown decoding mode 'sideways'"),
+])
+def test_bad_system_spec_is_a_clear_error(tmp_path, capsys, spec, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "e"),
+              "--system", spec])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_system_spec_accepts_the_short_mode_names():
+    assert System.parse("echo=s3://bucket/runs/dcd:fused") == System(
+        "echo", "s3://bucket/runs/dcd", "one-step-fused"
+    )
+    assert System.parse("t=runs/rad:onestep").mode == "one-step"

@@ -1,0 +1,413 @@
+"""Ray Train: the streamed input pipeline, AR and RAD runs, checkpoints, fault recovery, jobs/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers.prepared_shards import edit_first_shard, prepare_test_shards
+from safetensors.torch import load_file
+
+from echo_ray.cli import main, run
+from echo_ray.config.schema import ConfigError, EchoConfig, apply_overrides
+from echo_ray.data.prepare import training_dataset
+from echo_ray.decode.predictor import ReportGenerator
+from echo_ray.model.checkpoint import load_checkpoint
+from echo_ray.text.tokenizer import load_tokenizer
+from echo_ray.train.driver import METRICS_FILE, MODEL_DIR, lr_lambda, train
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+# Small and quick: 56 px images (4 image tokens), short responses, 2 workers, 2 rows each.
+SETTINGS = (
+    "model.image_size=56",
+    "model.max_response_len=32",
+    "train.num_workers=2",
+    "train.batch_size=2",
+    "train.max_steps=4",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.shuffle_buffer=8",
+    "train.lr=3e-3",
+)
+BROKEN = {"not_dicom": 2, "no_report": 1}
+
+
+def _config(*extra: str) -> EchoConfig:
+    return apply_overrides(EchoConfig.from_name("tiny"), [*SETTINGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, tmp_path_factory):
+    """Prepared shards with bad rows planted in the train split after prepare (a DICOM
+    corrupted in storage, twice, and a row with no report)."""
+    out = prepare_test_shards(tmp_path_factory, num_studies=24, seed=11, image_size=96,
+                              overrides=["data.rows_per_shard=8"])
+
+    def plant(rows):
+        train_rows = [r for r in rows if r["split"] == "train"]
+        assert len(train_rows) >= 3
+        for r in train_rows[:2]:
+            r["dicom"] = b"not a DICOM file at all" * 10
+        train_rows[2]["report_normalized"] = ""
+        return {r["dicom_id"] for r in train_rows[:3]}
+
+    return out, edit_first_shard(out, plant)
+
+
+@pytest.fixture(scope="module")
+def ar_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ar"
+    result = train("ar", str(shards[0]), str(out), _config())
+    return out, result
+
+
+def _metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+def _steps(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in _metric_rows(run) if "event" not in r}
+
+
+# ---------------------------------------------------------------------- pure pieces
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    lam = [lr_lambda(s, warmup=4, total=20, floor=0.1) for s in range(21)]
+    assert lam[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lam[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lam[4:], lam[5:], strict=False))
+    assert lam[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lam[20] == pytest.approx(0.1)
+
+
+def test_unknown_set_key_is_refused_with_the_allowed_keys(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--stage", "ar", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+              "--set", "train.learning_rate=1e-3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.learning_rate'" in err
+    assert "'lr'" in err  # the allowed keys are listed
+
+
+def test_rad_without_init_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--init"):
+        train("rad", str(tmp_path), str(tmp_path / "r"), _config())
+
+
+def test_train_config_validates_strategy_and_sizes():
+    with pytest.raises(ConfigError, match="train.strategy"):
+        _config("train.strategy=fsdp")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        _config("train.batch_size=0")
+
+
+# ---------------------------------------------------------------------- the input pipeline
+
+
+def test_training_dataset_decodes_tokenizes_and_flags_bad_rows(shards):
+    out, bad_ids = shards
+    tokenizer = load_tokenizer(out / "tokenizer")
+    ds = training_dataset(
+        str(out), "train", image_size=56,
+        tokenizer_json=(out / "tokenizer" / "tokenizer.json").read_text(), config=EchoConfig(),
+    )
+    rows = ds.take_all()
+    shard_rows = pq.read_table(out / "shards").to_pylist()
+    expected = {r["dicom_id"]: r for r in shard_rows if r["split"] == "train"}
+    assert {r["dicom_id"] for r in rows} == set(expected)  # exactly the train split
+    for row in rows:
+        if row["dicom_id"] in bad_ids:
+            assert not row["ok"]
+            assert row["error"] in BROKEN
+            continue
+        assert row["ok"] and row["error"] == ""
+        pixels = np.asarray(row["pixels"])
+        assert pixels.shape == (56 * 56,) and 0 <= pixels.min() and pixels.max() <= 1
+        assert pixels.std() > 0.01  # an image, not a blank
+        report = expected[row["dicom_id"]]["report_normalized"]
+        assert list(row["tokens"]) == tokenizer(report, add_special_tokens=False)["input_ids"]
+    errors = sorted(r["error"] for r in rows if not r["ok"])
+    assert errors == ["no_report", "not_dicom", "not_dicom"]
+
+
+def test_training_dataset_needs_a_finished_prepare(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        training_dataset(str(tmp_path), "train", image_size=56, tokenizer_json="{}",
+                         config=EchoConfig())
+
+
+# ---------------------------------------------------------------------- runs
+
+
+def test_two_worker_ar_run_checkpoints_a_loadable_model(ar_run, shards):
+    run, result = ar_run
+    assert Path(result.model) == run / MODEL_DIR
+    steps = _steps(run)
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in steps.values())
+    for step, row in steps.items():  # the schedule's rate for the step that used it
+        assert row["lr"] == pytest.approx(3e-3 * lr_lambda(step - 1, warmup=1, total=4,
+                                                            floor=0.1))
+    assert "val_loss" in steps[2] and "val_loss" in steps[4]
+    # the three planted rows were counted, and training went on
+    assert steps[4]["bad_rows"] >= 1
+    assert result.metrics["step"] == 4
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_0000002", "checkpoint_0000004"]
+    assert (run / "checkpoint_0000004" / "train_state.pt").is_file()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["stage"] == "ar" and summary["metrics"]["step"] == 4
+
+    # the exported model is the last checkpoint's, and the product loads it
+    model, config = load_checkpoint(run / MODEL_DIR)
+    assert config.train.num_workers == 2 and config.model.image_size == 56
+    last = load_file(run / "checkpoint_0000004" / "model.safetensors")
+    for name, value in load_file(run / MODEL_DIR / "model.safetensors").items():
+        assert torch.equal(value, last[name])
+    generator = ReportGenerator.from_checkpoint(run / MODEL_DIR, decoding="ar",
+                                                max_new_tokens=16)
+    dicom = pq.read_table(shards[0] / "shards", columns=["dicom", "split"]).to_pylist()
+    blobs = [r["dicom"] for r in dicom if r["split"] != "train"][:2]
+    reports = generator.generate_dicom(blobs)
+    assert len(reports) == 2 and all(0 < r["num_tokens"] <= 16 for r in reports)
+
+
+def test_training_changes_the_weights_it_should(ar_run, tmp_path):
+    run, _ = ar_run
+    first = load_file(run / "checkpoint_0000002" / "model.safetensors")
+    last = load_file(run / "checkpoint_0000004" / "model.safetensors")
+    changed = [name for name in last if not torch.equal(first[name], last[name])]
+    assert any("visual" in n for n in changed)  # AR trains the vision tower
+    assert any(n.startswith("model.layers.") for n in changed)
+
+
+def test_a_failed_worker_resumes_from_the_checkpoint_with_the_same_data(ar_run, shards,
+                                                                         tmp_path):
+    clean_run, _ = ar_run
+    run = tmp_path / "ar_fail"
+    # rank 1 raises before step 3; the last checkpoint is step 2
+    result = train("ar", str(shards[0]), str(run), _config("train.fail_at_step=3"))
+    assert result.metrics["step"] == 4
+    rows = _metric_rows(run)
+    events = [r for r in rows if r.get("event") == "resumed"]
+    assert [e["step"] for e in events] == [2]  # resumed from the checkpoint, not step 0
+    assert events[0]["batches_in_epoch"] == 2
+    resumed = _steps(run)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert resumed[4]["resumed_from"] == 2
+    # Same data position and state: the steps after the restart see the same batches and
+    # noise as the uninterrupted run, so their losses are the same numbers.
+    clean = _steps(clean_run)
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(clean[step]["loss"], rel=1e-5)
+    a = load_file(run / MODEL_DIR / "model.safetensors")
+    b = load_file(clean_run / MODEL_DIR / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_rad_starts_from_the_ar_run_with_the_vision_tower_frozen(ar_run, shards, tmp_path):
+    ar, _ = ar_run
+    run = tmp_path / "rad"
+    result = train("rad", str(shards[0]), str(run), _config("train.max_steps=2"), init=str(ar))
+    assert result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
+    before = load_file(ar / MODEL_DIR / "model.safetensors")
+    after = load_file(run / MODEL_DIR / "model.safetensors")
+    visual = [k for k in after if "visual" in k]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+    text = [k for k in after if k.startswith("model.layers.")]
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+    _, config = load_checkpoint(run / MODEL_DIR)
+    assert config.model.freeze_vision is True
+    assert config.model.image_size == 56  # the AR checkpoint's model section
+
+
+# ---------------------------------------------------------------------- ray job submit
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate `ray start --head --block` cluster, stopped by killing the process group this
+    test started (never `ray stop`, which would stop every Ray on the machine)."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    gcs, dashboard, client, agent, metrics = _free_ports(5)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0",
+           # the job's `python` is this environment's, as for a user with the venv active
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # its own temp dir (short: Ray's socket paths have a length limit), so its address file
+    # never points other `ray.init()` calls of this machine at it
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}",
+         f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--metrics-export-port={metrics}", "--num-cpus=4", "--include-dashboard=true"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            status = subprocess.run([str(ray_bin), "job", "list", "--address", address],
+                                    env=env, capture_output=True, text=True)
+            if status.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(2)
+        else:
+            pytest.fail("ray head did not come up")
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_jobs_train_runs_through_ray_job_submit(ray_head, shards, tmp_path):
+    address, env = ray_head
+    ray_bin = Path(sys.executable).parent / "ray"
+    run = tmp_path / "job_run"
+    cmd = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--", "python", "jobs/train.py", "--stage", "ar", "--data", str(shards[0]),
+           "--out", str(run), *[a for s in SETTINGS for a in ("--set", s)],
+           "--set", "train.max_steps=2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    assert sorted(_steps(run)) == [1, 2]
+    assert (run / MODEL_DIR / "model.safetensors").is_file()
+    shutil.rmtree(run)
+
+
+# ---------------------------------------------------------------------- DeepSpeed, GPU
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("ECHO_RAY_TEST_DEEPSPEED"),
+    reason="DeepSpeed JIT-compiles its CPU comm op on first use (about 70 s); "
+    "set ECHO_RAY_TEST_DEEPSPEED=1 to run",
+)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_zero_trains_and_resumes_on_cpu(shards, tmp_path, zero_stage):
+    run = tmp_path / f"zero{zero_stage}"
+    result = train("ar", str(shards[0]), str(run), _config(
+        "train.strategy=deepspeed", f"train.zero_stage={zero_stage}", "train.fail_at_step=3"))
+    assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
+    assert [e["step"] for e in _metric_rows(run) if e.get("event") == "resumed"] == [2]
+    ckpt = run / "checkpoint_0000004"
+    assert len(list((ckpt / "deepspeed").rglob("*optim_states.pt"))) == 2  # one per rank
+    model, _ = load_checkpoint(run / MODEL_DIR)  # a consolidated HF model directory
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_one_gpu_worker_trains_in_bf16(shards, tmp_path, strategy):
+    run = tmp_path / strategy
+    result = train("ar", str(shards[0]), str(run), _config(
+        "train.num_workers=1", "train.use_gpu=true", f"train.strategy={strategy}",
+        "train.precision=bf16"))
+    assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
+    generator = ReportGenerator.from_checkpoint(run / MODEL_DIR, decoding="one-step-fused")
+    assert generator.generate(np.zeros((1, 56, 56), np.float32))[0]["num_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
+    ray_cluster, tmp_path, capsys
+):
+    # Toy size: 8-token reports (block 4) let a 40-step RAD teacher finish its rollouts; the
+    # repetition filter is off, as such a teacher still loops.
+    settings = [*SETTINGS, "model.max_response_len=8", "model.block_length=4",
+                "train.checkpoint_every=100", "train.eval_every=100"]
+    out = tmp_path / "qs"
+    summary = run("quickstart", [
+        "--out", str(out), "--studies", "16", "--image-size", "96", "--ar-steps", "2",
+        "--rad-steps", "40", "--dcd-steps", "2", "--examples", "2",
+        "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
+    ])
+    printed = capsys.readouterr().out
+    for header in ("[1/8] synth", "[2/8] prepare", "[3/8] train ar", "[4/8] train rad",
+                   "[5/8] trajectories", "[6/8] train dcd", "[7/8] evaluate", "[8/8] reports"):
+        assert header in printed
+    assert printed.count("reference:") == 2
+    assert printed.count("teacher_onestep:") == 2 and printed.count("   echo:") == 2
+    assert "multi-step" in printed and "one-step-fused" in printed
+    for stage in ("ar", "rad", "dcd"):
+        assert Path(summary["runs"][stage], "model.safetensors").is_file()
+    assert _steps(out / "runs" / "dcd")[2]["step"] == 2
+    trajectories = json.loads((out / "trajectories" / "manifest.json").read_text())
+    assert trajectories["splits"]["train"]["rollouts"] > 0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results) == {"ar", "teacher", "teacher_onestep", "echo"}
+    # One forward per block: the student's forwards are the teacher-one-step's, not more.
+    assert results["echo"]["forwards_per_report"] <= results["teacher"]["forwards_per_report"]
+    # It ends with the table: one row per system, after the example reports.
+    table = printed[printed.rindex("| system |"):]
+    for name in results:
+        assert f"| {name} |" in table
+    # then the next steps, with the student the run just wrote
+    assert f"echo-ray serve --checkpoint {out / 'runs' / 'dcd' / 'model'}" in printed
+    assert f"echo-ray report --checkpoint {out / 'runs' / 'dcd' / 'model'}" in printed
+
+
+def test_trains_from_s3_shards_into_an_s3_run_folder(shards, s3_endpoint, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="train")
+    for path in sorted(shards[0].rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), "train", f"shards/{path.relative_to(shards[0]).as_posix()}")
+    result = train("ar", "s3://train/shards", "s3://train/runs/ar",
+                   _config("train.max_steps=2"), s3_endpoint=s3_endpoint)
+    assert result.model == "s3://train/runs/ar/model" and result.metrics["step"] == 2
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="train", Prefix="runs/")["Contents"]}
+    assert {"runs/ar/checkpoint_0000002/model.safetensors",
+            "runs/ar/checkpoint_0000002/train_state.pt", "runs/ar/model/model.safetensors",
+            "runs/ar/model/echo_config.json", "runs/ar/metrics.jsonl",
+            "runs/ar/train_summary.json"} <= keys
+    assert "runs/ar/model/train_state.pt" not in keys
+    rows = s3.get_object(Bucket="train", Key="runs/ar/metrics.jsonl")["Body"].read().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
+    # an S3 run folder is a valid --init for the next stage
+    rad = train("rad", "s3://train/shards", str(tmp_path / "rad"),
+                _config("train.max_steps=1"), init="s3://train/runs/ar", s3_endpoint=s3_endpoint)
+    assert rad.metrics["step"] == 1
