@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from echo_ray.config.schema import EchoConfig
-from echo_ray.model.dvlm import EchoDVLM, build_model
-from echo_ray.synth.archive import sample_study, write_report
+from echo_ray.model.dvlm import EchoDVLM
+from echo_ray.model.hf import build_model
+from echo_ray.synth.report import write_report
+from echo_ray.synth.sampling import sample_study
 from echo_ray.text.tokenizer import train_report_tokenizer
 
 

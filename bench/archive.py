@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 from _random_model import random_model
 
-from echo_ray.batch.job import ReportOptions, report_archive
+from echo_ray.batch.job import report_archive
+from echo_ray.batch.options import ReportOptions
 from echo_ray.config.schema import EchoConfig
-from echo_ray.data.prepare import init_ray
 from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.runtime.cluster import init_ray
 from echo_ray.synth.archive import synthesize_archive
 
 CONFIGS = ((1, 16), (2, 16), (1, 1))  # (actors, batch size)

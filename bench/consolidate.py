@@ -26,7 +26,9 @@ import time
 
 import pyarrow as pa
 
-from echo_ray.batch.job import PART_SCHEMA, PARTS_DIR, ReportOptions, _ledger, consolidate
+from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, consolidate
+from echo_ray.batch.ledger import read_ledger as _ledger
+from echo_ray.batch.options import ReportOptions
 from echo_ray.data.storage import resolve
 from echo_ray.text.labels import CHEXPERT_LABELS
 

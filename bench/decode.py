@@ -34,13 +34,15 @@ import torch
 from _random_model import random_model
 from transformers import DynamicCache
 
-from echo_ray.config.schema import EchoConfig, apply_overrides
-from echo_ray.decode.modes import DECODING_MODES, decoding_kwargs
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import DECODING_MODES, EchoConfig
+from echo_ray.decode.modes import decoding_kwargs
 from echo_ray.decode.predictor import place_model
 from echo_ray.decode.sampler import _Runner, generate
 from echo_ray.model.checkpoint import load_checkpoint
 from echo_ray.model.dvlm import EchoDVLM
-from echo_ray.synth.archive import render_view, sample_study
+from echo_ray.synth.render import render_view
+from echo_ray.synth.sampling import sample_study
 
 
 def _model(args: argparse.Namespace) -> EchoDVLM:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from echo_ray.synth.archive import chexpert_labels, plan_archive, write_report
-from echo_ray.text.labeler import label_report, normalize_report
+from echo_ray.synth.archive import plan_archive
+from echo_ray.synth.findings import chexpert_labels
+from echo_ray.synth.report import write_report
+from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS, POSITIVE, UNCERTAIN
+from echo_ray.text.normalizer import normalize_report
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

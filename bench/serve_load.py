@@ -47,8 +47,9 @@ def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
 
 
 def _studies(count: int) -> list[bytes]:
-    from echo_ray.data.dicom import write_dicom
-    from echo_ray.synth.archive import render_view, sample_study
+    from echo_ray.synth.dicom_writer import write_dicom
+    from echo_ray.synth.render import render_view
+    from echo_ray.synth.sampling import sample_study
 
     out = []
     for i in range(count):

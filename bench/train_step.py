@@ -1,7 +1,7 @@
 """Training step cost: AR vs RAD (`[prompt | x0 | xt]`) vs full-sequence duplication.
 
 Same model, same batch, one process, interleaved round-robin: forward + backward + AdamW
-step of `echo_ray.diffusion.compute_ar_loss` / `compute_rad_loss` (layouts "rad" and
+step of `echo_ray.diffusion.losses.compute_ar_loss` / `compute_rad_loss` (layouts "rad" and
 "full_copy"). RAD duplicates only the response, prior work the whole sequence (vision tokens
 included): the gap is what RAD saves, and it grows with the number of image tokens. The
 default layout is vision-heavy: 896 px images (1,024 image tokens), 128 response tokens.
@@ -28,10 +28,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from echo_ray.config.schema import EchoConfig, apply_overrides
-from echo_ray.diffusion.losses import compute_ar_loss, compute_rad_loss, pad_responses
-from echo_ray.model.dvlm import build_model
-from echo_ray.synth.archive import render_view, sample_study, write_report
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import EchoConfig
+from echo_ray.diffusion.losses import compute_ar_loss, compute_rad_loss
+from echo_ray.diffusion.noise import pad_responses
+from echo_ray.model.hf import build_model
+from echo_ray.synth.render import render_view
+from echo_ray.synth.report import write_report
+from echo_ray.synth.sampling import sample_study
 from echo_ray.text.tokenizer import train_report_tokenizer
 
 _ATEN = torch.ops.aten

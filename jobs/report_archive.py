@@ -6,14 +6,9 @@ Same arguments as `echo-ray report`. Inside a Ray job, RAY_ADDRESS points at the
 archive, reports only the new studies.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("report", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("report")  # the `echo-ray report` command with this script's arguments
 
 if __name__ == "__main__":
     main()

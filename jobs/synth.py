@@ -3,14 +3,9 @@
 Same arguments as `echo-ray synth`.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("synth", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("synth")  # the `echo-ray synth` command with this script's arguments
 
 if __name__ == "__main__":
     main()

@@ -4,14 +4,9 @@ Same arguments as `echo-ray train`. Inside a Ray job, RAY_ADDRESS points at the 
 `ray.init()` joins it.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("train", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("train")  # the `echo-ray train` command with this script's arguments
 
 if __name__ == "__main__":
     main()

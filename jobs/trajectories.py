@@ -5,14 +5,9 @@ Same arguments as `echo-ray trajectories`. Inside a Ray job, RAY_ADDRESS points 
 `ray.init()` joins it.
 """
 
-import sys
+from echo_ray.cli import job_entry
 
-from echo_ray.cli import run
-
-
-def main(argv: list[str] | None = None) -> None:
-    run("trajectories", sys.argv[1:] if argv is None else argv)
-
+main = job_entry("trajectories")  # the `echo-ray trajectories` command with this script's arguments
 
 if __name__ == "__main__":
     main()

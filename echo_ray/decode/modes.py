@@ -1,16 +1,21 @@
-"""Named decoding modes and the `sampling.generate` flags each one stands for.
+"""The `sampler.generate` flags each named decoding mode stands for.
 
-Reports, configs, the HTTP API and the benchmarks use these names. Plain Python (no torch),
-so that processes which only validate a mode name (the Serve ingress) never import torch.
+The names (`config.schema.DECODING_MODES`) are what reports, configs, the HTTP API and the
+benchmarks use. Plain Python (no torch), so that processes which only validate a mode name
+(the Serve ingress) never import torch.
 """
 
 from __future__ import annotations
 
-DECODING_MODES = ("ar", "multi-step", "one-step", "one-step-fused")
+from echo_ray.config.schema import DECODING_MODES, DecodingConfig
 
 
 def decoding_kwargs(
-    name: str, *, block_length: int, steps: int | None = None, threshold: float = 0.9
+    name: str,
+    *,
+    block_length: int,
+    steps: int | None = None,
+    threshold: float = DecodingConfig.threshold,
 ) -> dict:
     """The `sampling.generate` flags of a named decoding mode.
 

@@ -24,14 +24,17 @@ import numpy as np
 import torch
 
 from echo_ray import __version__
-from echo_ray.data.dicom import RADIOGRAPH_MODALITIES, DicomError, decode_dicom
+from echo_ray.config.schema import RADIOGRAPH_MODALITIES, DecodingConfig
+from echo_ray.data.dicom import DicomError, decode_dicom
 from echo_ray.data.storage import model_name
 from echo_ray.decode.modes import decoding_kwargs
 from echo_ray.decode.sampler import generate
-from echo_ray.diffusion.losses import ar_report_nll, pad_responses
+from echo_ray.diffusion.losses import ar_report_nll
+from echo_ray.diffusion.noise import pad_responses
 from echo_ray.model.checkpoint import load_checkpoint
 from echo_ray.model.dvlm import EchoDVLM
-from echo_ray.text.labeler import label_report, parse_sections
+from echo_ray.text.labeler import label_report
+from echo_ray.text.sections import parse_sections
 
 _UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 _PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
@@ -66,9 +69,9 @@ class ReportGenerator:
         self,
         model: EchoDVLM,
         *,
-        decoding: str = "one-step-fused",
+        decoding: str = DecodingConfig.mode,
         steps: int | None = None,
-        threshold: float = 0.9,
+        threshold: float = DecodingConfig.threshold,
         max_new_tokens: int | None = None,
         model_id: str = "echo-ray",
         model_version: str = __version__,

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from echo_ray.diffusion.losses import attention_mask
+from echo_ray.config.schema import DecodingConfig
+from echo_ray.diffusion.masks import attention_mask
 from echo_ray.model.dvlm import EchoDVLM
 
 MODES = ("ar", "diffusion")
@@ -116,7 +117,7 @@ def generate(
     *,
     mode: str = "diffusion",
     steps: int = 1,
-    threshold: float = 0.9,
+    threshold: float = DecodingConfig.threshold,
     fused: bool = True,
     use_cache: bool = True,
     max_new_tokens: int | None = None,

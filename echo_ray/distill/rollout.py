@@ -42,17 +42,11 @@ import pyarrow.parquet as pq
 import ray
 
 from echo_ray import __version__
-from echo_ray.data.prepare import (
-    MANIFEST,
-    SHARDS_DIR,
-    SPLITS,
-    TOKENIZER_DIR,
-    init_ray,
-    select_splits,
-    setup_model_actor,
-    shard_files,
-)
+from echo_ray.config.schema import SPLITS
+from echo_ray.data.shards import MANIFEST, SHARDS_DIR, TOKENIZER_DIR, select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
+from echo_ray.decode.replica import setup_model_actor
+from echo_ray.runtime.cluster import init_ray
 
 FORMAT = "echo-ray-trajectories/1"
 STATS_KEY = b"echo_ray.trajectory_stats"
@@ -282,7 +276,7 @@ class _TeacherActor:
 
         from echo_ray.data.dicom import DicomError, decode_dicom
         from echo_ray.decode.sampler import generate
-        from echo_ray.diffusion.losses import is_degenerate, trajectory_records
+        from echo_ray.distill.records import is_degenerate, trajectory_records
 
         model, opts = self.model, self.options
         rows = batch.to_pylist()

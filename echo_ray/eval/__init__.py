@@ -1,1 +1,15 @@
-"""TODO"""
+"""eval: `echo-ray evaluate`, quality and speed of several systems on one split.
+
+- label_metrics.py: CheXpert label F1 (clinical efficacy): `label_f1`, `majority_baseline`,
+  `labels_from_vectors`, `format_f1_table`, `UNCERTAIN_POLICIES`
+- text_metrics.py: SemScore (and its offline sentence encoder), ROUGE-L, BLEU-4, perplexity,
+  RaTEScore, the known-sentence rate; `MetricUnavailable` for what cannot run here
+- scoring.py: `score_systems` (every system's figures from its report rows), `speed_figures`,
+  the train split's sentences and labels (`training_reference`), `RESULT_KEYS`
+- tables.py: the results table and results.md, the quality-vs-speed plot, `write_outputs`
+- job.py: `evaluate` (the Ray Data batch inference over an actor pool per system), `System`
+  (a NAME=PATH:MODE spec), `EvalOptions`
+
+May import config, data, text, model, diffusion, decode, interop and runtime. The two metric
+modules import neither ray nor torch at import time (their libraries load lazily).
+"""

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,50 +38,30 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 
-from echo_ray.data.prepare import SPLITS, init_ray, select_splits, setup_model_actor, shard_files
+from echo_ray.config.schema import DECODING_MODES, SPLITS
+from echo_ray.data.shards import select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
-from echo_ray.decode.modes import DECODING_MODES
-from echo_ray.eval.metrics import (
-    DEFAULT_SEMSCORE_MODEL,
-    UNCERTAIN_POLICIES,
-    MetricUnavailable,
-    bleu4,
-    format_f1_table,
-    known_sentence_rate,
-    known_sentences,
-    label_f1,
-    labels_from_vectors,
-    load_sentence_encoder,
-    majority_baseline,
-    perplexity,
-    ratescore,
-    rouge_l,
-    semscore,
+from echo_ray.decode.replica import setup_model_actor
+from echo_ray.eval.scoring import score_systems, training_reference
+from echo_ray.eval.tables import (
+    PLOT_FILE,
+    REPORTS_FILE,
+    RESULTS_FILE,
+    TABLE_FILE,
+    format_results_table,
+    write_outputs,
 )
-from echo_ray.text.labeler import label_report, labels_to_vector
-from echo_ray.text.labels import CHEXPERT_LABELS
+from echo_ray.eval.text_metrics import DEFAULT_SEMSCORE_MODEL
+from echo_ray.runtime.cluster import init_ray
+from echo_ray.text.labeler import labels_to_vector
 
 logger = logging.getLogger(__name__)
 
-# Short names accepted in a system spec, for the decoding modes of decoding.DECODING_MODES.
+# Short names accepted in a system spec, for the decoding modes of DECODING_MODES.
 MODE_ALIASES = {"multistep": "multi-step", "onestep": "one-step", "fused": "one-step-fused"}
 REFERENCE_LABELS = ("labeler", "shard")
-RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "quality_vs_speed.png"
-REPORTS_FILE, RUN_FILE = "reports.parquet", "run.json"
-MAJORITY_ROW = "majority (train)"
-# Keys every system's object in results.json has (None where a metric was skipped).
-RESULT_KEYS = (
-    "ce_f1_micro14", "ce_f1_macro14", "ce_f1_micro5", "ce_f1_macro5",
-    "ce_f1_micro14_uncertain_positive", "ce_f1_macro14_uncertain_positive",
-    "ce_f1_micro5_uncertain_positive", "ce_f1_macro5_uncertain_positive",
-    "semscore", "rouge_l", "bleu4", "fluency_ppl", "ratescore", "known_sentences",
-    "tokens_per_forward", "tokens_per_s", "ms_per_report", "forwards_per_report",
-    "num_reports", "num_errors",
-)
 _INPUT_COLUMNS = ["dicom_id", "study_id", "split", "view_position", "dicom", "report_normalized",
                   "labels"]
 _OUTPUT_SCHEMA = pa.schema([
@@ -119,7 +97,7 @@ class System:
 
     @classmethod
     def parse(cls, spec: str) -> System:
-        """`NAME=PATH:MODE`; MODE one of decoding.DECODING_MODES or MODE_ALIASES."""
+        """`NAME=PATH:MODE`; MODE one of DECODING_MODES or MODE_ALIASES."""
         name, eq, rest = spec.partition("=")
         path, colon, mode = rest.rpartition(":")
         if not eq or not colon or not name.strip() or not path:
@@ -214,7 +192,7 @@ def evaluate(
         )
     _log("scoring")
     results, notes, baseline = score_systems(
-        systems, tables, options, _training_reference(files, shards, options.reference_labels),
+        systems, tables, options, training_reference(files, shards, options.reference_labels),
         fluency_name=fluency and fluency.uri,
     )
     run_info = {
@@ -242,27 +220,6 @@ class Evaluation:
 
     def table(self) -> str:
         return format_results_table(self.results, self.run.get("majority_baseline"))
-
-
-@dataclass
-class TrainingReference:
-    """What the train split contributes: its report sentences (the known-sentence rate) and
-    its labels (the majority-class baseline), under the run's reference-label policy."""
-
-    sentences: set[str]
-    labels: list[dict]
-
-
-def _training_reference(files: list[str], shards: Location, policy: str) -> TrainingReference:
-    table = pads.dataset(files, filesystem=shards.fs, format="parquet").to_table(
-        columns=["report_normalized", "labels"], filter=pc.field("split") == "train"
-    )
-    rows = [r for r in table.to_pylist() if r["report_normalized"]]
-    if policy == "labeler":
-        labels = [label_report(r["report_normalized"]) for r in rows]
-    else:
-        labels = labels_from_vectors(r["labels"] for r in rows if r["labels"] is not None)
-    return TrainingReference(known_sentences(r["report_normalized"] for r in rows), labels)
 
 
 def _fluency_model(systems, models, options, s3_endpoint) -> Location | None:
@@ -387,258 +344,3 @@ class _ReportActor:
                for name in _OUTPUT_SCHEMA.names
                if name not in ("dicom_id", "study_id", "view_position", "reference_labels")},
         }).select(_OUTPUT_SCHEMA.names).cast(_OUTPUT_SCHEMA)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring (driver side, plain Python)
-
-
-def score_systems(
-    systems: Sequence[System],
-    tables: dict[str, pa.Table],
-    options: EvalOptions,
-    train: TrainingReference,
-    *,
-    fluency_name: str | None = None,
-) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any] | None]:
-    """The figures of every system from its rows.
-
-    Rows with an error (the DICOM did not decode) or without a reference report are left
-    out of every quality figure and counted in `num_errors` / `num_no_reference`.
-
-    Returns:
-        (system name -> figures; notes: which models, which conventions, what was skipped
-        and why; the majority-class baseline's CE F1 on the same images, None without
-        training labels).
-    """
-    notes: dict[str, str] = {
-        "uncertain": "ce_f1_* score an uncertain label as negative; "
-                     "ce_f1_*_uncertain_positive as positive",
-        "reference_labels": (
-            "the project's labeler on the reference report" if options.reference_labels ==
-            "labeler" else "the shards' labels column (chexpert.csv when the archive has one)"
-        ),
-        "bleu4": "corpus BLEU-4 (sacrebleu, 13a tokenization) / 100",
-        "rouge_l": "mean ROUGE-L F-measure (rouge-score, no stemming)",
-        "known_sentences": "share of generated sentences found verbatim in training reports",
-        "speed": f"decoder call only (vision + prefill + decode), batch {options.batch_size}, "
-                 "after a warm-up batch; tokens exclude <eos>",
-    }
-    encoder = None
-    try:
-        encoder = load_sentence_encoder(options.semscore_model)
-        notes["semscore"] = f"mean cosine of sentence embeddings, model {encoder.name}"
-    except MetricUnavailable as e:
-        notes["semscore"] = f"skipped: {e}"
-    notes["fluency_ppl"] = (
-        f"perplexity of the generated report given its image under {fluency_name}"
-        if fluency_name else "skipped: no AR checkpoint (pass --fluency-model or an ar system)"
-    )
-    ratescore_reason = None if options.ratescore else "skipped: --no-ratescore"
-    results: dict[str, dict[str, Any]] = {}
-    baseline: dict[str, Any] | None = None
-    for system in systems:
-        rows = tables[system.name].to_pylist()
-        good = [r for r in rows if r["error"] is None and r["reference"]]
-        figures: dict[str, Any] = {
-            "mode": system.mode,
-            "num_reports": len(good),
-            "num_errors": sum(r["error"] is not None for r in rows),
-            "num_no_reference": sum(r["error"] is None and not r["reference"] for r in rows),
-        }
-        if not good:
-            figures.update({k: None for k in RESULT_KEYS if k not in figures})
-            results[system.name] = figures
-            continue
-        generated = [r["report"] for r in good]
-        references = [r["reference"] for r in good]
-        predicted = labels_from_vectors(r["labels"] for r in good)
-        if options.reference_labels == "labeler":
-            reference_labels = [label_report(t) for t in references]
-        else:
-            kept = [r for r in good if r["reference_labels"] is not None]
-            reference_labels = labels_from_vectors(r["reference_labels"] for r in kept)
-            predicted = labels_from_vectors(r["labels"] for r in kept)
-        for policy in UNCERTAIN_POLICIES:
-            scores = label_f1(predicted, reference_labels, uncertain=policy)
-            suffix = "" if policy == "negative" else "_uncertain_positive"
-            for key in ("micro14", "macro14", "micro5", "macro5"):
-                figures[f"ce_f1_{key}{suffix}"] = scores[f"f1_{key}"]
-            if policy == "negative":
-                figures["per_label_f1"] = {k: scores["per_label"][k]["f1"]
-                                           for k in CHEXPERT_LABELS}
-        figures["semscore"] = semscore(generated, references, encoder) if encoder else None
-        figures["rouge_l"] = rouge_l(generated, references)
-        figures["bleu4"] = bleu4(generated, references)
-        scored = [r for r in good if r["fluency_tokens"] is not None]
-        figures["fluency_ppl"] = perplexity(
-            [r["fluency_nll"] for r in scored], [r["fluency_tokens"] for r in scored]
-        ) if scored else None
-        figures["ratescore"] = None
-        if ratescore_reason is None:
-            try:
-                figures["ratescore"] = ratescore(generated, references)
-            except MetricUnavailable as e:
-                ratescore_reason = f"skipped: {e}"
-        figures["known_sentences"] = known_sentence_rate(generated, train.sentences)
-        if baseline is None and train.labels:
-            majority = majority_baseline(train.labels, reference_labels)
-            baseline = {f"ce_f1_{k}": majority[f"f1_{k}"]
-                        for k in ("micro14", "macro14", "micro5", "macro5")}
-            baseline["per_label_f1"] = {k: majority["per_label"][k]["f1"]
-                                        for k in CHEXPERT_LABELS}
-            baseline["positive_labels"] = [k for k, v in majority["majority"].items() if v]
-        figures.update(speed_figures(good))
-        results[system.name] = figures
-    notes["ratescore"] = ratescore_reason or "RaTEScore (ratescore package), mean over reports"
-    notes["majority"] = ("majority (train): each label predicted as its majority class in the "
-                         "train split, on the same images")
-    return results, notes, baseline
-
-
-def speed_figures(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Speed from per-report rows carrying their batch's id, size, forwards and latency.
-
-    tokens_per_s: report tokens / seconds in the decoder, summed over distinct batches;
-    ms_per_report: decoder milliseconds per report (a batch's time shared by its reports);
-    forwards_per_report and tokens_per_forward: means over reports of their batch's figures
-    (a batch decodes in lockstep, so its reports share its forwards).
-    """
-    batches = {r["batch_id"]: r["batch_latency_ms"] for r in rows}
-    seconds = sum(batches.values()) / 1000
-    tokens = sum(r["num_tokens"] for r in rows)
-    return {
-        "tokens_per_forward": statistics.fmean(r["batch_tokens_per_forward"] for r in rows),
-        "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
-        "ms_per_report": 1000 * seconds / len(rows),
-        "forwards_per_report": statistics.fmean(r["batch_forwards"] for r in rows),
-        "batch_latency_ms_p50": statistics.median(batches.values()),
-        "num_batches": len(batches),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # (key, header, format)
-    ("mode", "decoding", "s"),
-    ("num_reports", "reports", "d"),
-    ("ce_f1_micro14", "CE F1 mi14", ".3f"),
-    ("ce_f1_macro14", "CE F1 ma14", ".3f"),
-    ("ce_f1_micro5", "CE F1 mi5", ".3f"),
-    ("ce_f1_micro14_uncertain_positive", "mi14 (u=1)", ".3f"),
-    ("semscore", "SemScore", ".3f"),
-    ("rouge_l", "ROUGE-L", ".3f"),
-    ("bleu4", "BLEU-4", ".3f"),
-    ("fluency_ppl", "fluency PPL", ".2f"),
-    ("ratescore", "RaTEScore", ".3f"),
-    ("known_sentences", "known sent.", ".1%"),
-    ("tokens_per_forward", "tok/fwd", ".2f"),
-    ("tokens_per_s", "tok/s", ".0f"),
-    ("ms_per_report", "ms/report", ".1f"),
-    ("forwards_per_report", "fwd/report", ".1f"),
-)
-
-
-def format_results_table(
-    results: dict[str, dict[str, Any]], baseline: dict[str, Any] | None = None
-) -> str:
-    """The systems x figures table, as Markdown (readable as plain text too); the
-    majority-class baseline's CE F1 as a last row when given."""
-    header = ["system"] + [title for _, title, _ in _TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    rows = dict(results)
-    if baseline is not None:
-        rows[MAJORITY_ROW] = {"mode": "-", **baseline}
-    for name, fig in rows.items():
-        cells = [name]
-        for key, _, fmt in _TABLE_COLUMNS:
-            value = fig.get(key)
-            cells.append("n/a" if value is None else format(value, fmt))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_results_markdown(results: dict[str, dict[str, Any]], run: dict[str, Any]) -> str:
-    baseline = run.get("majority_baseline")
-    columns = {**results, **({MAJORITY_ROW: baseline} if baseline else {})}
-    per_label = {n: {"per_label": {k: {"f1": v} for k, v in f["per_label_f1"].items()},
-                     **{f"f1_{k}": f[f"ce_f1_{k}"] for k in ("micro14", "macro14", "micro5",
-                                                             "macro5")}}
-                 for n, f in columns.items() if f.get("per_label_f1")}
-    parts = [
-        f"# echo-ray evaluation: {run['split']} split of {run['data']}",
-        "",
-        format_results_table(results, baseline),
-        "",
-        "Notes:",
-        *(f"- {key}: {text}" for key, text in run["notes"].items()),
-        "- systems: " + "; ".join(f"{n} = {s['path']} ({s['mode']})"
-                                  for n, s in run["systems"].items()),
-    ]
-    if per_label:
-        parts += ["", "Per-label CE F1 (uncertain = negative):", "", "```",
-                  format_f1_table(per_label), "```"]
-    return "\n".join(parts) + "\n"
-
-
-def plot_quality_vs_speed(results: dict[str, dict[str, Any]], path: str) -> None:
-    """Two panels, CE F1 (micro, 14 labels) and SemScore against tokens/s (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    shown = {n: f for n, f in results.items() if f.get("tokens_per_s")}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, key, title in ((axes[0], "ce_f1_micro14", "CE F1, micro over 14 labels"),
-                           (axes[1], "semscore", "SemScore")):
-        points = {n: (f["tokens_per_s"], f[key]) for n, f in shown.items()
-                  if f.get(key) is not None}
-        for name, (x, y) in points.items():
-            ax.scatter(x, y, s=50)
-            # Systems of similar speed sit close: the lower one is labelled below its point.
-            lower = any(y < y2 for n2, (x2, y2) in points.items()
-                        if n2 != name and max(x, x2) / min(x, x2) < 1.3)
-            ax.annotate(f"{name}\n({shown[name]['tokens_per_forward']:.1f} tok/fwd)", (x, y),
-                        textcoords="offset points", xytext=(6, -22 if lower else 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.margins(x=0.3)  # room for the labels of the outermost points
-        ax.set_xlabel("tokens/s (log scale)")
-        ax.set_ylabel(title)
-        ax.set_title(f"{title} vs speed")
-        ax.grid(True, which="both", alpha=0.3)
-        values = [f[key] for f in shown.values() if f.get(key) is not None]
-        if values:
-            ax.set_ylim(0, max(1.0, max(values) * 1.1) if key == "semscore"
-                        else max(0.1, max(values) * 1.25))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(dst: Location, results: dict[str, dict[str, Any]],
-                  tables: dict[str, pa.Table], run: dict[str, Any]) -> None:
-    """results.json, results.md, the plot, reports.parquet and run.json under `dst`."""
-    dst.fs.create_dir(dst.path, recursive=True)
-    dst.join(RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True))
-    dst.join(TABLE_FILE).write_text(format_results_markdown(results, run))
-    dst.join(RUN_FILE).write_text(json.dumps(run, indent=2, sort_keys=True, default=str))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, PLOT_FILE)
-        plot_quality_vs_speed(results, local)
-        with open(local, "rb") as f:
-            dst.join(PLOT_FILE).write_bytes(f.read())
-    reports = pa.concat_tables([
-        t.append_column("system", pa.array([name] * t.num_rows, pa.string()))
-        .append_column("decoding", pa.array([run["systems"][name]["mode"]] * t.num_rows,
-                                            pa.string()))
-        for name, t in tables.items()
-    ])
-    with dst.fs.open_output_stream(dst.join(REPORTS_FILE).path) as f:
-        pq.write_table(reports, f)

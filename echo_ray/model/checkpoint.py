@@ -17,8 +17,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from echo_ray.config.schema import EchoConfig, apply_overrides, from_dict
-from echo_ray.model.dvlm import EchoDVLM, load_pretrained
+from echo_ray.config.overrides import apply_overrides, from_dict
+from echo_ray.config.schema import EchoConfig
+from echo_ray.model.dvlm import EchoDVLM
+from echo_ray.model.hf import load_pretrained
 
 CONFIG_FILE = "echo_config.json"
 

@@ -1,8 +1,9 @@
 """The dVLM: transformers' Qwen2.5-VL (Lingshu-7B's architecture) used as a block-diffusion LM.
 
 Architecture only: how images and the fixed prompt become embeddings and positions, and one
-forward that takes an explicit 4D attention mask. The masks, losses and layouts live in
-`diffusion.py`; the decoders in `sampling.py`.
+forward that takes an explicit 4D attention mask. Building and loading a model (from a config
+or a Hugging Face folder) live in `model/hf.py`; the masks, losses and layouts in
+`echo_ray.diffusion`; the decoders in `echo_ray.decode`.
 
 Why a wrapper rather than calling the HF forward:
 - every prompt is `<|vision_start|> <|image_pad|> x N <|vision_end|> instruction`, with a
@@ -15,25 +16,18 @@ Why a wrapper rather than calling the HF forward:
 - `sdpa` attention reads a bool mask as True = attend (`eager` would read it silently wrong).
 
 No logit shift (as SDAR/ECHO): the hidden state at a masked position predicts the token at
-that position. The AR objective shifts in `diffusion.py`, not here.
+that position. The AR objective shifts in `diffusion/losses.py`, not here.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import (
@@ -44,22 +38,11 @@ from transformers.vision_utils import (
 
 from echo_ray.config.schema import ModelConfig
 from echo_ray.model.cpu_kernels import PackedLinear, pack_linears
-from echo_ray.text.tokenizer import (
-    IMAGE_PAD_TOKEN,
-    MASK_TOKEN,
-    VIDEO_PAD_TOKEN,
-    VISION_END_TOKEN,
-    VISION_START_TOKEN,
-)
-
-logger = logging.getLogger(__name__)
+from echo_ray.text.tokenizer import MASK_TOKEN
 
 # Qwen2.5-VL normalises pixels with CLIP's statistics.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-# The only attention implementation whose reading of a bool 4D mask we rely on (DESIGN.md 3).
-ATTN_IMPLEMENTATION = "sdpa"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PatchProjection(nn.Conv3d):
@@ -367,138 +350,13 @@ class EchoDVLM(nn.Module):
         return self.backbone.lm_head(hidden[:, logits_from:])  # (B, Q - logits_from, V)
 
 
-# ---------------------------------------------------------------------- building / loading
-
-
-def hf_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config of `config`'s shapes on `tokenizer`'s ids (no resize ever needed)."""
-    vocab = tokenizer.get_vocab()
-    missing = [
-        t
-        for t in (MASK_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN)
-        if t not in vocab
-    ]
-    if missing:
-        raise ValueError(
-            f"tokenizer lacks {missing}; build the model on a report tokenizer "
-            "(echo_ray.tokenizer.train_report_tokenizer), which has every special token"
-        )
-    depth = config.vision_depth
-    # Qwen2.5-VL: windowed attention with a full-attention block every 8 (7, 15, 23, 31).
-    full_attention = [i for i in range(depth) if (i + 1) % 8 == 0] or [depth - 1]
-    hf = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads,
-            max_position_embeddings=config.max_position_embeddings,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": config.rope_theta,
-                "mrope_section": list(config.mrope_section),
-            },
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=depth,
-            hidden_size=config.vision_hidden_size,
-            intermediate_size=config.vision_intermediate_size,
-            num_heads=config.vision_num_heads,
-            out_hidden_size=config.hidden_size,
-            patch_size=config.patch_size,
-            spatial_merge_size=config.spatial_merge_size,
-            fullatt_block_indexes=full_attention,
-        ),
-        image_token_id=vocab[IMAGE_PAD_TOKEN],
-        video_token_id=vocab.get(VIDEO_PAD_TOKEN, vocab[IMAGE_PAD_TOKEN]),
-        vision_start_token_id=vocab[VISION_START_TOKEN],
-        vision_end_token_id=vocab[VISION_END_TOKEN],
-        tie_word_embeddings=config.tie_word_embeddings,
-    )
-    hf._attn_implementation = ATTN_IMPLEMENTATION
-    return hf
-
-
-def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> EchoDVLM:
-    """The dVLM of `config`: loaded from `config.pretrained_path`, else built at random.
-
-    Args:
-        config: model section of the run config.
-        tokenizer: required when building from shapes (the model uses its vocabulary and
-            ids); with a checkpoint, defaults to the tokenizer saved beside it.
-    """
-    if config.pretrained_path is not None:
-        return load_pretrained(config.pretrained_path, config, tokenizer)
-    if tokenizer is None:
-        raise ValueError("building a model from shapes needs the report tokenizer")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        backbone = Qwen2_5_VLForConditionalGeneration(hf_config(config, tokenizer))
-    backbone.to(DTYPES[config.dtype]).eval()
-    return EchoDVLM(backbone, tokenizer, config)
-
-
-def load_pretrained(
-    path: str | Path, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
-) -> EchoDVLM:
-    """Load a local Hugging Face Qwen2.5-VL directory (e.g. Lingshu-7B) as a dVLM.
-
-    Adds `<|mask|>` to the tokenizer when it lacks one and resizes the embeddings (the new
-    rows start at the mean embedding) when the vocabulary outgrows them.
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face model directory (no config.json); set "
-            "model.pretrained_path to a local Qwen2.5-VL checkpoint or to null to build one"
-        )
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path), attn_implementation=ATTN_IMPLEMENTATION, dtype=DTYPES[config.dtype]
-    )
-    backbone.eval()
-    add_mask_token(backbone, tokenizer)
-    return EchoDVLM(backbone, tokenizer, config)
-
-
-def add_mask_token(
-    backbone: Qwen2_5_VLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase
-) -> bool:
-    """Give `tokenizer` a `<|mask|>` token and `backbone` an embedding row for it.
-
-    Returns True when anything changed. New embedding (and, untied, output) rows are set to
-    the mean of the existing rows, a neutral start for a token the base never saw.
-    """
-    changed = False
-    if MASK_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
-        changed = True
-    elif tokenizer.mask_token != MASK_TOKEN:
-        tokenizer.mask_token = MASK_TOKEN
-    old = backbone.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            emb = backbone.get_input_embeddings().weight
-            emb[old:] = emb[:old].mean(0)
-            head = backbone.get_output_embeddings().weight
-            if head is not emb:
-                head[old:] = head[:old].mean(0)
-        logger.info("resized embeddings %d -> %d for %s", old, len(tokenizer), MASK_TOKEN)
-        changed = True
-    return changed
+# ---------------------------------------------------------------------- token ids
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     vocab = tokenizer.get_vocab()
     if token not in vocab:
-        raise ValueError(f"tokenizer lacks {token}; call echo_ray.model.add_mask_token first")
+        raise ValueError(f"tokenizer lacks {token}; call echo_ray.model.hf.add_mask_token first")
     return int(vocab[token])
 
 

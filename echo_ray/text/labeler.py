@@ -1,482 +1,24 @@
-"""Radiology report text: MIMIC-CXR section parsing, normalization, CheXpert-style labeling.
-
-Plain Python (no ray, no torch): used by data preparation, synthesis, evaluation and serving.
-
-- parse_sections / findings_text / split_sentences: MIMIC-CXR report structure
-  (create_section_files.py's header rules; addenda kept apart; "___" left as text).
-- label_report: a compact rule-based CheXpert labeler (phrase tables + NegEx-style
-  negation / uncertainty cues with clause scopes, CheXpert's aggregation, hierarchy and
-  No Finding rules). It is the project's clinical metric; its decisions are listed in
-  its docstring.
-- normalize_report: the ECHO normalization: every region of REGIONS stated positive or
-  negative, in order, with paraphrase variety (NEGATIVE_STATEMENTS, POINTER_STATEMENTS,
-  NORMAL_IMPRESSIONS are the whole added vocabulary), preserving the labels.
+"""A compact rule-based CheXpert labeler: label_report finds the mentions of each
+observation (echo_ray.text.mentions) and of heart / mediastinum size in every sentence,
+classifies them with NegEx-style negation / uncertainty cues scoped to clauses, and
+aggregates as CheXpert does (priority, hierarchy, No Finding). It is the project's clinical
+metric; its decisions are listed in label_report's docstring.
 """
 
 from __future__ import annotations
 
 import functools
-import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from echo_ray.text.labels import (
-    CHEXPERT5_LABELS,
-    CHEXPERT_LABELS,
-    LABEL_HIERARCHY,
-    NEGATIVE,
-    POSITIVE,
-    REGIONS,
-    UNCERTAIN,
-)
-
-__all__ = [
-    "CHEXPERT5_LABELS",
-    "CHEXPERT_LABELS",
-    "NEGATIVE",
-    "NEGATIVE_STATEMENTS",
-    "NORMAL_IMPRESSIONS",
-    "OBSERVATION_REGION",
-    "POINTER_STATEMENTS",
-    "POSITIVE",
-    "REGIONS",
-    "REGION_KEYWORDS",
-    "UNCERTAIN",
-    "findings_text",
-    "label_report",
-    "labels_to_vector",
-    "normalize_report",
-    "parse_sections",
-    "sentence_region",
-    "sentence_regions",
-    "split_sentences",
-]
+from echo_ray.text.labels import CHEXPERT_LABELS, LABEL_HIERARCHY, NEGATIVE, POSITIVE, UNCERTAIN
+from echo_ray.text.mentions import MENTION_TABLE, OTHER
+from echo_ray.text.sections import findings_text, parse_sections, split_sentences
 
 # --------------------------------------------------------------------------------------
-# Section parsing (after MIMIC-CXR's create_section_files.py / section_parser.py)
+# Heart and mediastinum size statements
 # --------------------------------------------------------------------------------------
-
-# Header spelling -> section key. None: a title, not a section ("FINAL REPORT").
-# "conclusion" and "findings and impression" are impressions, as MIMIC-CXR normalizes them.
-_SECTION_ALIASES: dict[str, str | None] = {
-    "final report": None,
-    "examination": "examination",
-    "exam": "examination",
-    "type of examination": "examination",
-    "indication": "indication",
-    "indications": "indication",
-    "clinical indication": "indication",
-    "reason for exam": "indication",
-    "reason for examination": "indication",
-    "reason for study": "indication",
-    "history": "history",
-    "clinical history": "history",
-    "clinical information": "history",
-    "patient history": "history",
-    "technique": "technique",
-    "comparison": "comparison",
-    "comparisons": "comparison",
-    "comparison exam": "comparison",
-    "comparison film": "comparison",
-    "reference exam": "comparison",
-    "finding": "findings",
-    "findings": "findings",
-    "impression": "impression",
-    "impressions": "impression",
-    "conclusion": "impression",
-    "conclusions": "impression",
-    "findings and impression": "impression",
-    "findings/impression": "impression",
-    "recommendation": "recommendations",
-    "recommendations": "recommendations",
-    "recommendation(s)": "recommendations",
-    "notification": "notification",
-    "notifications": "notification",
-    "wet read": "wet_read",
-    "wetread": "wet_read",
-    "addendum": "addendum",
-    "addenda": "addendum",
-    "comment": "comment",
-    "comments": "comment",
-}
-# Sections that describe the request or the paperwork, never the image.
-_ADMIN_SECTIONS = frozenset(
-    {
-        "examination",
-        "indication",
-        "history",
-        "technique",
-        "comparison",
-        "notification",
-        "recommendations",
-        "wet_read",
-        "addendum",
-    }
-)
-_KNOWN_HEADER = "|".join(
-    re.escape(k).replace(r"\ ", r"\s+") for k in sorted(_SECTION_ALIASES, key=len, reverse=True)
-)
-_HEADER_RE = re.compile(rf"(?i)(?<![\w(])(?P<name>{_KNOWN_HEADER})[ \t]*(?P<colon>:)?")
-# Any all-caps "SOMETHING:" at a line start is a header too (MIMIC's own rule), e.g.
-# "CHEST, PA AND LATERAL:"; it is named by the substring rules below.
-_CAPS_HEADER_RE = re.compile(r"(?m)^[ \t]*(?P<name>[A-Z][A-Z ,()/&-]{2,60}?)[ \t]*(?P<colon>:)")
-_VIEW_WORDS = re.compile(r"chest|portable|pa and lat|ap and lat|frontal|two views|one view|views?")
-
-
-def _section_key(name: str) -> str | None:
-    name = re.sub(r"\s+", " ", name.strip().lower())
-    if name in _SECTION_ALIASES:
-        return _SECTION_ALIASES[name]
-    for main in ("impression", "findings", "history", "comparison", "addendum", "indication"):
-        if main in name:
-            return main
-    if _VIEW_WORDS.search(name):  # "CHEST, PA AND LATERAL:" introduces the findings
-        return "findings"
-    return re.sub(r"\W+", "_", name).strip("_") or None
-
-
-def _headers(text: str) -> list[tuple[int, int, str | None]]:
-    """(start, end, key) of every section header, in text order."""
-    found: list[tuple[int, int, str | None]] = []
-    for m in _HEADER_RE.finditer(text):
-        name = m.group("name")
-        line_start = text.rfind("\n", 0, m.start()) + 1
-        at_line_start = not text[line_start : m.start()].strip()
-        rest_of_line = text[m.end() : (text.find("\n", m.end()) + 1 or len(text) + 1) - 1]
-        if m.group("colon"):
-            # Inline headers must be capitalized: "... IMPRESSION: ..." is a header,
-            # "... a history: ..." is prose.
-            ok = at_line_start or name[0].isupper()
-        else:
-            # Without a colon only a capitalized header alone on its line counts.
-            ok = at_line_start and not rest_of_line.strip() and name[0].isupper()
-        if ok:
-            found.append((m.start(), m.end(), _section_key(name)))
-    for m in _CAPS_HEADER_RE.finditer(text):
-        start = m.start("name")
-        if not any(s <= start < e for s, e, _ in found):
-            found.append((start, m.end(), _section_key(m.group("name"))))
-    found.sort()
-    kept: list[tuple[int, int, str | None]] = []
-    for h in found:  # drop headers overlapping an earlier one
-        if not kept or h[0] >= kept[-1][1]:
-            kept.append(h)
-    return kept
-
-
-def _dedent(body: str) -> str:
-    # MIMIC-CXR separates the wet read from the report with a line of underscores.
-    lines = (line.strip() for line in body.strip().splitlines())
-    return "\n".join(line for line in lines if not re.fullmatch(r"_{5,}", line)).strip()
-
-
-def parse_sections(text: str) -> dict[str, str]:
-    """Split a radiology report into its sections, keyed by lowercase section name.
-
-    Headers are recognized in MIMIC-CXR style: a known name ("FINDINGS", "Impression",
-    "REASON FOR EXAMINATION", "RECOMMENDATION(S)", "WET READ", ...) followed by a colon,
-    at a line start (any case) or inline when capitalized ("FINDINGS: ... IMPRESSION: ..."),
-    or a capitalized known name alone on its line without a colon ("ADDENDUM"); plus any
-    all-caps "NAME:" at a line start. Names are normalized as MIMIC-CXR does: "conclusion"
-    and "findings and impression" become "impression", "reason for exam" "indication",
-    "clinical history" "history", "comparisons" "comparison", "wet read" "wet_read",
-    "recommendation(s)" "recommendations"; "CHEST, PA AND LATERAL:"-style view headers
-    become "findings"; other names are lowercased with "_" for non-word characters.
-
-    "FINAL REPORT" is a title and is dropped. Text before the first header is "preamble";
-    a text without any header is returned whole as "full_report". Every addendum is kept
-    under "addendum" (never merged into the findings); a key seen twice (two addenda,
-    two findings blocks) has its bodies joined by a blank line. Empty findings /
-    impression sections are dropped (as in MIMIC-CXR). "___" placeholders are left in
-    place: they are text, not structure.
-    """
-    headers = _headers(text)
-    if not headers:
-        body = _dedent(text)
-        return {"full_report": body} if body else {}
-    sections: dict[str, str] = {}
-
-    def add(key: str, body: str) -> None:
-        body = _dedent(body)
-        if body:
-            sections[key] = f"{sections[key]}\n\n{body}" if key in sections else body
-
-    add("preamble", text[: headers[0][0]])
-    for i, (_, end, key) in enumerate(headers):
-        stop = headers[i + 1][0] if i + 1 < len(headers) else len(text)
-        add(key or "preamble", text[end:stop])
-    return sections
-
-
-def findings_text(text: str) -> str:
-    """The findings of a report; else its impression; else the report without headers.
-
-    The last fallback keeps the non-administrative text (preamble, unknown sections) when
-    there is any, and otherwise every section body, joined by blank lines.
-    """
-    sections = parse_sections(text)
-    for key in ("findings", "impression"):
-        if key in sections:
-            return sections[key]
-    clinical = [v for k, v in sections.items() if k not in _ADMIN_SECTIONS]
-    return "\n\n".join(clinical or list(sections.values()))
-
-
-# --------------------------------------------------------------------------------------
-# Sentences
-# --------------------------------------------------------------------------------------
-
-# A period after these is not a sentence end ("Dr. ___", "vs. pneumonia", initials).
-_ABBREVIATIONS = re.compile(
-    r"(?i)(?:\b(?:dr|drs|mr|mrs|ms|vs|approx|appt|fig|pt|pts|st|ref)|\be\.g|\bi\.e"
-    r"|(?<![\w.])[a-z])\.$"
-)
-_LIST_MARKER = re.compile(r"^\s*(?:\(?\d{1,2}[.)]|[-*\u2022])\s+")
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n|\n(?=\s*(?:\(?\d{1,2}[.)]|[-*\u2022])\s)")
-_SENTENCE_END = re.compile(r"[.!?](?=\s+)|\s(?=\(?\d{1,2}\)\s)")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split report text into sentences.
-
-    Rules: blank lines and line-initial list markers ("1.", "2)", "-") end a sentence;
-    single newlines are line wrapping and become spaces; ".", "!" and "?" followed by
-    whitespace end a sentence unless they close an abbreviation ("Dr. ___", "vs.", "e.g.",
-    a single initial); a decimal ("1.5 cm") never splits since no space follows its point.
-    List markers are removed from the sentences and pieces without a letter (a lone "2."
-    or "___.") are dropped; "___" inside a sentence is kept as text. Sentences keep their
-    own punctuation.
-    """
-    sentences: list[str] = []
-    for paragraph in _PARAGRAPH_BREAK.split(text.replace("\r", "")):
-        paragraph = re.sub(r"\s+", " ", paragraph).strip()
-        start = 0
-        for m in _SENTENCE_END.finditer(paragraph):
-            piece = paragraph[start : m.end()]
-            if piece.strip() and _ABBREVIATIONS.search(piece.rstrip()):
-                continue
-            sentences.append(piece)
-            start = m.end()
-        sentences.append(paragraph[start:])
-    out = []
-    for s in sentences:
-        s = _LIST_MARKER.sub("", s.strip()).strip()
-        if re.search(r"[A-Za-z]", s):
-            out.append(s)
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# CheXpert-style labeler: phrase tables
-# --------------------------------------------------------------------------------------
-#
-# Mentions are regular expressions over the lowercased sentence, in the spirit of the
-# CheXpert labeler's phrases/mention/*.txt, with its "unmention" phrases folded in as
-# look-behinds ("pericardial effusion" is not a pleural effusion). Labels come from the
-# 13 observations; _OTHER marks findings outside them (CheXpert's no_finding.txt list:
-# emphysema, granuloma, hernia, scoliosis, ...), which only block "No Finding".
-
-_OTHER = "Other"
-
-# The region under which a normalized report files each observation.
-OBSERVATION_REGION: dict[str, str] = {
-    "Enlarged Cardiomediastinum": "mediastinum",
-    "Cardiomegaly": "heart",
-    "Lung Opacity": "lungs",
-    "Lung Lesion": "lungs",
-    "Edema": "vasculature",  # pulmonary edema travels with vascular congestion
-    "Consolidation": "lungs",
-    "Pneumonia": "lungs",
-    "Atelectasis": "lungs",
-    "Pneumothorax": "diaphragm",  # "diaphragm" covers the pleural spaces
-    "Pleural Effusion": "diaphragm",
-    "Pleural Other": "diaphragm",
-    "Fracture": "bones",
-    "Support Devices": "devices",
-}
-
-_MENTIONS: dict[str, tuple[str, ...]] = {
-    "Enlarged Cardiomediastinum": (
-        r"mediastinal (?:widening|enlargement|lymphadenopathy|adenopathy|mass(?:es)?)",
-    ),
-    "Cardiomegaly": (
-        r"cardiomegaly",
-        r"cardiac enlargement",
-        r"(?:left |right )?(?:bi)?(?:ventricular|atrial) (?:enlargement|dilatation)",
-    ),
-    "Lung Opacity": (
-        r"(?<!nodular )(?<!pleuroparenchymal )(?<!pleural-parenchymal )(?<!pleural parenchymal )"
-        r"opaci(?:ty|ties|fication|fications|fied)",
-        r"haz(?:y|iness)",
-        r"infiltrat\w*",
-        r"air[- ]?space (?:disease|process|filling)",
-        r"ground[- ]glass",
-        r"(?:increased|patchy|hazy|streaky|linear|focal|ill-defined|parenchymal|retrocardiac"
-        r"|basilar|bibasilar) densit(?:y|ies)",
-        r"reticula(?:r|tion|ted)|reticulonodular",
-        r"interstitial (?:markings?|opacit\w+|abnormalit\w+|prominence|pattern|lung disease"
-        r"|thickening|changes|process|disease)",
-        # scarring is an opacity; pleural / apical scarring is "Pleural Other" (CheXpert)
-        r"(?<!pleural )(?<!pleural-parenchymal )(?<!pleuroparenchymal )(?<!pleural parenchymal )"
-        r"(?<!apical )scar(?:s|ring|red)?",
-        r"fibro(?:sis|tic)",
-        r"(?:peribronchial|bronchial wall) thickening",
-    ),
-    # "lesion" alone is too vague (CheXpert's choice); calcified nodules and granulomas
-    # are old granulomatous disease, an "other" finding, as CheXpert's guidelines say.
-    "Lung Lesion": (
-        r"(?<!calcified )nodules?",
-        r"(?<!calcified )nodular (?:opacit\w+|densit\w+|lesions?|foci|focus|consolidation)",
-        r"(?<!mediastinal )(?<!breast )(?<!tissue )(?<!muscle )(?<!body )mass(?:es)?(?! effect)",
-        r"tumou?rs?|neoplasms?|carcinomas?|malignanc(?:y|ies)|cancer",
-        r"(?:lung|pulmonary|parenchymal|cavitary|cavitating|spiculated) lesions?",
-    ),
-    "Edema": (
-        r"(?<!tissue )(?<!subcutaneous )(?<!wall )(?<!facial )edema(?:tous)?",
-        r"(?:fluid|volume) overload",
-        r"kerley(?: [ab])?(?: lines?)?",
-        r"septal lines",
-        r"chf",
-        r"(?:congestive )?heart failure",
-    ),
-    "Consolidation": (r"consolidat\w*",),
-    "Pneumonia": (r"(?:broncho)?pneumoni(?:a|as|c|tis)", r"infectio(?:n|ns|us)(?: process)?"),
-    "Atelectasis": (
-        r"atelecta\w*",
-        r"(?<!vertebral )(?<!body )(?<!compression )(?<!tracheal )collaps(?:e|ed|ing)",
-        r"volume loss",
-    ),
-    "Pneumothorax": (r"(?:hydro|hemo)?pneumothora(?:x|ces)", r"ptx"),
-    "Pleural Effusion": (
-        r"(?<!pericardial )(?<!joint )effusions?",
-        r"pleural fluid",
-        r"(?:hydro|hemo|pyo)thorax|hydropneumothorax|empyema",
-        r"fluid (?:in|within|along|tracking (?:into|along)) (?:the )?"
-        r"(?:(?:right|left|minor|major|horizontal|oblique) )*fissures?",
-        r"fissural fluid",
-        r"(?:layering|loculated|subpulmonic) (?:pleural )?fluid",
-    ),
-    "Pleural Other": (
-        r"pleural (?:thickening|plaques?|calcifications?|scar\w*|fibrosis)",
-        r"pleural[- ]?parenchymal (?:scar\w*|thickening|changes|opacit\w+)",
-        r"pleuroparenchymal (?:scar\w*|thickening|changes|opacit\w+)",
-        r"fibrothorax",
-        r"apical (?:pleural )?(?:cap(?:s|ping)?|thickening|scar\w*)",
-        r"thickening of the pleura",
-    ),
-    "Fracture": (r"fractur\w*", r"fx"),
-    # Surgical clips are not support devices (CheXpert's list has no "clip" either).
-    "Support Devices": (
-        r"tubes?",
-        r"ett|ngt|ogt|dobb?hoff|tracheostomy|trach|catheters?|picc|cvc|cvl|ij"
-        r"|port-?a-?cath|portacath|mediport|swan[- ]?ganz|impella|iabp|lvad|ecmo|aicd|icd"
-        r"|pacer|pacemakers?|defibrillators?|stents?|coils?|cannula[es]?|sheath|introducer"
-        r"|drains?|pigtail|hardware|wires?|electrodes?|leads",
-        r"(?:central|venous|arterial|midline|dialysis|hemodialysis|subclavian|jugular|femoral"
-        r"|ij|picc|triple[- ]lumen|double[- ]lumen|port|access|infusion)(?:[- ][a-z]+){0,2}?"
-        r"[- ]lines?",
-        r"(?:pacing|pacer|pacemaker|icd|aicd|defibrillator|transvenous|epicardial|biventricular"
-        r"|rv|ra|right ventricular|right atrial) (?:[a-z]+ )?lead",
-        r"(?:median )?sternotomy(?: wires?)?|sternal (?:wires?|sutures?|closure)",
-        r"valve (?:replacement|prosthesis)|prosthetic (?:[a-z]+ )?valves?"
-        r"|(?:mechanical|bioprosthetic|replaced) (?:[a-z]+ )?valves?|tavr|tavi"
-        r"|annuloplasty(?: ring)?|mitraclip|watchman|loop recorder|stimulator",
-        r"(?:support|medical|monitoring|implanted|closure) (?:devices?|apparatus)|devices?",
-        r"plates?(?![- ]?like)|screws?|arthroplast\w*|(?:humeral|shoulder) prosthesis",
-        r"(?:chest|power|infusion|venous access|implanted|right-sided|left-sided|subclavian"
-        r"|chest wall) port",
-    ),
-}
-
-# CheXpert reports these as uncertain even when asserted: congestion is not yet edema,
-# a blunted costophrenic angle may be fluid or thickening.
-_UNCERTAIN_MENTIONS: dict[str, tuple[str, ...]] = {
-    "Edema": (
-        r"(?:(?:pulmonary|vascular|venous|hilar|central|interstitial) ){0,2}"
-        r"(?:congestion|engorgement)",
-        r"cephalization",
-        r"(?:pulmonary )?vascular (?:prominence|indistinctness|redistribution|plethora|blurring)",
-        r"(?:indistinct(?:ness)?|prominen(?:t|ce))(?: of)?(?: the)? (?:pulmonary )?"
-        r"(?:vessels|vasculature|vascular markings)",
-        r"pulmonary venous (?:hypertension|distension)",
-        r"engorged (?:pulmonary )?(?:vessels|vasculature)",
-    ),
-    "Pleural Effusion": (
-        r"blunt(?:ing|ed)? (?:of )?(?:the )?(?:(?:right|left|bilateral|both|posterior|lateral) )*"
-        r"(?:costophrenic|cp) (?:angles?|sulc(?:us|i))",
-        r"(?:costophrenic|cp) (?:angles?|sulc(?:us|i)) (?:(?:is|are|remains?|appears?|now|again"
-        r"|mildly|slightly) )*blunt\w*",
-        r"(?:costophrenic|cp) angle blunting",
-    ),
-}
-
-# Findings outside the 14 labels, by region: they block "No Finding" (as CheXpert's
-# no_finding.txt does) and tell the normalizer where a sentence belongs.
-_OTHER_FINDINGS: dict[str, tuple[str, ...]] = {
-    "thorax": (
-        r"subcutaneous (?:emphysema|air|gas)",
-        r"soft[- ]tissue (?:swelling|emphysema|gas|air|edema|mass(?:es)?)",
-        r"chest wall (?:mass|swelling|emphysema|deformity)",
-        r"pectus (?:excavatum|carinatum)",
-    ),
-    "mediastinum": (
-        r"pneumomediastinum",
-        r"(?:tortuous|tortuosity of|unfold\w*(?: of)?|ectatic|ectasia of|dilatation of"
-        r"|aneurysm\w*(?: of)?)(?: the)?(?: thoracic| descending| ascending)? aort\w+",
-        r"aort\w+ (?:is |are |remains )?(?:mildly |moderately )?(?:tortuous|unfolded|ectatic"
-        r"|dilated|calcified|aneurysmal)",
-        r"(?:aortic|vascular|atherosclerotic) calcifications?|atheroscler\w+",
-        r"tracheal deviation|deviation of the trachea|goiter",
-    ),
-    "lungs": (
-        r"(?<!subcutaneous )(?<!tissue )(?<!wall )emphysema\w*",
-        r"hyper(?:inflat|expan)\w*",
-        r"copd|bull(?:a|ae|ous)|blebs?|bronchiectasis|aspiration",
-        r"granulom\w*|calcified (?:nodul\w+|granulom\w+)",
-        r"bronchi(?:tis|olitis)|airways? disease|bronchospasm|asthma",
-        r"metasta\w+",
-    ),
-    "hila": (
-        r"hil(?:ar|um|a) (?:enlargement|prominence|fullness|lymphadenopathy|adenopathy|masses)",
-        r"(?:enlarged|prominent|full|bulky) hil(?:a|um|ar)",
-        r"(?<!mediastinal )(?:lymphadenopathy|adenopathy)",
-    ),
-    "heart": (r"pericardial effusions?",),
-    "diaphragm": (
-        r"(?:(?:hiatal|hiatus|diaphragmatic|paraesophageal) )?hernia",
-        r"elevat\w+(?: of)?(?: the)?(?: right| left)? (?:hemi)?diaphragm\w*",
-        r"(?:hemi)?diaphragm\w* (?:is |are |remains )?(?:[a-z]+ )?elevat\w+",
-        r"eventration|pneumoperitoneum",
-        r"free (?:intraperitoneal |intra-abdominal |subdiaphragmatic )?air",
-    ),
-    "bones": (
-        r"scoliosis|kyphosis|kyphotic|osteopeni\w+|osteoporo\w+|demineraliz\w+|osteophyt\w+"
-        r"|spondylo\w+|arthropathy|arthritis|dislocat\w+",
-        r"(?:degenerative|arthritic) (?:change|disease)s?",
-        r"deformit(?:y|ies)",
-        r"(?:lytic|sclerotic|blastic|bone|osseous) lesions?",
-    ),
-}
-
-
-def _compile_mentions() -> tuple[tuple[str, tuple[str, ...], float, re.Pattern[str]], ...]:
-    table = []
-    for label, patterns in _MENTIONS.items():
-        for p in patterns:
-            table.append((label, (OBSERVATION_REGION[label],), POSITIVE, p))
-    for label, patterns in _UNCERTAIN_MENTIONS.items():
-        for p in patterns:
-            table.append((label, (OBSERVATION_REGION[label],), UNCERTAIN, p))
-    for region, patterns in _OTHER_FINDINGS.items():
-        for p in patterns:
-            table.append((_OTHER, (region,), POSITIVE, p))
-    return tuple(
-        (label, regions, base, re.compile(rf"\b(?:{p})\b")) for label, regions, base, p in table
-    )
-
-
-_MENTION_TABLE = _compile_mentions()
 
 # Size statements about the heart and mediastinum ("heart size is normal", "the
 # cardiac silhouette is mildly enlarged", "widened mediastinum") are subjects whose
@@ -522,7 +64,7 @@ _ATTR_WINDOW_STOP = re.compile(
 )
 
 # --------------------------------------------------------------------------------------
-# CheXpert-style labeler: negation and uncertainty rules
+# Negation and uncertainty rules
 # --------------------------------------------------------------------------------------
 
 # Clause boundaries end every negation / uncertainty scope (NegEx's terminators):
@@ -646,16 +188,16 @@ _IMPLIED_NEGATIVES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
     ),
 )
 
-_PRIORITY = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
+PRIORITY = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
 
 
 # --------------------------------------------------------------------------------------
-# CheXpert-style labeler: the engine
+# The engine
 # --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Hit:
+class Hit:
     """One mention in a sentence: its label, the regions it speaks of, span and value."""
 
     label: str
@@ -673,7 +215,7 @@ class _Cue:
     strong: bool = False  # pre-negation uncertainty: wins over any negation
 
 
-def _prepare(sentence: str) -> str:
+def prepare_sentence(sentence: str) -> str:
     s = sentence.lower()
     s = re.sub(r"\bw/o\b", "without", s)
     s = re.sub(r"\bw/", "with ", s)
@@ -798,7 +340,7 @@ def _subject_value(
     return _attribute_value(s[words[0] : ss]) if words else None
 
 
-def _or_uncertain(s: str, hits: list[_Hit]) -> list[_Hit]:
+def _or_uncertain(s: str, hits: list[Hit]) -> list[Hit]:
     """Mentions joined by "or" / "versus" / "/" (and a ", or" list) become uncertain."""
     items = sorted((h for h in hits if h.label != "Support Devices"), key=lambda h: h.start)
     marked: set[int] = set()
@@ -819,7 +361,7 @@ def _or_uncertain(s: str, hits: list[_Hit]) -> list[_Hit]:
                 marked.add(id(items[j]))
                 j -= 1
     return [
-        _Hit(h.label, h.regions, h.start, h.end, UNCERTAIN)
+        Hit(h.label, h.regions, h.start, h.end, UNCERTAIN)
         if id(h) in marked and h.value == POSITIVE
         else h
         for h in hits
@@ -827,20 +369,20 @@ def _or_uncertain(s: str, hits: list[_Hit]) -> list[_Hit]:
 
 
 @functools.lru_cache(maxsize=65536)
-def _analyse(sentence: str) -> tuple[tuple[_Hit, ...], frozenset[str]]:
+def analyse_sentence(sentence: str) -> tuple[tuple[Hit, ...], frozenset[str]]:
     """All mentions of one sentence with their values, and the labels it implies negative."""
-    s = _prepare(sentence)
+    s = prepare_sentence(sentence)
     clauses = _clauses(s)
 
     def clause_of(pos: int) -> tuple[int, int]:
         return next((c for c in clauses if c[0] <= pos < c[1]), (pos, len(s)))
 
     cues = _cues(s)
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     candidates = sorted(
         (
             (m.start(), -m.end(), label, regions, base)
-            for label, regions, base, rx in _MENTION_TABLE
+            for label, regions, base, rx in MENTION_TABLE
             for m in rx.finditer(s)
         ),
     )
@@ -851,7 +393,7 @@ def _analyse(sentence: str) -> tuple[tuple[_Hit, ...], frozenset[str]]:
             continue  # a longer mention of the same label already covers this one
         taken.setdefault(label, []).append((start, end))
         value = _mention_value(s, (start, end), clause_of(start), base, cues)
-        hits.append(_Hit(label, regions, start, end, value))
+        hits.append(Hit(label, regions, start, end, value))
     hits = _or_uncertain(s, hits)
 
     subjects = [
@@ -869,24 +411,24 @@ def _analyse(sentence: str) -> tuple[tuple[_Hit, ...], frozenset[str]]:
         if value is None:
             continue
         if kind == "heart":
-            hits.append(_Hit("Cardiomegaly", ("heart",), *span, value))
+            hits.append(Hit("Cardiomegaly", ("heart",), *span, value))
         elif kind == "mediastinum":
-            hits.append(_Hit("Enlarged Cardiomediastinum", ("mediastinum",), *span, value))
+            hits.append(Hit("Enlarged Cardiomediastinum", ("mediastinum",), *span, value))
         else:
             # The cardiomediastinal silhouette: enlarged or stable speaks of the whole
             # (Enlarged Cardiomediastinum only, as CheXpert); normal clears the heart too.
             both = ("mediastinum", "heart")
-            hits.append(_Hit("Enlarged Cardiomediastinum", both, *span, value))
+            hits.append(Hit("Enlarged Cardiomediastinum", both, *span, value))
             if value == NEGATIVE:
-                hits.append(_Hit("Cardiomegaly", both, *span, value))
+                hits.append(Hit("Cardiomegaly", both, *span, value))
 
     implied = frozenset().union(*(labels for rx, labels in _IMPLIED_NEGATIVES if rx.search(s)))
     return tuple(sorted(hits, key=lambda h: h.start)), implied
 
 
-def _combine(a: float | None, b: float) -> float:
+def combine_values(a: float | None, b: float) -> float:
     """CheXpert's aggregation: positive beats uncertain beats negative."""
-    return b if a is None or _PRIORITY[b] > _PRIORITY[a] else a
+    return b if a is None or PRIORITY[b] > PRIORITY[a] else a
 
 
 def _label_text(text: str) -> str:
@@ -948,25 +490,25 @@ def label_report(text: str, *, hierarchy: bool = True) -> dict[str, float | None
     body = _label_text(text)
     if not body.strip():
         return dict.fromkeys(CHEXPERT_LABELS)
-    return _aggregate(split_sentences(body), hierarchy=hierarchy)
+    return label_sentences(split_sentences(body), hierarchy=hierarchy)
 
 
-def _aggregate(sentences: Iterable[str], *, hierarchy: bool) -> dict[str, float | None]:
+def label_sentences(sentences: Iterable[str], *, hierarchy: bool) -> dict[str, float | None]:
     """label_report's rules applied to a list of sentences."""
     found: dict[str, float] = {}
     implied: set[str] = set()
     for sentence in sentences:
-        hits, negatives = _analyse(sentence)
+        hits, negatives = analyse_sentence(sentence)
         for h in hits:
-            found[h.label] = _combine(found.get(h.label), h.value)
+            found[h.label] = combine_values(found.get(h.label), h.value)
         implied |= negatives
-    other = found.pop(_OTHER, None)
+    other = found.pop(OTHER, None)
     if hierarchy:
         for parent, children in LABEL_HIERARCHY.items():
             if parent not in found:
                 child_values = [found[c] for c in children if found.get(c) in (POSITIVE, UNCERTAIN)]
                 if child_values:
-                    found[parent] = max(child_values, key=_PRIORITY.__getitem__)
+                    found[parent] = max(child_values, key=PRIORITY.__getitem__)
     for label in implied:
         found.setdefault(label, NEGATIVE)
     labels: dict[str, float | None] = dict.fromkeys(CHEXPERT_LABELS)
@@ -988,342 +530,3 @@ def labels_to_vector(labels: Mapping[str, float | None]) -> list[float | None]:
             f"{list(CHEXPERT_LABELS)}"
         )
     return [labels.get(name) for name in CHEXPERT_LABELS]
-
-
-# --------------------------------------------------------------------------------------
-# Report normalization (ECHO): every region stated, in REGIONS order
-# --------------------------------------------------------------------------------------
-
-# Anatomy words that place a sentence in a region when it names no finding.
-REGION_KEYWORDS: dict[str, str] = {
-    "thorax": r"thorax|chest wall|soft tissues?|subcutaneous|body habitus|breasts?|axilla\w*"
-    r"|skin ?folds?",
-    "mediastinum": r"(?:cardio)?mediastin\w*|trache\w*|carina|aort\w*|paratracheal|thyroid"
-    r"|esophag\w*|superior vena cava|svc|azygos|thoracic inlet",
-    "lungs": r"lungs?|parenchym\w*|lobes?|lobar|lingul\w*|air ?space",
-    "vasculature": r"vascul\w*|vessels?|pulmonary arter(?:y|ies)|pulmonary veins?",
-    "heart": r"heart|cardiac|cardiomediastin\w*|pericardi\w*",
-    "hila": r"hil(?:um|a|ar|us)",
-    "diaphragm": r"(?:hemi)?diaphragm\w*|costophrenic|pleura\w*|fissures?|subpulmonic",
-    "bones": r"bones?|bony|osseous|ribs?|spine|spinal|vertebra\w*|clavicles?|scapula\w*"
-    r"|sternum|shoulders?|humer\w*|skelet\w*",
-    "devices": r"devices?|hardware|apparatus",
-}
-_REGION_KEYWORD_RE = tuple((r, re.compile(rf"\b(?:{p})\b")) for r, p in REGION_KEYWORDS.items())
-
-# Negative statements added for a region the report does not mention. Each one speaks
-# only of its own region's observations (the pleura, not the lungs, holds effusions and
-# pneumothorax), so it can never contradict a finding filed under another region; none
-# says "the lungs are clear" because that would contradict edema (vasculature).
-NEGATIVE_STATEMENTS: dict[str, tuple[str, ...]] = {
-    "thorax": (
-        "The soft tissues of the chest wall are unremarkable.",
-        "No chest wall abnormality is seen.",
-        "The thorax is symmetric without soft tissue abnormality.",
-        "No subcutaneous emphysema is identified.",
-        "The chest wall soft tissues are within normal limits.",
-    ),
-    "mediastinum": (
-        "The mediastinum is not widened.",
-        "Mediastinal contours are normal.",
-        "The trachea is midline.",
-        "The mediastinal silhouette is within normal limits.",
-        "No mediastinal widening is seen.",
-    ),
-    "lungs": (
-        "No focal consolidation is seen.",
-        "There is no focal airspace consolidation.",
-        "The lungs are well expanded without focal consolidation.",
-        "No focal opacity to suggest pneumonia.",
-        "The lungs show no focal consolidation.",
-        "The lungs are well expanded.",
-    ),
-    "vasculature": (
-        "Pulmonary vascularity is normal.",
-        "There is no pulmonary vascular congestion.",
-        "No pulmonary edema.",
-        "The pulmonary vasculature is within normal limits.",
-        "No evidence of pulmonary edema.",
-    ),
-    "heart": (
-        "The heart size is normal.",
-        "Heart size is within normal limits.",
-        "The cardiac silhouette is normal in size.",
-        "There is no cardiomegaly.",
-        "The heart is not enlarged.",
-    ),
-    "hila": (
-        "The hila are unremarkable.",
-        "Hilar contours are normal.",
-        "Both hila are normal in size.",
-        "No hilar enlargement is seen.",
-    ),
-    "diaphragm": (
-        "No pleural effusion or pneumothorax.",
-        "There is no pleural effusion or pneumothorax.",
-        "No pleural effusion or pneumothorax is identified.",
-        "The costophrenic angles are sharp and there is no pneumothorax.",
-        "The hemidiaphragms are normal without pleural effusion or pneumothorax.",
-    ),
-    "bones": (
-        "No acute osseous abnormality.",
-        "The visualized osseous structures are unremarkable.",
-        "No displaced rib fracture is seen.",
-        "The osseous structures are intact.",
-        "No acute fracture is identified.",
-    ),
-    "devices": (
-        "No support devices are seen.",
-        "No lines or tubes are present.",
-        "There are no indwelling lines or tubes.",
-        "No medical devices are identified.",
-    ),
-}
-
-# A region whose abnormality is stated inside another region's sentence ("moderate
-# cardiomegaly with pulmonary vascular congestion") gets a pointer to it, never a
-# negative statement that would contradict the finding.
-_POINTER_SUBJECT = {
-    "thorax": "Chest wall",
-    "mediastinum": "Mediastinal",
-    "lungs": "Lung",
-    "vasculature": "Pulmonary vascular",
-    "heart": "Cardiac",
-    "hila": "Hilar",
-    "diaphragm": "Pleural",
-    "bones": "Osseous",
-    "devices": "Support device",
-}
-POINTER_STATEMENTS: dict[str, tuple[str, ...]] = {
-    region: tuple(
-        template.format(subject=subject, where=where)
-        for where in ("above", "below")
-        for template in (
-            "{subject} findings as described {where}.",
-            "{subject} findings are described {where}.",
-        )
-    )
-    for region, subject in _POINTER_SUBJECT.items()
-}
-
-NORMAL_IMPRESSIONS: tuple[str, ...] = (
-    "No acute cardiopulmonary process.",
-    "No acute cardiopulmonary abnormality.",
-    "No acute intrathoracic process.",
-    "No radiographic evidence of acute cardiopulmonary disease.",
-    "No acute cardiopulmonary findings.",
-)
-
-# Sentences that are not findings: comparisons, notifications, recommendations,
-# technique. Dropped only when the rest of the report already carries their labels.
-_NON_FINDING = re.compile(
-    r"^(?:comparison|compared\s+(?:to|with)|in\s+comparison|as\s+compared"
-    r"|prior\s+(?:study|studies|exam|radiograph)|since\s+the\s+(?:prior|previous|last))\b"
-    r"|\b(?:discussed|communicated|telephoned|paged|notified|conveyed|informed|relayed|spoke"
-    r"|d/w)\b|\bwet\s+read\b|\b\d{1,2}:\d{2}\b"
-    r"|\b(?:recommend\w*|advised?|follow[- ]?up|further\s+(?:evaluation|assessment|imaging)"
-    r"|clinical\s+correlation|correlate\s+clinically|if\s+clinically\s+(?:indicated|warranted)"
-    r"|would\s+be\s+(?:helpful|useful))\b"
-    r"|^(?:pa|ap|portable|upright|supine|semi-?upright|frontal|lateral|single|two|bedside)\b"
-    r".*\b(?:views?|radiographs?|images?|films?|projections?)\b"
-    r"|\b(?:views?|images?|radiographs?)\s+(?:of\s+the\s+chest\s+)?(?:were|was)\s+"
-    r"(?:obtained|acquired|provided|submitted)\b",
-    re.IGNORECASE,
-)
-_INLINE_HEADER = re.compile(rf"(?i)\b(?:{_KNOWN_HEADER})\s*:\s*")
-
-
-def _layout(sentence: str) -> tuple[str | None, tuple[str, ...], tuple[_Hit, ...]]:
-    """(main region, all regions in order of appearance, mentions) of a sentence.
-
-    The main region is that of the first finding mentioned (so "moderate cardiomegaly
-    with vascular congestion" is a heart sentence); a sentence naming no finding goes to
-    its first anatomy keyword ("the lungs are clear" -> lungs).
-    """
-    hits, _ = _analyse(sentence)
-    s = _prepare(sentence)
-    places = [(h.start, i, r) for h in hits for i, r in enumerate(h.regions)]
-    places += [(m.start(), 0, r) for r, rx in _REGION_KEYWORD_RE for m in rx.finditer(s)]
-    order = [r for _, _, r in sorted(places, key=lambda p: (p[0], p[1], REGIONS.index(p[2])))]
-    regions = tuple(dict.fromkeys(order))
-    main = hits[0].regions[0] if hits else (regions[0] if regions else None)
-    if main is not None:
-        regions = (main, *(r for r in regions if r != main))
-    return main, regions, hits
-
-
-def sentence_regions(sentence: str) -> tuple[str, ...]:
-    """Every region a sentence speaks of, its main region (sentence_region) first."""
-    return _layout(sentence)[1]
-
-
-def sentence_region(sentence: str) -> str | None:
-    """The region a sentence is filed under in a normalized report, or None.
-
-    It is the region of the first finding the sentence mentions (mention -> region:
-    Enlarged Cardiomediastinum -> mediastinum; Cardiomegaly, pericardial effusion ->
-    heart; Lung Opacity / Lesion, Consolidation, Pneumonia, Atelectasis, emphysema,
-    granuloma -> lungs; Edema and vascular congestion -> vasculature; Pneumothorax,
-    Pleural Effusion / Other, hernia, free air -> diaphragm (pleural spaces); Fracture,
-    degenerative changes -> bones; Support Devices -> devices; subcutaneous emphysema ->
-    thorax; hilar enlargement -> hila), else the region of its first anatomy keyword
-    (REGION_KEYWORDS: "trachea" -> mediastinum, "osseous" -> bones, ...).
-    """
-    return _layout(sentence)[0]
-
-
-def _sentence_values(hits: Iterable[_Hit]) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for h in hits:
-        values[h.label] = _combine(values.get(h.label), h.value)
-    return values
-
-
-def _clean_sentence(sentence: str) -> str | None:
-    """A sentence as it appears in a normalized report: no list marker, no "___"
-    placeholder (with the words that only framed it: "Dr. ___", "on ___ at ___ pm",
-    "___ cm"), tidy spacing, a capital first letter and a final period."""
-    s = _LIST_MARKER.sub("", sentence.strip())
-    s = _INLINE_HEADER.sub("", s)
-    s = re.sub(r"(?i)\b(?:dr|drs|doctor)\.?\s*___", "", s)
-    s = re.sub(r"(?i)\s*\b(?:on|from|dated|at|since)\s+___(?:\s*(?:am|pm|a\.m\.|p\.m\.))?", "", s)
-    s = re.sub(
-        r"(?i)\s*\b(?:measuring|measures|approximately|about|up to)?\s*___\s*(?:cm|mm)\b", "", s
-    )
-    s = s.replace("___", " ")
-    s = re.sub(r"\(\s*\)", " ", s)
-    s = re.sub(r"\s+", " ", s)
-    s = re.sub(r"\s+([,.;:?!])", r"\1", s)
-    s = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", s)
-    s = s.strip(" ,;:-")
-    if len(re.findall(r"[A-Za-z]{2,}", s)) < 2:
-        return None
-    s = re.sub(r"[,;:.!]+$", "", s)
-    if s.endswith("?"):
-        # A trailing "?" is a hedge ("pneumonia?"); keep it unless a period says the same.
-        s = s[:-1] if _analyse(s[:-1] + ".") == _analyse(s) else s
-    if not s.endswith("?"):
-        s += "."
-    return s[0].upper() + s[1:]
-
-
-def _clean_all(sentences: Iterable[str]) -> list[str]:
-    out: dict[str, str] = {}
-    for sentence in sentences:
-        cleaned = _clean_sentence(sentence)
-        if cleaned and cleaned.lower() not in out:
-            out[cleaned.lower()] = cleaned
-    return list(out.values())
-
-
-def _keep_informative(findings: list[str], impression: list[str]) -> tuple[list[str], list[str]]:
-    """Drop non-finding sentences (comparison, notification, recommendation, technique,
-    or, in the findings, no region at all) whose positive / uncertain labels the kept text
-    already has. The findings are judged on their own (so a findings sentence never
-    leans on its copy in a summary impression); the impression against both."""
-
-    def droppable(s: str, in_findings: bool) -> bool:
-        return bool(_NON_FINDING.search(s)) or (in_findings and sentence_region(s) is None)
-
-    def keep(sentences: list[str], in_findings: bool, kept: dict[str, float]) -> list[str]:
-        for s in sentences:
-            if not droppable(s, in_findings):
-                for label, v in _sentence_values(_analyse(s)[0]).items():
-                    kept[label] = _combine(kept.get(label), v)
-        out = []
-        for s in sentences:
-            values = _sentence_values(_analyse(s)[0])
-            needed = any(
-                v in (POSITIVE, UNCERTAIN) and _PRIORITY[v] > _PRIORITY.get(kept.get(label), 0)
-                for label, v in values.items()
-            )
-            if not droppable(s, in_findings) or needed:
-                out.append(s)
-                for label, v in values.items():
-                    kept[label] = _combine(kept.get(label), v)
-        return out
-
-    kept: dict[str, float] = {}
-    findings = keep(findings, True, kept)
-    return findings, keep(impression, False, kept)
-
-
-def normalize_report(text: str, *, seed: int | str = 0) -> str:
-    """Rewrite a report so that it states every region explicitly (the ECHO normalization).
-
-    Returns one line: "FINDINGS: <sentences> IMPRESSION: <sentences>".
-
-    - The findings (else the impression, else findings_text) are split into sentences,
-      cleaned ("___" placeholders and the words framing them removed, one final period)
-      and de-duplicated. Comparison, notification, recommendation and technique
-      sentences, and sentences with no region, are dropped unless they carry a positive
-      or uncertain label that nothing else in the report carries.
-    - Each kept sentence, in the radiologist's own wording, is filed under its main
-      region (sentence_region: the region of its first finding, else of its first anatomy
-      word) and the findings are ordered by REGIONS.
-    - A region with no sentence of its own gets one statement: a pointer
-      (POINTER_STATEMENTS, "Pulmonary vascular findings as described above.") when
-      another region's sentence states a positive or uncertain finding of it, else a
-      negative statement (NEGATIVE_STATEMENTS) drawn by a random generator seeded from
-      (seed, text). So every region is the main region of at least one sentence.
-    - The impression is the report's own impression, cleaned the same way; without one,
-      up to three findings sentences (not comparisons or other non-findings) with a
-      positive or uncertain CheXpert observation, else a NORMAL_IMPRESSIONS paraphrase.
-
-    Deterministic for (text, seed); other seeds vary the wording. Labels are preserved:
-    nothing positive or uncertain is dropped and every added statement is negative or
-    label-free. Normalizing a normalized report adds nothing (each region already has a
-    sentence and duplicates are removed).
-    """
-    sections = parse_sections(text)
-    findings_src = sections.get("findings")
-    impression_src = sections.get("impression")
-    if findings_src is None:
-        findings_src = impression_src if impression_src is not None else findings_text(text)
-    rng = random.Random(f"{seed}\x00{text}")
-    findings, impression = _keep_informative(
-        _clean_all(split_sentences(findings_src)),
-        _clean_all(split_sentences(impression_src or "")),
-    )
-
-    by_region: dict[str, list[str]] = {r: [] for r in REGIONS}
-    secondary: dict[str, list[tuple[str, float]]] = {r: [] for r in REGIONS}
-    for s in findings:
-        main, _, hits = _layout(s)
-        by_region[main].append(s)  # kept findings always have a region
-        for h in hits:
-            for r in h.regions:
-                if r != main:
-                    secondary[r].append((main, h.value))
-    labels = _aggregate(findings + impression, hierarchy=True)
-    held = {k for k, v in labels.items() if v in (POSITIVE, UNCERTAIN)}
-    out: list[str] = []
-    for index, region in enumerate(REGIONS):
-        if by_region[region]:
-            out += by_region[region]
-            continue
-        abnormal = [m for m, v in secondary[region] if v in (POSITIVE, UNCERTAIN)]
-        # A negative statement may not name an observation the report holds positive or
-        # uncertain: "the mediastinum is not widened" would override the Enlarged
-        # Cardiomediastinum that an enlarged heart implies (hierarchy).
-        negatives = [
-            n
-            for n in NEGATIVE_STATEMENTS[region]
-            if not any(h.label in held for h in _analyse(n)[0])
-        ]
-        if abnormal or not negatives:
-            first = REGIONS.index(abnormal[0]) if abnormal else 0
-            where = "above" if first < index else "below"
-            out.append(rng.choice([p for p in POINTER_STATEMENTS[region] if where in p]))
-        else:
-            out.append(rng.choice(negatives))
-
-    if not impression:
-        impression = [
-            s
-            for s in out
-            if s in findings
-            and not _NON_FINDING.search(s)
-            and any(h.label != _OTHER and h.value in (POSITIVE, UNCERTAIN) for h in _analyse(s)[0])
-        ][:3] or [rng.choice(NORMAL_IMPRESSIONS)]
-    return f"FINDINGS: {' '.join(out)} IMPRESSION: {' '.join(impression)}"

@@ -1,1 +1,11 @@
-"""TODO"""
+"""train: `echo-ray train`, the AR, RAD and DCD stages on Ray Train.
+
+- driver.py: `train` (Ray Data inputs, the TorchTrainer, export of the final model) and
+  `TrainResult`
+- worker.py: `train_worker`, the per-rank loop: model, DDP / DeepSpeed, steps, validation,
+  metrics.jsonl, checkpoints and resumption
+- objectives.py: `Objective` (the stage's loss as one module) and `lr_lambda` (warm-up +
+  cosine learning-rate schedule)
+
+May import config, data, text, model, diffusion, decode, interop and runtime.
+"""

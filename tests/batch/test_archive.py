@@ -23,24 +23,19 @@ import torch
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import make_model
 
-import echo_ray.batch.job as archive_module
-from echo_ray.batch.job import (
-    PART_SCHEMA,
-    PARTS_DIR,
-    REPORT_COLUMNS,
-    ReportOptions,
-    discover_studies,
-    file_key,
-    format_summary,
-    report_archive,
-)
+import echo_ray.batch.discovery as discovery_module
+from echo_ray.batch.discovery import discover_studies, file_key
+from echo_ray.batch.job import format_summary, report_archive
+from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, REPORT_COLUMNS
+from echo_ray.batch.options import ReportOptions
 from echo_ray.cli import main as cli_main
-from echo_ray.data.dicom import read_header, write_dicom
+from echo_ray.data.dicom import read_header
 from echo_ray.data.storage import resolve
 from echo_ray.decode.predictor import ReportGenerator
 from echo_ray.decode.studies import report_studies
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.synth.archive import synthesize_archive
+from echo_ray.synth.dicom_writer import write_dicom
 
 REPO = Path(__file__).resolve().parents[2]
 # Small work for the tiny model on a 2-core machine: a quarter CPU and one thread per actor.
@@ -166,7 +161,7 @@ def test_discovery_groups_studies_with_stable_keys_and_no_patient_paths(archive)
 
 def test_flat_headers_read_past_a_short_prefix(archive, monkeypatch):
     root, _ = archive
-    monkeypatch.setattr(archive_module, "HEADER_PREFIX", 300)  # cuts every header short
+    monkeypatch.setattr(discovery_module, "HEADER_PREFIX", 300)  # cuts every header short
     found = discover_studies(resolve(str(root / "extra")))
     assert [s.key for s in found.studies] == sorted([UID_A, UID_B, "file:junk.dcm"])
     assert found.layout == "flat" and found.side_files == 2

@@ -2,15 +2,9 @@ import json
 
 import pytest
 
-from echo_ray.config.schema import (
-    PRESETS,
-    ConfigError,
-    DataConfig,
-    EchoConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-)
+from echo_ray.config.overrides import apply_overrides, from_dict, load_config
+from echo_ray.config.presets import PRESETS
+from echo_ray.config.schema import ConfigError, DataConfig, EchoConfig
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

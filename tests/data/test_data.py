@@ -10,12 +10,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from echo_ray.config.schema import EchoConfig, apply_overrides
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import EchoConfig
 from echo_ray.data.dicom import decode_dicom
-from echo_ray.data.prepare import assign_split, decode_files_batch, iter_shard_rows, prepare_shards
+from echo_ray.data.layout import assign_split
+from echo_ray.data.prepare import decode_files_batch, prepare_shards
+from echo_ray.data.shards import iter_shard_rows
 from echo_ray.synth.archive import synthesize_archive
-from echo_ray.text.labeler import sentence_region
 from echo_ray.text.labels import CHEXPERT_LABELS, REGIONS
+from echo_ray.text.normalizer import sentence_region
 from echo_ray.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ray

@@ -1,4 +1,4 @@
-"""echo_ray.dicom: writer round-trips, the intensity pipeline, real files, and bad input.
+"""echo_ray.data.dicom: the intensity pipeline, resizing, real files, PHI, and bad input.
 
 Real radiographs come from the pydicom-data package (installed as `data_store`), found on
 disk without network; pydicom's own bundled test files cover the transfer syntaxes.
@@ -10,7 +10,6 @@ import importlib.util
 import io
 import logging
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +17,11 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID
 
 import echo_ray.data.dicom as dicom
-from echo_ray.data.dicom import (
-    DICOM_ERROR_REASONS,
-    LOSSLESS_TRANSFER_SYNTAXES,
-    RADIOGRAPH_MODALITIES,
-    TRANSFER_SYNTAXES,
-    DicomError,
-    decode_dicom,
-    make_uid,
-    read_header,
-    write_dicom,
-)
+from echo_ray.config.schema import RADIOGRAPH_MODALITIES
+from echo_ray.data.dicom import DICOM_ERROR_REASONS, DicomError, decode_dicom, read_header
+from echo_ray.synth.dicom_writer import TRANSFER_SYNTAXES, make_uid, write_dicom
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -86,81 +76,6 @@ def _rewrite(data: bytes, edit) -> bytes:
     out = io.BytesIO()
     ds.save_as(out)
     return out.getvalue()
-
-
-# --------------------------------------------------------------------------- writer
-
-
-def test_make_uid_is_deterministic_and_valid():
-    uid = make_uid("study", 7)
-    assert uid == make_uid("study", 7)
-    assert uid != make_uid("study", 8)
-    assert uid != make_uid("study7")
-    assert re.fullmatch(r"2\.25\.(0|[1-9][0-9]*)", uid) and len(uid) <= 64
-
-
-@pytest.mark.parametrize("bits", [8, 12, 16])
-@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
-def test_write_round_trips_through_pydicom(syntax: str, bits: int):
-    img = _ramp(bits=bits)
-    data = write_dicom(img, transfer_syntax=syntax, bits_stored=bits)
-    assert data[128:132] == b"DICM"
-    ds = pydicom.dcmread(io.BytesIO(data))
-    assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[syntax]
-    assert (ds.BitsAllocated, ds.BitsStored) == (8 if bits == 8 else 16, bits)
-    stored = ds.pixel_array
-    if syntax in LOSSLESS_TRANSFER_SYNTAXES:
-        np.testing.assert_array_equal(stored, img)
-    else:
-        assert ds.LossyImageCompression == "01"
-        assert np.abs(stored.astype(float) - img).mean() < 0.02 * 2**bits
-
-    # Our decoder agrees with pydicom's stored values (min-max, as no window is set).
-    out = decode_dicom(data, size=None)
-    expected = (stored - stored.min()) / float(stored.max() - stored.min())
-    np.testing.assert_allclose(out.pixels, expected, atol=1e-6)
-    assert out.meta["transfer_syntax"] == TRANSFER_SYNTAXES[syntax]
-
-
-def test_write_is_deterministic_and_fills_required_attributes():
-    img = _ramp()
-    data = write_dicom(img, transfer_syntax="jpeg2000")
-    assert data == write_dicom(img, transfer_syntax="jpeg2000")
-    ds = pydicom.dcmread(io.BytesIO(data))
-    assert ds.SOPClassUID.name == "Digital X-Ray Image Storage - For Presentation"
-    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        assert UID(ds[keyword].value).is_valid
-    assert ds.Modality == "DX" and ds.PhotometricInterpretation == "MONOCHROME2"
-    assert write_dicom(img // 2) != write_dicom(img)  # content-derived UIDs differ
-
-
-def test_write_applies_attrs_and_picks_sop_class_by_modality():
-    attrs = {"Modality": "CR", "ViewPosition": "AP", "SOPInstanceUID": make_uid("x"), **PHI}
-    ds = pydicom.dcmread(io.BytesIO(write_dicom(_ramp(), attrs=attrs)))
-    assert ds.SOPClassUID.name == "Computed Radiography Image Storage"
-    assert (ds.ViewPosition, ds.SOPInstanceUID, str(ds.PatientName)) == (
-        "AP",
-        make_uid("x"),
-        "Doe^Jane",
-    )
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"transfer_syntax": "mpeg"}, "transfer_syntax"),
-        ({"photometric": "RGB"}, "photometric"),
-        ({"bits_stored": 17}, "bits_stored"),
-        ({"bits_stored": 10}, "outside"),  # _ramp(bits=12) needs 12 bits
-        ({"attrs": {"PatientNmae": "x"}}, "unknown DICOM keywords"),
-        ({"transfer_syntax": "jpeg2000_lossless", "pixels": _ramp(16, 64)}, "at least 32"),
-    ],
-)
-def test_write_rejects_bad_arguments(kwargs, match):
-    pixels = kwargs.pop("pixels", _ramp())
-    with pytest.raises(ValueError, match=match):
-        write_dicom(pixels, **kwargs)
 
 
 # --------------------------------------------------------------------------- intensity pipeline

@@ -3,10 +3,10 @@ import pytest
 import torch
 from helpers.tiny_dvlm import make_model, trained_model
 
-from echo_ray.data.dicom import write_dicom
-from echo_ray.decode.modes import DECODING_MODES
+from echo_ray.config.schema import DECODING_MODES
 from echo_ray.decode.predictor import ReportGenerator, ReportScorer
 from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.synth.dicom_writer import write_dicom
 from echo_ray.text.labels import CHEXPERT_LABELS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,7 +86,8 @@ def test_scorer_nll_is_the_ar_training_loss(model):
     # The trained tiny model: the mean of the per-report NLLs equals the AR objective.
     from helpers.tiny_dvlm import REPORTS
 
-    from echo_ray.diffusion.losses import compute_ar_loss, pad_responses
+    from echo_ray.diffusion.losses import compute_ar_loss
+    from echo_ray.diffusion.noise import pad_responses
 
     images = np.random.default_rng(1).random((3, model.config.image_size, model.config.image_size))
     nll, counts = ReportScorer(model).nll(images, REPORTS[:3])

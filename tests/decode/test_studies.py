@@ -7,10 +7,10 @@ import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import trained_model
 
-from echo_ray.data.dicom import write_dicom
 from echo_ray.decode.predictor import ReportGenerator
 from echo_ray.decode.studies import STUDY_ERROR_REASONS, prepare_study, report_studies, view_rank
 from echo_ray.interop.fhir import diagnostic_report
+from echo_ray.synth.dicom_writer import write_dicom
 from echo_ray.text.labels import CHEXPERT_LABELS
 
 pytestmark = pytest.mark.usefixtures("single_thread")

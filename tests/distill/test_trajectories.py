@@ -14,13 +14,15 @@ import pytest
 import torch
 from helpers.prepared_shards import edit_first_shard, prepare_test_shards
 
-from echo_ray.config.schema import ConfigError, EchoConfig, ModelConfig, apply_overrides
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import ConfigError, EchoConfig, ModelConfig
 from echo_ray.data.dicom import decode_dicom
 from echo_ray.decode.sampler import generate
-from echo_ray.diffusion.losses import compute_rad_loss, pad_responses
+from echo_ray.diffusion.losses import compute_rad_loss
+from echo_ray.diffusion.noise import pad_responses
 from echo_ray.distill.rollout import STATS_KEY, TrajectoryOptions, generate_trajectories
 from echo_ray.model.checkpoint import save_checkpoint
-from echo_ray.model.dvlm import build_model
+from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import load_tokenizer
 from echo_ray.train.driver import train
 

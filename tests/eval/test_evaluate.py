@@ -13,23 +13,14 @@ from helpers.prepared_shards import edit_first_shard, prepare_test_shards
 from PIL import Image
 
 from echo_ray.cli import main, run
-from echo_ray.config.schema import EchoConfig, ModelConfig, apply_overrides
-from echo_ray.eval.job import (
-    PLOT_FILE,
-    REPORTS_FILE,
-    RESULT_KEYS,
-    RESULTS_FILE,
-    RUN_FILE,
-    TABLE_FILE,
-    EvalOptions,
-    System,
-    TrainingReference,
-    score_systems,
-    speed_figures,
-)
-from echo_ray.eval.metrics import label_f1, labels_from_vectors
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import EchoConfig, ModelConfig
+from echo_ray.eval.job import EvalOptions, System
+from echo_ray.eval.label_metrics import label_f1, labels_from_vectors
+from echo_ray.eval.scoring import RESULT_KEYS, TrainingReference, score_systems
+from echo_ray.eval.tables import PLOT_FILE, REPORTS_FILE, RESULTS_FILE, RUN_FILE, TABLE_FILE
 from echo_ray.model.checkpoint import save_checkpoint
-from echo_ray.model.dvlm import build_model
+from echo_ray.model.hf import build_model
 from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS
 from echo_ray.text.tokenizer import load_tokenizer
@@ -165,23 +156,6 @@ def test_a_missing_optional_metric_is_skipped_with_its_reason(evaluated):
     assert notes["ratescore"].startswith("skipped:")
     assert notes["fluency_ppl"].startswith("skipped:")  # no AR checkpoint named
     assert results["ar"]["rouge_l"] is not None  # the rest is still computed
-
-
-def test_speed_figures_share_a_batch_between_its_reports():
-    rows = [  # two batches: 2 reports in 100 ms, 1 report in 50 ms
-        {"batch_id": "a", "batch_latency_ms": 100.0, "num_tokens": 10, "batch_forwards": 11,
-         "batch_tokens_per_forward": 1.0},
-        {"batch_id": "a", "batch_latency_ms": 100.0, "num_tokens": 6, "batch_forwards": 11,
-         "batch_tokens_per_forward": 1.0},
-        {"batch_id": "b", "batch_latency_ms": 50.0, "num_tokens": 14, "batch_forwards": 3,
-         "batch_tokens_per_forward": 5.0},
-    ]
-    speed = speed_figures(rows)
-    assert speed["tokens_per_s"] == pytest.approx(30 / 0.15)  # 30 tokens in 150 ms
-    assert speed["ms_per_report"] == pytest.approx(50.0)  # 150 ms / 3 reports
-    assert speed["forwards_per_report"] == pytest.approx((11 + 11 + 3) / 3)
-    assert speed["tokens_per_forward"] == pytest.approx((1 + 1 + 5) / 3)
-    assert speed["num_batches"] == 2
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -10,7 +10,8 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from echo_ray.config.schema import EchoConfig, apply_overrides
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import EchoConfig
 from echo_ray.data.prepare import prepare_shards
 from echo_ray.synth.archive import synthesize_archive
 

@@ -8,8 +8,10 @@ import functools
 import torch
 
 from echo_ray.config.schema import ModelConfig
-from echo_ray.diffusion.losses import compute_rad_loss, pad_responses
-from echo_ray.model.dvlm import EchoDVLM, build_model
+from echo_ray.diffusion.losses import compute_rad_loss
+from echo_ray.diffusion.noise import pad_responses
+from echo_ray.model.dvlm import EchoDVLM
+from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import train_report_tokenizer
 
 REPORTS = [

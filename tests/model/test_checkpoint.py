@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers.tiny_dvlm import make_batch, make_model, make_tokenizer
 
-from echo_ray.config.schema import EchoConfig, apply_overrides
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import EchoConfig
 from echo_ray.decode.sampler import generate
 from echo_ray.diffusion.losses import build_layout
 from echo_ray.model.checkpoint import CONFIG_FILE, load_checkpoint, load_config, save_checkpoint

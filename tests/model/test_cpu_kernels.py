@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from helpers.tiny_dvlm import make_batch, make_model, overfit, trained_model
 from torch import nn
 
-from echo_ray.decode.modes import DECODING_MODES, decoding_kwargs
+from echo_ray.config.schema import DECODING_MODES
+from echo_ray.decode.modes import decoding_kwargs
 from echo_ray.decode.predictor import place_model
 from echo_ray.decode.sampler import generate
-from echo_ray.diffusion.losses import attention_mask
+from echo_ray.diffusion.masks import attention_mask
 from echo_ray.model.checkpoint import load_checkpoint, save_checkpoint
 from echo_ray.model.cpu_kernels import PackedLinear, pack_linears, packing_available
 

@@ -17,10 +17,11 @@ import requests
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import trained_model
 
-from echo_ray.data.dicom import write_dicom
 from echo_ray.data.storage import model_name
 from echo_ray.model.checkpoint import save_checkpoint
-from echo_ray.serving.app import ServeOptions, build_app, load_api_keys
+from echo_ray.serving.app import build_app
+from echo_ray.serving.options import ServeOptions, load_api_keys
+from echo_ray.synth.dicom_writer import write_dicom
 from echo_ray.text.labels import CHEXPERT_LABELS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -103,10 +104,10 @@ def test_keys_come_from_the_environment_and_a_file(monkeypatch, tmp_path):
 
 
 def test_the_ingress_module_does_not_import_torch():
-    """The ingress replica imports this module only to parse and route: no torch, no
+    """The ingress replica imports these modules only to parse and route: no torch, no
     transformers (hundreds of MB per ingress process); the model replicas import them."""
     code = (
-        "import sys, echo_ray.serving.app; "
+        "import sys, echo_ray.serving.ingress, echo_ray.serving.app; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,12 +22,15 @@ from helpers.prepared_shards import edit_first_shard, prepare_test_shards
 from safetensors.torch import load_file
 
 from echo_ray.cli import main, run
-from echo_ray.config.schema import ConfigError, EchoConfig, apply_overrides
-from echo_ray.data.prepare import training_dataset
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import ConfigError, EchoConfig
+from echo_ray.data.ingest import training_dataset
 from echo_ray.decode.predictor import ReportGenerator
 from echo_ray.model.checkpoint import load_checkpoint
 from echo_ray.text.tokenizer import load_tokenizer
-from echo_ray.train.driver import METRICS_FILE, MODEL_DIR, lr_lambda, train
+from echo_ray.train.driver import MODEL_DIR, train
+from echo_ray.train.objectives import lr_lambda
+from echo_ray.train.worker import METRICS_FILE
 
 pytestmark = pytest.mark.ray
 
@@ -87,15 +90,6 @@ def _steps(run: Path) -> dict[int, dict]:
 
 
 # ---------------------------------------------------------------------- pure pieces
-
-
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    lam = [lr_lambda(s, warmup=4, total=20, floor=0.1) for s in range(21)]
-    assert lam[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lam[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lam[4:], lam[5:], strict=False))
-    assert lam[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
-    assert lam[20] == pytest.approx(0.1)
 
 
 def test_unknown_set_key_is_refused_with_the_allowed_keys(tmp_path, capsys):

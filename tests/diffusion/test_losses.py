@@ -1,134 +1,15 @@
+"""The RAD and AR losses, on logits and through the model in every layout."""
+
 import math
 
 import pytest
 import torch
-from helpers.tiny_dvlm import make_batch, make_model, make_tokenizer, overfit
+from helpers.tiny_dvlm import make_batch, make_model, overfit
 
-from echo_ray.diffusion.losses import (
-    LAYOUTS,
-    attention_mask,
-    build_layout,
-    compute_ar_loss,
-    compute_rad_loss,
-    noise_response,
-    pad_responses,
-    rad_loss,
-)
+from echo_ray.diffusion.losses import build_layout, compute_ar_loss, compute_rad_loss, rad_loss
+from echo_ray.diffusion.noise import noise_response
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-# ---------------------------------------------------------------------- masks vs brute force
-
-
-def _tokens(layout: str, P: int, L: int) -> list[tuple[str, int]]:
-    """(segment, index within segment) of every position of the layout's sequence."""
-    prompt = [("prompt", i) for i in range(P)]
-    x0 = [("x0", i) for i in range(L)]
-    xt = [("xt", i) for i in range(L)]
-    if layout in ("causal", "block"):
-        return prompt + x0
-    if layout == "rad":
-        return prompt + x0 + xt
-    return prompt + x0 + [("prompt2", i) for i in range(P)] + xt
-
-
-def _attends(layout: str, q: tuple[str, int], k: tuple[str, int], qpos: int, kpos: int, B: int):
-    """The spec, one sentence per branch (DESIGN.md section 3)."""
-    (qs, qi), (ks, ki) = q, k
-    if layout == "causal":
-        return kpos <= qpos
-    own_prompt = "prompt2" if (layout == "full_copy" and qs == "xt") else "prompt"
-    if qs in ("prompt", "prompt2"):  # prompt: causal, within its own copy
-        return ks == qs and ki <= qi
-    if qs == "x0":  # clean block k sees the prompt and clean blocks <= k
-        return ks == "prompt" or (ks == "x0" and ki // B <= qi // B)
-    # noisy block k sees the prompt, clean blocks < k and itself
-    return (
-        ks == own_prompt
-        or (ks == "x0" and ki // B < qi // B)
-        or (ks == "xt" and ki // B == qi // B)
-    )
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("P", "L", "B"), [(5, 16, 4), (3, 13, 4), (4, 7, 8), (2, 6, 1)])
-def test_mask_equals_brute_force_definition(layout, P, L, B):
-    mask = attention_mask(P, L, B, layout)
-    toks = _tokens(layout, P, L)
-    assert mask.shape == (1, 1, len(toks), len(toks)) and mask.dtype == torch.bool
-    for i, q in enumerate(toks):
-        for j, k in enumerate(toks):
-            assert bool(mask[0, 0, i, j]) == _attends(layout, q, k, i, j, B), (layout, q, k)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_mask_hides_pad_keys_and_keeps_pad_rows_non_empty(layout):
-    P, L, B = 3, 10, 4
-    valid = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
-    mask = attention_mask(P, L, B, layout, response_valid=valid)
-    toks = _tokens(layout, P, L)
-    assert mask.shape == (2, 1, len(toks), len(toks))
-    for b in range(2):
-        for i, q in enumerate(toks):
-            for j, k in enumerate(toks):
-                key_ok = k[0].startswith("prompt") or bool(valid[b, k[1]])
-                expected = (_attends(layout, q, k, i, j, B) and key_ok) or i == j
-                assert bool(mask[b, 0, i, j]) == expected
-    assert mask.any(-1).all()  # no empty row (sdpa would give NaN)
-
-
-def test_mask_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown layout 'bidir'"):
-        attention_mask(2, 4, 2, "bidir")
-    with pytest.raises(ValueError, match="block_length must be >= 1"):
-        attention_mask(2, 4, 0)
-
-
-# ---------------------------------------------------------------------- responses and noise
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-def test_pad_responses_fill_the_last_block_with_eos_then_pad(tokenizer):
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    response, valid = pad_responses(
-        [[50, 51, 52], [50] * 9, [60] * 30],
-        block_length=4,
-        max_len=12,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-    assert response.shape == (3, 12)  # 11 + eos = 12 is the longest
-    assert response[0].tolist() == [50, 51, 52, eos] + [pad] * 8
-    assert response[1].tolist() == [50] * 9 + [eos] * 3  # eos fills the report's last block
-    assert response[2].tolist() == [60] * 11 + [eos]  # cut to max_len - 1, then eos
-    assert valid.sum(1).tolist() == [4, 12, 12]
-    assert (response[~valid] == pad).all()
-
-
-def test_noise_masks_only_valid_positions_with_one_ratio_per_block(tokenizer):
-    mask_id = tokenizer.mask_token_id
-    gen = torch.Generator().manual_seed(0)
-    response = torch.randint(10, 50, (64, 20), generator=gen)
-    valid = torch.ones(64, 20, dtype=torch.bool)
-    valid[:, 17:] = False
-    noise = noise_response(response, valid, 8, mask_id, generator=gen)
-    assert not noise.masked[~valid].any()
-    assert (noise.noisy[noise.masked] == mask_id).all()
-    assert torch.equal(noise.noisy[~noise.masked], response[~noise.masked])
-    blocks = noise.ratio[:, :16].view(64, 2, 8)
-    assert (blocks == blocks[..., :1]).all()  # constant inside a block
-    assert not torch.equal(noise.ratio[:, 0], noise.ratio[:, 8])  # drawn per block
-    assert ((noise.ratio > 0) & (noise.ratio <= 1)).all()
-    # The masked fraction follows the ratio (64 x 2 full blocks of 8).
-    frac = noise.masked[:, :16].float().mean()
-    assert abs(frac - noise.ratio[:, :16].mean()) < 0.05
-    full = noise_response(response, valid, 8, mask_id, mask_ratio=1.0)
-    assert torch.equal(full.masked, valid)
 
 
 # ---------------------------------------------------------------------- losses

@@ -1,0 +1,208 @@
+"""Discovery: an archive's DICOM files grouped into studies, less those the ledger holds, and
+the studies cut into work units (driver side: a listing, and header reads for files
+outside a MIMIC tree). Steps 1 and 3 of `echo_ray.batch.job`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from echo_ray.data.dicom import DicomError, read_header
+from echo_ray.data.prepare import MIMIC_IMAGE
+from echo_ray.data.storage import Location
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+HEADER_PREFIX = 64 * 1024  # bytes read to find a flat file's StudyInstanceUID
+_READ_ATTEMPTS = 3
+
+
+@dataclass
+class ArchiveStudy:
+    """One study to report: its key and its files (archive paths and output names)."""
+
+    key: str
+    paths: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    newest: float = 0.0  # latest modification time of its files (epoch seconds)
+
+
+@dataclass
+class Discovery:
+    """What an archive holds, less what the ledger already has."""
+
+    studies: list[ArchiveStudy]  # to report, sorted by key
+    layout: str  # mimic, flat, mixed or empty
+    dicom_files: int  # candidate files in the archive
+    side_files: int  # skipped: not DICOM by name (reports, CSV, ...) or content
+    late_files: int  # new files of studies that are already reported
+    before_since: int  # studies (MIMIC) or files (flat) older than `since`
+
+
+def file_key(path: str) -> str:
+    """The ledger's name for an archive path (a hash: paths may hold patient identifiers)."""
+    return hashlib.sha256(path.encode()).hexdigest()[:24]
+
+
+def discover_studies(
+    src: Location,
+    *,
+    done: set[str] = frozenset(),
+    known_files: set[str] = frozenset(),
+    since: float | None = None,
+    include_phi: bool = False,
+    io_threads: int = 8,
+    exclude: str | None = None,
+) -> Discovery:
+    """Group the archive's DICOM files into studies (`echo_ray.batch.job` docstring, step 1).
+
+    Args:
+        done: study keys already reported (skipped).
+        known_files: `file_key`s of files already reported (not even read).
+        since: only studies (MIMIC) or files (flat) modified at or after this epoch time.
+        exclude: a path under `src` to leave out (the output folder, when inside it).
+    """
+    listing = _list(src, exclude)
+    mimic: dict[str, ArchiveStudy] = {}
+    flat: list[tuple[str, float, int | None, bool]] = []
+    side = late = old = mimic_files = 0
+    for rel, mtime, size in listing:
+        base = posixpath.basename(rel)
+        suffix = posixpath.splitext(base)[1].lower()
+        named_dicom = suffix in DICOM_SUFFIXES
+        # Candidates: .dcm/.dicom, and names PACS exports use (no extension, or a UID
+        # such as 1.2.840.113619.2.1.5) when their content turns out to be DICOM.
+        if base.startswith(".") or base.upper() == "DICOMDIR" or not (
+                named_dicom or not suffix or suffix[1:].isdigit()):
+            side += 1
+            continue
+        m = MIMIC_IMAGE.search(rel)
+        mimic_files += bool(m)
+        if file_key(rel) in known_files:
+            continue
+        if m:
+            key = f"s{m.group('study')}"
+            if key in done:
+                late += 1
+                continue
+            study = mimic.setdefault(key, ArchiveStudy(key))
+            study.paths.append(rel)
+            study.names.append(rel if include_phi else f"{key}/{base}")
+            study.newest = max(study.newest, mtime)
+        elif since is not None and mtime < since:
+            old += 1
+        else:
+            flat.append((rel, mtime, size, named_dicom))
+    studies = []
+    for study in mimic.values():
+        if since is not None and study.newest < since:
+            old += 1
+        else:
+            studies.append(study)
+    grouped: dict[str, ArchiveStudy] = {}
+    with ThreadPoolExecutor(io_threads) as pool:
+        keys = pool.map(lambda f: _header_study(src, f[0], f[2]), flat)
+        for (rel, mtime, _, named_dicom), (uid, reason) in zip(flat, keys, strict=True):
+            if reason == "not_dicom" and not named_dicom:
+                side += 1  # not named .dcm and not DICOM: a side file (README, ...)
+                continue
+            key = uid or f"file:{rel}"
+            if key in done:
+                late += 1
+                continue
+            study = grouped.setdefault(key, ArchiveStudy(key))
+            study.paths.append(rel)
+            study.names.append(rel)
+            study.newest = max(study.newest, mtime)
+    studies += grouped.values()
+    for study in studies:  # files in a stable order: the view choice breaks ties by order
+        order = sorted(range(len(study.paths)), key=study.paths.__getitem__)
+        study.paths = [study.paths[i] for i in order]
+        study.names = [study.names[i] for i in order]
+    dicom_files = len(listing) - side
+    other = dicom_files - mimic_files
+    layout = ("empty" if not dicom_files else "mimic" if not other else
+              "flat" if not mimic_files else "mixed")
+    return Discovery(sorted(studies, key=lambda s: s.key), layout, dicom_files, side, late, old)
+
+
+def _list(src: Location, exclude: str | None) -> list[tuple[str, float, int | None]]:
+    """(path relative to src, modification time, size) of every file under src, sorted."""
+    info = src.fs.get_file_info(src.path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"archive {src.uri} does not exist")
+    if info.type == pafs.FileType.File:
+        raise NotADirectoryError(f"archive {src.uri} is a file; expected a folder or prefix")
+    base = src.path.rstrip("/") + "/"
+    out = []
+    for item in src.fs.get_file_info(pafs.FileSelector(src.path, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        if exclude and (item.path == exclude or item.path.startswith(exclude.rstrip("/") + "/")):
+            continue
+        rel = item.path[len(base):] if item.path.startswith(base) else item.path
+        mtime = item.mtime.timestamp() if item.mtime is not None else 0.0
+        out.append((rel, mtime, item.size))
+    return sorted(out)
+
+
+def _header_study(src: Location, rel: str, size: int | None) -> tuple[str | None, str | None]:
+    """(StudyInstanceUID, None) of a file, or (None, error reason) when it cannot be read.
+
+    Reads the first HEADER_PREFIX bytes; the whole file only when the header goes on
+    past them (an element cut short raises `truncated`; an element read whole is right).
+    """
+    loc = src.join(rel)
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            data = f.read(HEADER_PREFIX)
+        whole = size is not None and len(data) >= size
+        try:
+            header = read_header(data)
+        except DicomError as err:
+            if whole or err.reason != "truncated":
+                return None, err.reason
+            header = None
+        if header is None or (header["study_instance_uid"] is None and not whole):
+            header = read_header(read_with_retries(loc))
+        return header["study_instance_uid"], None
+    except DicomError as err:
+        return None, err.reason
+    except OSError:
+        return None, "read_failed"
+
+
+def read_with_retries(loc: Location) -> bytes:
+    """The file's bytes; a failed read is tried again (a missing file is not)."""
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return loc.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def plan_units(studies: Sequence[ArchiveStudy], unit_size: int) -> list[dict[str, Any]]:
+    """Cut the (sorted) studies into work units, each named by a hash of its study keys."""
+    units = []
+    for i in range(0, len(studies), unit_size):
+        chunk = studies[i:i + unit_size]
+        digest = hashlib.sha256("\n".join(s.key for s in chunk).encode()).hexdigest()[:16]
+        units.append({
+            "unit": f"part-{digest}",
+            "studies": json.dumps([{"key": s.key, "paths": s.paths, "names": s.names}
+                                   for s in chunk]),
+            "num_studies": len(chunk),
+        })
+    return units

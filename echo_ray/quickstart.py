@@ -1,0 +1,128 @@
+"""`echo-ray quickstart`: the whole pipeline on the embedded default (local Ray, a synthetic
+archive, the tiny preset), stage by stage, ending with example reports and the evaluation
+table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from echo_ray.config.overrides import load_config
+
+QUICKSTART_STAGES = 8
+
+
+def run_quickstart(
+    out: str | Path,
+    *,
+    preset: str = "tiny",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    studies: int = 2000,
+    image_size: int = 256,
+    seed: int = 0,
+    steps: dict[str, int] | None = None,
+    examples: int = 3,
+) -> dict:
+    """synth -> prepare -> train ar -> train rad -> trajectories -> train dcd -> evaluate.
+
+    Args:
+        overrides: `--set` overrides applied to every stage's config.
+        steps: training steps per stage ("ar", "rad", "dcd").
+    """
+    from echo_ray.data.prepare import prepare_shards, summarize_manifest
+    from echo_ray.distill.rollout import generate_trajectories
+    from echo_ray.eval.job import evaluate as run_evaluation
+    from echo_ray.runtime.cluster import init_ray
+    from echo_ray.synth.archive import synthesize_archive
+    from echo_ray.train.driver import train as run_training
+
+    out = Path(out)
+    overrides = list(overrides or [])
+    steps = {"ar": 500, "rad": 500, "dcd": 300, **(steps or {})}
+    config = load_config(preset, overrides, config_file)
+    start = time.perf_counter()
+
+    def stage(number: int, text: str) -> None:
+        print(f"[{number}/{QUICKSTART_STAGES}] {text} "
+              f"({time.perf_counter() - start:.0f} s so far)", flush=True)
+
+    # One local Ray for every stage, with the dashboard: Ray Train's placement-group cleaner
+    # queries the state API, and warns every few seconds without it.
+    init_ray(None, dashboard=True)
+    stage(1, f"synth: {studies} synthetic studies -> {out / 'archive'}")
+    summary = synthesize_archive(
+        str(out / "archive"), num_studies=studies, seed=seed, image_size=image_size,
+        lateral_fraction=0.3, lateral_only_fraction=0.0, workers=min(4, os.cpu_count() or 1),
+    )
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    stage(2, f"prepare: DICOM shards -> {out / 'shards'}")
+    manifest = prepare_shards(str(out / "archive"), str(out / "shards"), config)
+    print(summarize_manifest(manifest))
+    runs = {}
+
+    def train_stage(number, name, data, init):
+        stage(number, f"train {name}: {steps[name]} steps -> {out / 'runs' / name}")
+        stage_overrides = (*overrides, f"train.max_steps={steps[name]}")
+        runs[name] = run_training(
+            name, str(data), str(out / "runs" / name),
+            load_config(preset, stage_overrides, config_file), init=init and str(init),
+            overrides=stage_overrides,
+        )
+
+    train_stage(3, "ar", out / "shards", None)
+    train_stage(4, "rad", out / "shards", out / "runs" / "ar")
+    stage(5, f"trajectories: the RAD teacher's multi-step rollouts -> {out / 'trajectories'}")
+    generate_trajectories(str(out / "runs" / "rad"), str(out / "shards"),
+                          str(out / "trajectories"), config)
+    train_stage(6, "dcd", out / "trajectories", out / "runs" / "rad")
+    systems = [f"ar={runs['ar'].model}:ar", f"teacher={runs['rad'].model}:multi-step",
+               f"teacher_onestep={runs['rad'].model}:one-step-fused",
+               f"echo={runs['dcd'].model}:one-step-fused"]
+    stage(7, "evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step), "
+             "teacher_onestep (RAD forced to one step per block), echo (the DCD student, one "
+             f"step per block, fused cache) -> {out / 'eval'}")
+    evaluation = run_evaluation(str(out / "shards"), str(out / "eval"), systems, config)
+    stage(8, f"reports for {examples} test images, then the evaluation table")
+    print(example_reports(out / "eval", examples))
+    print()
+    print(evaluation.table())
+    print(f"(all figures: {out / 'eval' / 'results.md'}; plot: "
+          f"{out / 'eval' / 'quality_vs_speed.png'}; {time.perf_counter() - start:.0f} s)")
+    student = out / "runs" / "dcd" / "model"
+    print(f"\nnext: serve the student over HTTP (README: Serving), or report an archive "
+          f"(README: Bulk reporting):\n"
+          f"  ECHO_RAY_API_KEYS=change-me echo-ray serve --checkpoint {student}\n"
+          f"  echo-ray report --checkpoint {student} --archive {out / 'archive'} "
+          f"--out {out / 'reports'}")
+    return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
+            "results": evaluation.results}
+
+
+def example_reports(eval_dir: Path, count: int) -> str:
+    """Reports each evaluated system wrote for the first `count` images (reports.parquet)."""
+    import pyarrow.parquet as pq
+
+    from echo_ray.eval.job import REPORTS_FILE
+
+    rows = pq.read_table(eval_dir / REPORTS_FILE).to_pylist()
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    images = list(dict.fromkeys(r["dicom_id"] for r in rows))[:count]
+    by_key = {(r["system"], r["dicom_id"]): r for r in rows}
+    width = max(len("reference"), *(len(s) for s in systems))
+    lines = []
+    for dicom_id in images:
+        first = by_key[(systems[0], dicom_id)]
+        lines += ["", f"--- test image {dicom_id} ({first['view_position']})",
+                  f"{'reference':>{width}}: {first['reference']}"]
+        for system in systems:
+            r = by_key[(system, dicom_id)]
+            if r["error"] is not None:
+                lines.append(f"{system:>{width}}: error: {r['error']}")
+                continue
+            lines.append(f"{system:>{width}}: {r['report']}")
+            lines.append(f"{'':>{width}}  ({r['num_tokens']} tokens, {r['batch_forwards']} "
+                         f"forwards for its batch of {r['batch_size']}, {r['decoding']})")
+    return "\n".join(lines)

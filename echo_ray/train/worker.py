@@ -1,0 +1,473 @@
+"""The per-worker training loop that Ray Train runs on every rank (train_worker): the model
+from this run's latest checkpoint, else --init, else the preset; DDP or DeepSpeed around its
+Objective; then steps, validation loss, metrics.jsonl and checkpoints (model directory plus
+train_state.pt, which holds the step, the data position, optimizer and LR schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import Checkpoint
+
+from echo_ray.config.schema import EchoConfig, from_dict
+from echo_ray.data.storage import Location
+from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.train.objectives import Objective, lr_lambda
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"
+DEEPSPEED_DIR = "deepspeed"
+METRICS_FILE = "metrics.jsonl"
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """The per-worker training loop (runs inside Ray Train)."""
+    from echo_ray.model.hf import load_pretrained
+
+    stage = cfg["stage"]
+    config = from_dict(cfg["config"])
+    tcfg = config.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _quiet_report_log()
+    device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
+    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and tcfg.use_gpu)
+    deepspeed = tcfg.strategy == "deepspeed"
+
+    # ---- model: this run's latest checkpoint, else --init, else built from the preset
+    state: dict[str, Any] = {}
+    checkpoint = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory() as tmp:
+        ds_resume = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                model = load_pretrained(d, config.model)
+                state = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+                if deepspeed:  # keep the ZeRO shards until the engine has loaded them
+                    ds_resume = Path(tmp) / DEEPSPEED_DIR
+                    shutil.copytree(Path(d) / DEEPSPEED_DIR, ds_resume)
+        else:
+            model = _initial_model(cfg, config, Path(tmp))
+        freeze = tcfg.freeze_vision if tcfg.freeze_vision is not None else stage != "ar"
+        model.set_vision_trainable(not freeze)
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, freeze_vision=freeze)
+        )
+        model.config = config.model
+        if not deepspeed:
+            model.float()  # fp32 master weights; bf16 compute runs under autocast
+        model.to(device).train()
+
+        objective = Objective(model, stage, dcd_step_weighting=tcfg.dcd_step_weighting,
+                              dcd_eos_weight=tcfg.dcd_eos_weight)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(
+                s, warmup=tcfg.warmup_steps, total=tcfg.max_steps, floor=tcfg.min_lr_ratio
+            ),
+        )
+        if deepspeed:
+            engine = _deepspeed_engine(objective, optimizer, scheduler, tcfg, bf16)
+            if ds_resume is not None:
+                engine.load_checkpoint(str(ds_resume), tag="state")
+            runner = engine
+        else:
+            if state:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            runner = ray.train.torch.prepare_model(objective, move_to_device=False)
+            engine = None
+
+    loop = _Loop(cfg, config, stage, rank, world, device, bf16, model, runner, engine,
+                 optimizer, scheduler, state)
+    loop.run()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report of every rank at INFO (a line per step per worker), on a
+    logger named after its module file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # pragma: no cover - another Ray layout
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _initial_model(cfg: dict[str, Any], config: EchoConfig, tmp: Path):
+    from echo_ray.model.hf import build_model
+    from echo_ray.text.tokenizer import load_tokenizer
+
+    init: Location | None = cfg["init"]
+    if init is not None:
+        path = init.path
+        if init.is_s3:
+            path = str(tmp / "init")
+            init.copy_to(Location(pafs.LocalFileSystem(), path, path))
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, pretrained_path=path)
+        )
+        return build_model(config.model)
+    folder = tmp / "tokenizer"
+    folder.mkdir()
+    for name, text in cfg["tokenizer_files"].items():
+        (folder / name).write_text(text)
+    return build_model(config.model, load_tokenizer(folder))
+
+
+def _deepspeed_engine(objective, optimizer, scheduler, tcfg, bf16: bool):
+    if not tcfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": tcfg.batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum,
+        "gradient_clipping": tcfg.grad_clip,
+        "zero_optimization": {"stage": tcfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+class _Collate(NumpyBatchCollateFn):
+    """Pipeline rows -> tensors: pixels `(N, S, S)`, padded `response` / `valid` `(N, L)`."""
+
+    def __init__(self, model) -> None:
+        self.image_size = model.config.image_size
+        self.pad = {
+            "block_length": model.block_length,
+            "max_len": model.config.max_response_len,
+            "eos_token_id": model.eos_token_id,
+            "pad_token_id": model.pad_token_id,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from echo_ray.diffusion.noise import pad_responses
+        from echo_ray.distill.records import collate_trajectories
+
+        size = self.image_size
+        extra = {}
+        if "top_ids" in batch:  # DCD: the teacher's rollouts and their recorded targets
+            records = [
+                {"tokens": list(t), "commit_step": list(c), "top_ids": [list(x) for x in i],
+                 "top_probs": [list(x) for x in p]}
+                for t, c, i, p in zip(batch["tokens"], batch["commit_step"], batch["top_ids"],
+                                      batch["top_probs"], strict=True)
+            ]
+            response, valid, commit_step, top_ids, top_probs = collate_trajectories(
+                records, **self.pad
+            )
+            extra = {"commit_step": commit_step, "top_ids": top_ids, "top_probs": top_probs}
+        else:
+            response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
+        ok = torch.as_tensor(np.asarray(batch["ok"], bool))
+        valid[~ok] = False  # unusable rows: in the batch, with no loss weight
+        pixels = np.stack([np.asarray(p, np.float32) for p in batch["pixels"]])
+        return {
+            "pixels": torch.from_numpy(pixels.reshape(-1, size, size)),
+            "response": response,
+            "valid": valid,
+            **extra,
+            "ok": ok,
+            "dicom_id": [str(x) for x in batch["dicom_id"]],
+            "error": [str(x) for x in batch["error"]],
+        }
+
+
+class _Loop:
+    """Steps, evaluation, metrics and checkpoints of one worker."""
+
+    def __init__(self, cfg, config, stage, rank, world, device, bf16, model, runner, engine,
+                 optimizer, scheduler, state):
+        self.cfg, self.config, self.tcfg, self.stage = cfg, config, config.train, stage
+        self.rank, self.world, self.device, self.bf16 = rank, world, device, bf16
+        self.model, self.runner, self.engine = model, runner, engine
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.step = int(state.get("step", 0))
+        self.epoch = int(state.get("epoch", 0))
+        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
+        self.bad_rows = int(state.get("bad_rows", 0))
+        self.resumed_from = self.step if state else None
+        self.run_dir: Location = cfg["run"]
+        self.log = (
+            _MetricsLog(self.run_dir.join(METRICS_FILE), self.resumed_from) if rank == 0 else None
+        )
+        self.last_val: float | None = state.get("val_loss")
+
+    # ---- data
+
+    def _batches(self, split: str, seed: int | None, shuffle: bool):
+        shard = ray.train.get_dataset_shard(split)
+        return shard.iter_torch_batches(
+            batch_size=self.tcfg.batch_size,
+            collate_fn=_Collate(self.model),
+            drop_last=split == "train",
+            local_shuffle_buffer_size=self.tcfg.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=seed if shuffle else None,
+            prefetch_batches=2,
+        )
+
+    # ---- one micro-batch
+
+    def _loss(self, batch, generator) -> torch.Tensor:
+        pixel_values = self.model.preprocess_images(batch["pixels"].to(self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.bf16 and self.engine is None):
+            extra = {k: batch[k].to(self.device) for k in ("commit_step", "top_ids", "top_probs")
+                     if k in batch}
+            return self.runner(
+                pixel_values, batch["response"].to(self.device), batch["valid"].to(self.device),
+                generator, **extra,
+            )
+
+    def _generator(self, *key: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(
+            hash((self.tcfg.seed, self.rank, *key)) % (2**62)
+        )
+
+    def _tokens(self, batch) -> int:
+        length = batch["response"].shape[1]
+        seq = self.model.prompt_length + (2 * length if self.stage != "ar" else length)
+        return batch["response"].shape[0] * seq
+
+    # ---- the loop
+
+    def run(self) -> None:
+        tcfg = self.tcfg
+        if self.log is not None and self.resumed_from is not None:
+            self.log.add({"event": "resumed", "step": self.step, "epoch": self.epoch,
+                          "batches_in_epoch": self.batches_in_epoch, "time": time.time()})
+        # A step may span two epochs (grad_accum > 1); checkpoints are taken at step ends, so
+        # a resumed worker always starts at a step boundary.
+        micro, step_loss, step_tokens, step_bad, t0 = 0, 0.0, 0, 0, time.perf_counter()
+        while self.step < tcfg.max_steps:
+            skip, consumed = self.batches_in_epoch, 0
+            batches = self._batches(
+                "train", seed=tcfg.seed * 100_003 + self.epoch, shuffle=bool(tcfg.shuffle_buffer)
+            )
+            for batch in batches:
+                consumed += 1
+                if consumed <= skip:  # resumed mid-epoch: these were trained on already
+                    continue
+                if (
+                    tcfg.fail_at_step and self.resumed_from is None
+                    and self.step + 1 == tcfg.fail_at_step and self.rank == tcfg.fail_rank
+                ):
+                    raise RuntimeError(
+                        f"fault drill: rank {self.rank} fails at step {self.step + 1}"
+                    )
+                step_bad += int((~batch["ok"]).sum())
+                for i in np.flatnonzero(~batch["ok"].numpy()):
+                    logger.warning("rank %d skipped row %s: %s", self.rank, batch["dicom_id"][i],
+                                   batch["error"][i])
+                generator = self._generator(self.step, micro)
+                loss = self._backward(batch, generator, last=micro + 1 == tcfg.grad_accum)
+                step_loss += loss
+                step_tokens += self._tokens(batch)
+                micro += 1
+                if micro < tcfg.grad_accum:
+                    continue
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                grad_norm = self._optimizer_step()
+                self.step += 1
+                elapsed = time.perf_counter() - t0
+                self.batches_in_epoch = consumed
+                self._end_step(step_loss / micro, step_tokens, step_bad, lr, grad_norm, elapsed)
+                micro, step_loss, step_tokens, step_bad, t0 = 0, 0.0, 0, 0, time.perf_counter()
+                if self.step >= tcfg.max_steps:
+                    break
+            else:
+                if consumed == 0:
+                    raise RuntimeError(
+                        f"the train split gives worker {self.rank} no full batch of "
+                        f"{tcfg.batch_size} rows: lower train.batch_size or train.num_workers"
+                    )
+                self.epoch += 1
+                self.batches_in_epoch = 0
+                continue
+            break
+
+    def _backward(self, batch, generator, last: bool) -> float:
+        if self.engine is not None:  # DeepSpeed scales by grad_accum and steps at boundaries
+            loss = self._loss(batch, generator)
+            self.engine.backward(loss)
+            return float(loss.detach())
+        defer_sync = not last and hasattr(self.runner, "no_sync")
+        with self.runner.no_sync() if defer_sync else contextlib.nullcontext():
+            loss = self._loss(batch, generator)
+            (loss / self.tcfg.grad_accum).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> float:
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.tcfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _end_step(
+        self, loss: float, tokens: int, bad: int, lr: float, grad_norm: float, elapsed: float
+    ) -> None:
+        tcfg = self.tcfg
+        totals = self._all_reduce([loss, tokens, bad])
+        self.bad_rows += int(totals[2])
+        metrics = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": totals[0] / self.world,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": totals[1] / max(elapsed, 1e-9),
+            "step_time_s": elapsed,
+            "bad_rows": self.bad_rows,
+        }
+        final = self.step >= tcfg.max_steps
+        if final or (tcfg.eval_every and self.step % tcfg.eval_every == 0):
+            self.last_val = self._evaluate()
+            if self.last_val is not None:  # None: the validation split is empty
+                metrics["val_loss"] = self.last_val
+        if self.resumed_from is not None:
+            metrics["resumed_from"] = self.resumed_from
+        if self.log is not None:
+            self.log.add({**metrics, "time": time.time()})
+            if final or self.step % 10 == 0 or self.step == 1:
+                val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+                # to the process's real stdout: Ray Train's patched print would log it twice
+                print(f"[echo-ray train {self.stage}] step {self.step}/{tcfg.max_steps} epoch "
+                      f"{self.epoch} loss {metrics['loss']:.4f}{val} lr {metrics['lr']:.2e} "
+                      f"{metrics['tokens_per_s']:.0f} tok/s bad rows {self.bad_rows}",
+                      file=sys.__stdout__, flush=True)
+        if final or (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0):
+            self._checkpoint(metrics)
+        elif tcfg.report_every and self.step % tcfg.report_every == 0:
+            ray.train.report(metrics)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1 and dist.is_initialized():
+            dist.all_reduce(t)
+        return t.tolist()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float | None:
+        """Mean validation loss over up to `eval_batches` batches per worker, fixed noise."""
+        self.model.eval()
+        total, rows = 0.0, 0
+        for i, batch in enumerate(self._batches("validate", seed=None, shuffle=False)):
+            if i >= self.tcfg.eval_batches:
+                break
+            n = int(batch["ok"].sum())
+            if n == 0:
+                continue
+            loss = self._loss(batch, self._generator(-1, i))
+            total += float(loss) * n
+            rows += n
+        self.model.train()
+        total, rows = self._all_reduce([total, rows])
+        return total / rows if rows else None
+
+    def _checkpoint(self, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp)
+            if self.engine is not None:
+                self.engine.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state")
+                self._save_model_deepspeed(path)
+            elif self.rank == 0:
+                save_checkpoint(self.model, path, self.config)
+            if self.rank == 0:
+                torch.save(
+                    {
+                        "stage": self.stage,
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "batches_in_epoch": self.batches_in_epoch,
+                        "bad_rows": self.bad_rows,
+                        "val_loss": self.last_val,
+                        "optimizer": self.optimizer.state_dict() if self.engine is None else None,
+                        "scheduler": self.scheduler.state_dict() if self.engine is None else None,
+                    },
+                    path / TRAIN_STATE,
+                )
+                self.log.flush()
+            has_files = any(path.iterdir())
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(tmp) if has_files else None,
+                checkpoint_dir_name=f"checkpoint_{self.step:07d}",
+            )
+
+    def _save_model_deepspeed(self, path: Path) -> None:
+        if self.tcfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+                if self.rank == 0:
+                    save_checkpoint(self.model, path, self.config)
+        elif self.rank == 0:
+            save_checkpoint(self.model, path, self.config)
+
+
+class _MetricsLog:
+    """`metrics.jsonl` of a run (rank 0): one JSON object per step, plus events. On resume the
+    rows after the restored step are dropped, so the file reads as one continuous run."""
+
+    def __init__(self, loc: Location, resumed_from: int | None) -> None:
+        self.loc = loc
+        self.rows: list[str] = []
+        if resumed_from is not None and loc.exists():
+            for line in loc.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("step", 0) <= resumed_from:
+                    self.rows.append(line)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(json.dumps(row, default=float))
+        if len(self.rows) % 10 == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        self.loc.write_text("\n".join(self.rows) + "\n")
