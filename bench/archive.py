@@ -1,6 +1,6 @@
 """Bulk archive reporting speed: studies/s with 1 vs 2 actors and batch 1 vs 16, one run.
 
-Writes a synthetic archive, then reports it with `echo_ray.archive.report_archive` once per
+Writes a synthetic archive, then reports it with `echo_ray.batch.job.report_archive` once per
 configuration (actors x batch size: 1x16, 2x16, 1x1), each into a fresh output folder, in
 one process on one local Ray: the ratios compare runs on the same machine, same archive,
 same model. Without `--checkpoint` the model is the tiny preset, randomly initialised on a
@@ -41,7 +41,7 @@ import torch
 from _random_model import random_model
 
 from echo_ray.batch.job import report_archive
-from echo_ray.batch.options import ReportOptions
+from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import EchoConfig
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.runtime.cluster import init_ray
@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     for actors, batch in CONFIGS:
         out = work / f"out-{_name(actors, batch)}"
         shutil.rmtree(out, ignore_errors=True)
-        options = ReportOptions(decoding=args.decoding, batch_size=batch,
-                                unit_size=args.unit_size, actors=actors,
-                                cpus_per_actor=args.cpus_per_actor, threads=args.threads)
-        summary = report_archive(str(checkpoint), str(archive), str(out), options)
+        config = apply_overrides(EchoConfig(), [
+            f"decoding.mode={args.decoding}", f"report.batch_size={batch}",
+            f"report.unit_size={args.unit_size}", f"pool.actors={actors}",
+            f"pool.cpus_per_actor={args.cpus_per_actor}", f"pool.threads={args.threads}",
+        ])
+        summary = report_archive(str(checkpoint), str(archive), str(out), config)
         run = summary["this_run"]
         rows.append({
             "config": _name(actors, batch), "actors": actors, "batch_size": batch,

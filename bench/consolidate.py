@@ -1,10 +1,10 @@
 """Bulk reporting's consolidation at archive scale: time and peak memory vs number of studies.
 
 Every night `echo-ray report` reads its whole ledger (`parts/`) and rewrites the final files
-from it (`echo_ray.archive.consolidate`), so their cost grows with the archive, not with the
+from it (`echo_ray.batch.ledger.consolidate`), so their cost grows with the archive, not with the
 night's new studies. This bench writes a ledger of N synthetic report rows (part files of
 `--unit-size` rows, realistic text and column sizes, no model involved), then times reading
-the ledger (`_ledger`: which studies are done) and the consolidation, each size in a fresh
+the ledger (`read_ledger`: which studies are done) and the consolidation, each size in a fresh
 process so that its peak memory (max RSS) is its own. Sizes run one after the other on the
 same machine; the ratios (largest vs smallest) show how time and memory scale.
 
@@ -26,9 +26,8 @@ import time
 
 import pyarrow as pa
 
-from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, consolidate
-from echo_ray.batch.ledger import read_ledger as _ledger
-from echo_ray.batch.options import ReportOptions
+from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, consolidate, read_ledger
+from echo_ray.config.schema import ReportConfig
 from echo_ray.data.storage import resolve
 from echo_ray.text.labels import CHEXPERT_LABELS
 
@@ -84,10 +83,10 @@ def _measure(studies: int, unit_size: int, fhir: bool, queue) -> None:
             parts.join(f"part-{first:010d}.parquet").write_parquet(_part(first, n, studies))
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        done, _ = _ledger(parts)
+        done, _ = read_ledger(parts)
         ledger_s = time.perf_counter() - start
         start = time.perf_counter()
-        summary = consolidate(dst, ReportOptions(), fhir=fhir)
+        summary = consolidate(dst, include_phi=False, fhir=fhir)
         consolidate_s = time.perf_counter() - start
         assert len(done) == summary["reports"] == studies
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -109,7 +108,7 @@ def _measure(studies: int, unit_size: int, fhir: bool, queue) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", default="10000,100000", help="comma-separated sizes")
-    p.add_argument("--unit-size", type=int, default=ReportOptions().unit_size)
+    p.add_argument("--unit-size", type=int, default=ReportConfig().unit_size)
     p.add_argument("--fhir", action="store_true", help="also write fhir.ndjson")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.studies.split(",")]

@@ -1,6 +1,6 @@
 """Decode speed: AR vs multi-step vs one-step vs one-step fused, same weights, same machine.
 
-Every mode runs `echo_ray.sampling.generate` on the same model and the same synthetic
+Every mode runs `echo_ray.decode.sampler.generate` on the same model and the same synthetic
 phantom radiographs, in one process, interleaved round-robin (so machine load hits every
 mode alike). Without `--checkpoint` the model is the tiny preset, randomly initialised on a
 tokenizer trained on synthetic reports, and `<eos>` is ignored so every mode decodes exactly

@@ -1,6 +1,6 @@
 """Ingest throughput: DICOM read + decode + resize through Ray Data vs a plain loop.
 
-Both sides run the same function (`echo_ray.data.decode_files_batch`) on the same files of a
+Both sides run the same function (`echo_ray.data.prepare.decode_files_batch`) on the same files of a
 synthetic archive, in one run on one machine: the ratio isolates the execution engine.
 Prints a table, then one JSON line with every figure (`ray_vs_loop`, `images_per_s`, ...).
 

@@ -250,8 +250,8 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace):
-    from echo_ray.eval.job import System
     from echo_ray.eval.job import evaluate as run_evaluation
+    from echo_ray.eval.systems import System
 
     try:
         systems = [System.parse(spec) for spec in args.systems]

@@ -1,12 +1,11 @@
 """batch: `echo-ray report`, the exactly-once, resumable bulk job over a DICOM archive.
 
-- options.py: `ReportOptions`, how an archive is reported
 - discovery.py: the archive listed and grouped into studies, the studies cut into units
 - ledger.py: the part files (schema, which studies are done) and their consolidation
   into reports.parquet / reports.jsonl / fhir.ndjson / errors.parquet
 - actor.py: `ArchiveActor`, the model actor that reports a unit and writes its part file
 - job.py: `report_archive` (the run from discovery to summary.json) and `format_summary`
 
-May import config, data, text, model, diffusion, decode, interop and runtime; the model and
-decode layers only inside the actor's methods, so the driver never imports torch.
+May import config, runtime, text, data, model, diffusion, decode and interop. torch and the
+model load only inside the actor, so the driver never imports torch.
 """

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,29 +16,24 @@ import pyarrow as pa
 
 from echo_ray.batch.discovery import file_key, read_with_retries
 from echo_ray.batch.ledger import PART_SCHEMA, fhir_resource
-from echo_ray.batch.options import ReportOptions
-from echo_ray.data.prepare import setup_model_actor
-from echo_ray.data.storage import Location
+from echo_ray.config.schema import DecodingConfig, PoolConfig, ReportConfig
+from echo_ray.data.storage import Location, model_name
+from echo_ray.decode.replica import ModelReplica
 
 
 class ArchiveActor:
     """One model replica of the Ray Data actor pool; `__call__` takes a batch of units."""
 
-    def __init__(self, *, model: Location, src: Location, parts: Location,
-                 options: ReportOptions, run_id: str) -> None:
-        from echo_ray.data.storage import local_model_dir, model_name
-        from echo_ray.decode.predictor import ReportGenerator
-
-        threads = options.threads or max(1, int(options.cpus_per_actor))
-        device = setup_model_actor(threads, options.gpus_per_actor > 0)
-        self.tmp = tempfile.mkdtemp(prefix="echo-report-")
-        self.generator = ReportGenerator.from_checkpoint(
-            local_model_dir(model, os.path.join(self.tmp, "model")), decoding=options.decoding,
-            steps=options.steps, threshold=options.threshold,
-            max_new_tokens=options.max_new_tokens, model_id=model_name(model.uri),
-            include_phi=options.include_phi,
-        ).to(device)
-        self.generator.warm_up(min(options.batch_size, 2))  # not in the first unit's timing
+    def __init__(self, *, model: Location, src: Location, parts: Location, run_id: str,
+                 options: ReportConfig, decoding: DecodingConfig, pool: PoolConfig,
+                 modalities: tuple[str, ...]) -> None:
+        replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
+                               use_gpu=pool.gpus_per_actor > 0, name="report")
+        self.generator = replica.generator(
+            model, decoding, model_id=model_name(model.uri), include_phi=options.include_phi,
+            modalities=tuple(modalities) or None,
+            warm_up=min(options.batch_size, 2),  # not in the first unit's timing
+        )
         self.src, self.parts, self.options, self.run_id = src, parts, options, run_id
         self.io = ThreadPoolExecutor(options.io_threads)
         self.actor = f"{os.uname().nodename}:{os.getpid()}"

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from echo_ray.data.dicom import DicomError, read_header
-from echo_ray.data.prepare import MIMIC_IMAGE
+from echo_ray.data.layout import MIMIC_IMAGE
 from echo_ray.data.storage import Location
 
 DICOM_SUFFIXES = (".dcm", ".dicom")

@@ -48,7 +48,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,7 +57,7 @@ from echo_ray import __version__
 from echo_ray.batch.actor import ArchiveActor, log
 from echo_ray.batch.discovery import discover_studies, plan_units
 from echo_ray.batch.ledger import PARTS_DIR, consolidate, read_ledger, remove_temporary_parts
-from echo_ray.batch.options import ReportOptions
+from echo_ray.config.schema import EchoConfig
 from echo_ray.data.storage import resolve, resolve_model_dir
 from echo_ray.runtime.cluster import init_ray
 
@@ -71,17 +70,22 @@ def report_archive(
     checkpoint: str,
     archive: str,
     out: str,
-    options: ReportOptions = ReportOptions(),
+    config: EchoConfig | None = None,
     *,
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Report every study of `archive` not yet in `out`; consolidate `out` (module docstring).
 
+    Args:
+        config: its `report`, `decoding`, `pool` and `data.modalities` settings are used
+            (default: the tiny preset's).
+
     Returns:
         The summary (also written to `out`/summary.json).
     """
-    options.validate()
+    config = (config or EchoConfig()).validate()
+    options = config.report
     start = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     src = resolve(archive, s3_endpoint=s3_endpoint)
@@ -110,8 +114,8 @@ def report_archive(
                 "errors_by_reason": {}, "actor_busy_s": {}}
     if units:
         init_ray(ray_address)
-        this_run.update(_run_units(units, src, parts, model, options, run_id))
-    summary = consolidate(dst, options, fhir=options.fhir)
+        this_run.update(_run_units(units, src, parts, model, config, run_id))
+    summary = consolidate(dst, include_phi=options.include_phi, fhir=options.fhir)
     wall = time.perf_counter() - start
     this_run["wall_time_s"] = round(wall, 2)
     this_run["studies_per_s"] = round(this_run["studies"] / wall, 3) if units else None
@@ -123,7 +127,7 @@ def report_archive(
         side_files=found.side_files, late_files=found.late_files,
         before_since=found.before_since, previously_done=len(done), this_run=this_run,
         studies_per_s=this_run["studies_per_s"], wall_time_s=this_run["wall_time_s"],
-        options=asdict(options),
+        options=options_record(config),
     )
     summary_loc.write_text(json.dumps(summary, indent=2, sort_keys=True))
     remove_temporary_parts(parts)
@@ -134,9 +138,23 @@ def report_archive(
     return summary
 
 
-def _run_units(units, src, parts, model, options, run_id) -> dict[str, Any]:
+def options_record(config: EchoConfig) -> dict[str, Any]:
+    """The settings a report summary records under "options"."""
+    r, d, p = config.report, config.decoding, config.pool
+    return {
+        "decoding": d.mode, "steps": d.steps, "threshold": d.threshold,
+        "max_new_tokens": d.max_new_tokens, "batch_size": r.batch_size,
+        "unit_size": r.unit_size, "actors": p.actors, "cpus_per_actor": p.cpus_per_actor,
+        "gpus_per_actor": p.gpus_per_actor, "threads": p.threads, "io_threads": r.io_threads,
+        "since": r.since, "fhir": r.fhir, "include_phi": r.include_phi,
+        "retry_errors": r.retry_errors,
+    }
+
+
+def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
     """The units through a Ray Data pool of `ArchiveActor`s, a progress line every
     `_PROGRESS_EVERY_S`; returns this run's counts."""
+    pool = config.pool
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     # Ray Data's progress bars are for terminals; the progress lines below print either way.
@@ -145,13 +163,14 @@ def _run_units(units, src, parts, model, options, run_id) -> dict[str, Any]:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ArchiveActor,
-        fn_constructor_kwargs={"model": model, "src": src, "parts": parts, "options": options,
-                               "run_id": run_id},
+        fn_constructor_kwargs={"model": model, "src": src, "parts": parts, "run_id": run_id,
+                               "options": config.report, "decoding": config.decoding,
+                               "pool": pool, "modalities": config.data.modalities},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=options.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor or None,
     )
     total = sum(u["num_studies"] for u in units)
     reasons: Counter = Counter()

@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from echo_ray.batch.options import ReportOptions
 from echo_ray.data.storage import Location
 from echo_ray.text.labels import CHEXPERT_LABELS
 
@@ -132,7 +131,7 @@ def fhir_resource(row: dict, issued: datetime) -> dict:
     return resource
 
 
-def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[str, Any]:
+def consolidate(dst: Location, *, include_phi: bool, fhir: bool) -> dict[str, Any]:
     """Write the final files from the part files (each study once); returns the counts."""
     # Every column but the ledger's file hashes, and one copy of each kept row; the JSON
     # files written a slice at a time (a million studies took 10.5 GB when they were built
@@ -145,7 +144,7 @@ def consolidate(dst: Location, options: ReportOptions, *, fhir: bool) -> dict[st
     errors = table.take(current.filter(is_error))
     reports = table.take(current.filter(pc.invert(is_error)))
     del table
-    columns = [c for c in REPORT_COLUMNS if options.include_phi or c not in _PHI_KEYS]
+    columns = [c for c in REPORT_COLUMNS if include_phi or c not in _PHI_KEYS]
     report_table = reports.select(columns)
     dst.join(REPORTS_FILE).write_parquet(report_table)
     _write_lines(dst.join(REPORTS_JSONL), report_table, json.dumps)

@@ -9,7 +9,7 @@ from echo_ray.config.schema import ConfigError, EchoConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU laptop, CI and quickstart: the dataclass defaults (ModelConfig's defaults are the
-    # 4M-parameter model of docs/ARCHITECTURE.md section 5), with the decoded train split
+    # 4M-parameter model of docs/ARCHITECTURE.md section 5.8), with the decoded train split
     # cached.
     "tiny": {"train": {"cache_decoded": True}},
     # A Qwen2.5-VL-7B-sized run (Lingshu-7B, the paper's base) on a GPU cluster.

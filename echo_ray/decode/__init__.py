@@ -7,6 +7,8 @@
   `ReportScorer` (per-report NLL under an AR model)
 - studies.py: a study's files -> header reads -> the frontal view chosen -> one report or a
   typed error (`report_studies`)
+- replica.py: `ModelReplica`, the start-up every model-holding process shares (threads,
+  device, scratch folder, model fetch, placement, warm-up) and its loaders
 
 May import config, data, text, model and diffusion; never a later layer, and never ray.
 """

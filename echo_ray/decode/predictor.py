@@ -1,7 +1,7 @@
 """ReportGenerator: images (or DICOM bytes) in, report dicts out.
 
 One class serves the batch jobs and the Ray Serve deployment (they are thin adapters over
-it). Plain torch: no Ray here. A report dict (DESIGN.md section 6):
+it). Plain torch: no Ray here. A report dict (docs/ARCHITECTURE.md section 3.7):
 
     study_instance_uid, series_instance_uid, sop_instance_uid   (None for raw images)
     report, findings, impression                                  the generated text

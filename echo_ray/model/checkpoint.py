@@ -5,7 +5,7 @@ Layout (a plain HF model directory, so `from_pretrained(path)` and
 
     config.json, model.safetensors, generation_config.json   the Qwen2.5-VL backbone
     tokenizer.json, tokenizer_config.json, ...               the tokenizer (with <|mask|>)
-    echo_config.json                                         the whole EchoConfig of the run
+    echo_config.json                                         the run's config (RUN_SECTIONS)
 
 What was saved loads back bit-identical (same dtype, same tensors, same config).
 """
@@ -41,7 +41,7 @@ def save_checkpoint(model: EchoDVLM, path: str | Path, config: EchoConfig | None
     )
     model.backbone.save_pretrained(str(path))
     model.tokenizer.save_pretrained(str(path))
-    (path / CONFIG_FILE).write_text(config.to_json())
+    (path / CONFIG_FILE).write_text(config.to_json(run_only=True))
     return path
 
 

@@ -127,8 +127,6 @@ class EchoDVLM(nn.Module):
         proj = backbone.model.visual.patch_embed.proj
         if type(proj) is nn.Conv3d and proj.kernel_size == proj.stride:
             proj.__class__ = PatchProjection  # same module, same weight: a matmul, not a conv
-        if config.freeze_vision:
-            self.set_vision_trainable(False)
         self._vision_inputs: dict[tuple[int, torch.device], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ shapes and ids

@@ -28,7 +28,8 @@ from echo_ray.text.tokenizer import (
 
 logger = logging.getLogger(__name__)
 
-# The only attention implementation whose reading of a bool 4D mask we rely on (DESIGN.md 3).
+# The only attention implementation whose reading of a bool 4D mask we rely on
+# (docs/ARCHITECTURE.md section 5.6).
 ATTN_IMPLEMENTATION = "sdpa"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,18 +13,16 @@ Two deployments, built by `build_app(args)` (the `import_path` of `serve_config.
 Routes (README "Serving"): `POST /v1/reports`, `GET /v1/models`, `GET /healthz`,
 `GET /readyz`, `GET /` (review page), `GET /docs` and `/openapi.json`.
 
-Both take their `args` as `ServeOptions` (`options.py`). No work happens at import time: the
-model loads in each replica's constructor, API keys are read when the app is built.
+Both read their `args` with `AppArgs.parse` (`options.py`). No work happens at import time:
+the model loads in each replica's constructor, API keys are read when the app is built.
 """
 
-import dataclasses
 import logging
-import os
 from typing import Any
 
 from echo_ray.serving.ingress import ReportAPI
 from echo_ray.serving.model import ReportModel
-from echo_ray.serving.options import API_KEYS_ENV, ServeOptions, key_digest, load_api_keys
+from echo_ray.serving.options import API_KEYS_ENV, AppArgs, key_digest, load_api_keys
 
 logger = logging.getLogger("echo_ray.serve")
 
@@ -33,14 +31,13 @@ def build_app(args: dict[str, Any]):
     """The Serve application (Serve's `import_path: echo_ray.serving.app:build_app`).
 
     Args:
-        args: `ServeOptions` fields (a Serve config's `args:`).
+        args: a Serve config's `args:` (`serving/options.py` says which keys).
 
     Raises:
         ValueError: bad args, or no API key configured without `insecure: true`.
     """
-    options = ServeOptions.from_args(args)
-    if not options.checkpoint.startswith("s3://"):
-        options = dataclasses.replace(options, checkpoint=os.path.abspath(options.checkpoint))
+    parsed = AppArgs.parse(args)
+    options = parsed.serve
     keys = load_api_keys(options)
     if not keys and not options.insecure:
         raise ValueError(
@@ -50,7 +47,7 @@ def build_app(args: dict[str, Any]):
         )
     if keys and options.insecure:
         logger.warning("API keys are configured: `insecure` is ignored")
-    plain = dataclasses.asdict(options)
+    plain = {**args, "checkpoint": parsed.checkpoint}
     model = ReportModel.options(
         autoscaling_config={
             "min_replicas": options.min_replicas,

@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from echo_ray import __version__
 from echo_ray.interop.fhir import FHIR_MEDIA_TYPE, diagnostic_report
-from echo_ray.serving.options import ServeOptions, key_digest
+from echo_ray.serving.options import AppArgs, key_digest
 
 logger = logging.getLogger("echo_ray.serve")
 
@@ -79,7 +79,8 @@ class ReportAPI:
 
     def __init__(self, model, options: dict, key_digests: list[str]) -> None:
         self.model = model
-        self.options = ServeOptions.from_args(options)
+        args = AppArgs.parse(options)
+        self.options, self.default_decoding = args.serve, args.config.decoding.mode
         self.key_digests = key_digests
         self.max_bytes = int(self.options.max_upload_mb * 1024 * 1024)
         self.page_html = self._render_page()
@@ -88,7 +89,8 @@ class ReportAPI:
         """The review page with this server's settings: whether it needs a key, and its
         decoding modes, the default first."""
         opts = self.options
-        modes = [opts.decoding, *(m for m in opts.modes if m != opts.decoding)]
+        default = self.default_decoding
+        modes = [default, *(m for m in opts.modes if m != default)]
         html = resources.files("echo_ray.serving").joinpath("review_page.html").read_text()
         html = html.replace("{{MODES}}", json.dumps(modes))
         return html.replace("{{AUTH}}", "false" if self.open else "true")
@@ -190,7 +192,7 @@ class ReportAPI:
         self, request: Request, request_id: str, mode: str | None, preview: bool, stream: bool
     ) -> Response:
         start = time.perf_counter()
-        decoding = mode or self.options.decoding
+        decoding = mode or self.default_decoding
         if decoding not in self.options.modes:
             raise _HTTPError(400, "unsupported_mode", f"mode {decoding!r} is not served; "
                              f"choose one of {list(self.options.modes)}")

@@ -7,12 +7,11 @@ torch and the model load in the replica's constructor, never at import.
 import asyncio
 import base64
 import io
-import tempfile
 
 from ray import serve
 
 from echo_ray.data.storage import model_name
-from echo_ray.serving.options import ServeOptions
+from echo_ray.serving.options import AppArgs
 
 MODEL_DEPLOYMENT = "ReportModel"
 
@@ -22,30 +21,22 @@ class ReportModel:
     """A `ReportGenerator` replica; concurrent studies are decoded as one batch."""
 
     def __init__(self, options: dict) -> None:
-        from echo_ray.data.prepare import setup_model_actor
-        from echo_ray.data.storage import local_model_dir, resolve_model_dir
-        from echo_ray.decode.predictor import ReportGenerator
+        from echo_ray.data.storage import resolve_model_dir
+        from echo_ray.decode.replica import ModelReplica
 
-        opts = ServeOptions.from_args(options)
-        device = setup_model_actor(opts.threads, use_gpu=opts.num_gpus > 0)
-        loc = resolve_model_dir(opts.checkpoint, s3_endpoint=opts.s3_endpoint, what="checkpoint")
-        # an s3:// model is downloaded into this replica's own folder (replicas of one node
-        # must not write the same files); a local one is used in place
-        self.path = local_model_dir(loc, tempfile.mkdtemp(prefix="echo-serve-model-"))
-        kwargs = {"modalities": opts.modalities} if opts.modalities is not None else {}
-        self.generator = ReportGenerator.from_checkpoint(
-            self.path,
-            decoding=opts.decoding,
-            threshold=opts.threshold,
-            max_new_tokens=opts.max_new_tokens,
-            include_phi=opts.include_phi,
-            model_id=opts.model_id or model_name(opts.checkpoint),
-            **kwargs,
-        ).to(device)
-        self.options = opts
+        args = AppArgs.parse(options)
+        opts, config = args.serve, args.config
+        replica = ModelReplica(threads=opts.threads, cpus=opts.num_cpus,
+                               use_gpu=opts.num_gpus > 0, name="serve")
+        loc = resolve_model_dir(args.checkpoint, s3_endpoint=args.s3_endpoint, what="checkpoint")
+        self.generator = replica.generator(  # warmed up: not in the first request's latency
+            loc, config.decoding, include_phi=opts.include_phi,
+            model_id=opts.model_id or model_name(args.checkpoint),
+            modalities=tuple(config.data.modalities) or None,
+        )
+        self.options, self.default_decoding = opts, config.decoding.mode
         self.replica = serve.get_replica_context().replica_tag
         self._set_batching(opts.max_batch_size, opts.batch_wait_timeout_s)
-        self.generator.warm_up()  # not in the first request's latency
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: {max_batch_size, batch_wait_timeout_s}."""
@@ -64,7 +55,7 @@ class ReportModel:
         return {
             "id": self.generator.model_id,
             "version": self.generator.model_version,
-            "default_decoding": self.options.decoding,
+            "default_decoding": self.default_decoding,
             "modes": list(self.options.modes),
             "block_length": self.generator.model.block_length,
             "image_size": config.image_size,

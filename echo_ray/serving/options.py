@@ -1,107 +1,99 @@
-"""`ServeOptions`, the `args` of the Serve app, and the API keys it accepts.
+"""The Serve app's `args` (a Serve config's `args:`, or what `echo-ray serve` builds from its
+flags), read into the config tree, and the API keys the app accepts.
 
-Plain Python (no ray, no torch): the ingress and the model replicas both parse their
-options here.
+`args` is a flat mapping: `checkpoint` and `s3_endpoint` (where the model is), every field of
+the `serve` config section by its own name, and the decoding and data settings by the names
+in `APP_ARG_KEYS` (`decoding`, `steps`, `threshold`, `max_new_tokens`, `modalities`). The
+ingress and the model replicas both read their `args` here. Plain Python (no ray, no torch).
 """
 
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echo_ray.decode.modes import DECODING_MODES
+from echo_ray.config.overrides import from_dict
+from echo_ray.config.schema import ConfigError, EchoConfig, ServeConfig
 
 API_KEYS_ENV = "ECHO_RAY_API_KEYS"
+# App args that are not `serve.*` fields: the config field each one sets.
+APP_ARG_KEYS = {
+    "decoding": ("decoding", "mode"),
+    "steps": ("decoding", "steps"),
+    "threshold": ("decoding", "threshold"),
+    "max_new_tokens": ("decoding", "max_new_tokens"),
+    "modalities": ("data", "modalities"),
+}
+# `echo-ray serve` settings that a Serve config sets in `http_options` instead.
+_CLI_ONLY = ("host", "port")
 
 
 @dataclass(frozen=True)
-class ServeOptions:
-    """The `args` of `build_app` (and of `serve_config.yaml`'s application).
-
-    Deployment settings here are defaults: a `deployments:` entry in a Serve config
-    overrides them (autoscaling, `max_ongoing_requests`, `ray_actor_options`,
-    `user_config`).
-    """
+class AppArgs:
+    """The Serve app's `args`, read: where the model is, and the config it runs with."""
 
     checkpoint: str
     """Model directory (a run's `model/`), local or s3://."""
-    model_id: str | None = None
-    """The id reports carry; default: the run's name (`runs/dcd/model` -> "dcd")."""
-    decoding: str = "one-step-fused"
-    """Default decoding mode; a request may pick another one of `modes`."""
-    modes: tuple[str, ...] = DECODING_MODES
-    """Decoding modes requests may ask for."""
-    max_new_tokens: int | None = None
-    threshold: float = 0.9
-    """tau of the multi-step mode."""
-    max_batch_size: int = 16
-    """Studies decoded together (`@serve.batch`); 1 turns batching off."""
-    batch_wait_timeout_s: float = 0.05
-    """How long a replica waits for a batch to fill."""
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 8.0
-    """Autoscaling target per model replica."""
-    max_ongoing_requests: int = 32
-    """Per model replica; must be >= max_batch_size for batches to fill."""
-    num_cpus: float = 1.0
-    """Per model replica."""
-    num_gpus: float = 0.0
-    """Per model replica: 1 on a GPU cluster, 0 on CPU."""
-    threads: int = 1
-    """torch threads per model replica (CPU)."""
-    ingress_replicas: int = 1
-    max_upload_mb: float = 64.0
-    """413 above this body size."""
-    max_files: int = 8
-    """413 above this many files in one study."""
-    request_timeout_s: float = 60.0
-    """504 when a report takes longer."""
-    api_keys_file: str | None = None
-    """One key per line (# comments); keys also come from $ECHO_RAY_API_KEYS."""
-    insecure: bool = False
-    """Serve without API keys (development on loopback only)."""
-    include_phi: bool = False
-    """Return patient name / ID / birth date and uploaded file names in reports."""
-    s3_endpoint: str | None = None
-    modalities: tuple[str, ...] | None = None
-    """Accepted DICOM Modality values; None: the radiograph ones (CR, DX, DR, RG)."""
+    s3_endpoint: str | None
+    """S3 endpoint URL for an s3:// checkpoint (else AWS_ENDPOINT_URL)."""
+    config: EchoConfig
+    """`serve`, `decoding` and `data.modalities` are what the app uses."""
+
+    @property
+    def serve(self) -> ServeConfig:
+        return self.config.serve
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "ServeOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - names)
+    def parse(cls, args: Mapping[str, Any]) -> "AppArgs":
+        """Read and check `args`; errors (a `ValueError`) name the key."""
+        serve_fields = {f.name for f in dataclasses.fields(ServeConfig)} - set(_CLI_ONLY)
+        known = serve_fields | set(APP_ARG_KEYS) | {"checkpoint", "s3_endpoint"}
+        unknown = sorted(set(args) - known)
         if unknown:
-            raise ValueError(f"unknown echo-ray serve args {unknown}; known: {sorted(names)}")
+            hint = (" (host and port are http_options of a Serve config)"
+                    if set(unknown) & set(_CLI_ONLY) else "")
+            raise ConfigError(f"unknown echo-ray serve args {unknown}{hint}; known: "
+                              f"{sorted(known)}")
         if not args.get("checkpoint"):
-            raise ValueError("echo-ray serve needs args.checkpoint (a model directory)")
-        args = dict(args)
-        for key in ("modes", "modalities"):
-            if args.get(key) is not None:
-                args[key] = tuple(args[key])
-        options = cls(**args)
-        options.validate()
-        return options
-
-    def validate(self) -> None:
-        bad = sorted(set(self.modes) - set(DECODING_MODES))
-        if bad:
-            raise ValueError(f"unknown decoding modes {bad}; choose from {DECODING_MODES}")
-        if self.decoding not in self.modes:
-            raise ValueError(f"decoding {self.decoding!r} is not one of modes {self.modes}")
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError("need 1 <= min_replicas <= max_replicas")
-        if self.max_batch_size < 1 or self.max_files < 1 or self.max_upload_mb <= 0:
-            raise ValueError("max_batch_size, max_files and max_upload_mb must be positive")
+            raise ConfigError("echo-ray serve needs args.checkpoint (a model directory)")
+        tree: dict[str, dict[str, Any]] = {"serve": {}}
+        for key, value in args.items():
+            if key in serve_fields:
+                tree["serve"][key] = value
+            elif key in APP_ARG_KEYS and value is not None:
+                section, name = APP_ARG_KEYS[key]
+                tree.setdefault(section, {})[name] = value
+        config = from_dict(tree)
+        if config.decoding.mode not in config.serve.modes:
+            raise ConfigError(f"decoding {config.decoding.mode!r} is not one of modes "
+                              f"{config.serve.modes}")
+        checkpoint = str(args["checkpoint"])
+        if not checkpoint.startswith("s3://"):
+            checkpoint = os.path.abspath(checkpoint)
+        return cls(checkpoint, args.get("s3_endpoint"), config)
 
 
-def load_api_keys(options: ServeOptions) -> list[str]:
-    """Keys from `options.api_keys_file` and $ECHO_RAY_API_KEYS (comma-separated)."""
+def app_args(config: EchoConfig, checkpoint: str, *, s3_endpoint: str | None = None
+             ) -> dict[str, Any]:
+    """The `args` of the Serve app for `config` (what `echo-ray serve` deploys)."""
+    serve = {k: v for k, v in dataclasses.asdict(config.serve).items() if k not in _CLI_ONLY}
+    decoding = config.decoding
+    return {
+        "checkpoint": checkpoint, "s3_endpoint": s3_endpoint, **serve,
+        "modes": list(config.serve.modes), "decoding": decoding.mode, "steps": decoding.steps,
+        "threshold": decoding.threshold, "max_new_tokens": decoding.max_new_tokens,
+        "modalities": list(config.data.modalities),
+    }
+
+
+def load_api_keys(serve: ServeConfig) -> list[str]:
+    """Keys from `serve.api_keys_file` and $ECHO_RAY_API_KEYS (comma-separated)."""
     keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
-    if options.api_keys_file:
-        lines = Path(options.api_keys_file).read_text().splitlines()
+    if serve.api_keys_file:
+        lines = Path(serve.api_keys_file).read_text().splitlines()
         keys += [line.split("#", 1)[0].strip() for line in lines]
     return [k for k in keys if k]
 

@@ -3,7 +3,7 @@
 Saved as a Hugging Face fast-tokenizer directory so `AutoTokenizer.from_pretrained(path)`
 (the loading code real checkpoints use) loads it unchanged. Special tokens include the
 diffusion `<|mask|>` token from the start, so a model built on this tokenizer never needs
-`resize_token_embeddings` for it (DESIGN.md section 9: resizing a tied tiny model broke
+`resize_token_embeddings` for it (docs/ARCHITECTURE.md section 5.9: resizing a tied tiny model broke
 backward), and the Qwen2.5-VL vision placeholders, so the tiny model uses the real
 Qwen2.5-VL prompt layout.
 """

@@ -7,5 +7,6 @@
 - objectives.py: `Objective` (the stage's loss as one module) and `lr_lambda` (warm-up +
   cosine learning-rate schedule)
 
-May import config, data, text, model, diffusion, decode, interop and runtime.
+May import the layers below it: config, runtime, text, data, model, diffusion, decode,
+interop and distill (not eval, serving or batch, which share its layer).
 """

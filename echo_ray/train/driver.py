@@ -193,7 +193,7 @@ def train(
         "data": shards.uri,
         "metrics": metrics,
         "wall_time_s": round(time.time() - start, 1),
-        "config": config.to_dict(),
+        "config": config.run_dict(),
     }
     run.join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     val = metrics.get("val_loss")

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
-from echo_ray.config.schema import EchoConfig, from_dict
+from echo_ray.config.overrides import from_dict
+from echo_ray.config.schema import EchoConfig
 from echo_ray.data.storage import Location
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.train.objectives import Objective, lr_lambda
@@ -73,9 +74,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
             model = _initial_model(cfg, config, Path(tmp))
         freeze = tcfg.freeze_vision if tcfg.freeze_vision is not None else stage != "ar"
         model.set_vision_trainable(not freeze)
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, freeze_vision=freeze)
-        )
+        # the run's config records the value used (checkpoints save it)
+        config = dataclasses.replace(config, train=dataclasses.replace(tcfg, freeze_vision=freeze))
+        tcfg = config.train
         model.config = config.model
         if not deepspeed:
             model.float()  # fp32 master weights; bf16 compute runs under autocast

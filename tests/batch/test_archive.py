@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import dataclasses
 import hashlib
 import json
 import os
@@ -27,8 +26,9 @@ import echo_ray.batch.discovery as discovery_module
 from echo_ray.batch.discovery import discover_studies, file_key
 from echo_ray.batch.job import format_summary, report_archive
 from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, REPORT_COLUMNS
-from echo_ray.batch.options import ReportOptions
 from echo_ray.cli import main as cli_main
+from echo_ray.config.overrides import apply_overrides
+from echo_ray.config.schema import ConfigError, EchoConfig
 from echo_ray.data.dicom import read_header
 from echo_ray.data.storage import resolve
 from echo_ray.decode.predictor import ReportGenerator
@@ -39,7 +39,12 @@ from echo_ray.synth.dicom_writer import write_dicom
 
 REPO = Path(__file__).resolve().parents[2]
 # Small work for the tiny model on a 2-core machine: a quarter CPU and one thread per actor.
-OPTIONS = ReportOptions(batch_size=2, unit_size=3, cpus_per_actor=0.25, threads=1)
+OPTIONS = apply_overrides(EchoConfig(), ["report.batch_size=2", "report.unit_size=3",
+                                          "pool.cpus_per_actor=0.25", "pool.threads=1"])
+
+
+def _options(*overrides: str) -> EchoConfig:
+    return apply_overrides(OPTIONS, overrides)
 UID_A, UID_B, UID_C = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.102", \
     "1.2.826.0.1.3680043.8.498.103"
 UID_LAT = "1.2.826.0.1.3680043.8.498.999"
@@ -114,7 +119,7 @@ def archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reported(ray_cluster, checkpoint, archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("reported")
-    options = dataclasses.replace(OPTIONS, fhir=True)
+    options = _options("report.fhir=true")
     return out, report_archive(str(checkpoint), str(archive[0]), str(out), options)
 
 
@@ -210,13 +215,13 @@ def test_part_schema_holds_every_field_of_report_studies(checkpoint):
 
 
 def test_options_and_the_command_reject_bad_values(tmp_path, capsys):
-    with pytest.raises(ValueError, match="decoding"):
-        ReportOptions(decoding="fast").validate()
-    with pytest.raises(ValueError, match="since"):
-        ReportOptions(since="yesterday").validate()
-    with pytest.raises(ValueError, match="unit_size"):
-        ReportOptions(batch_size=16, unit_size=8).validate()
-    assert ReportOptions(since="2024-05-31").since_timestamp() == 1717113600.0
+    with pytest.raises(ConfigError, match="decoding.mode"):
+        _options("decoding.mode=fast")
+    with pytest.raises(ConfigError, match="report.since"):
+        _options("report.since=yesterday")
+    with pytest.raises(ConfigError, match="report.unit_size"):
+        _options("report.batch_size=16", "report.unit_size=8")
+    assert _options("report.since=2024-05-31").report.since_timestamp() == 1717113600.0
     with pytest.raises(SystemExit) as exc:
         cli_main(["report", "--checkpoint", "x", "--archive", str(tmp_path), "--out",
                   str(tmp_path / "o"), "--unit-size", "0"])
@@ -264,7 +269,7 @@ def test_every_study_is_one_report_or_one_error_row(archive, reported):
         ("extra/b1.dcm", "truncated")]
     junk = next(e for e in errors if e["study_id"] == "file:extra/junk.dcm")
     assert junk["file"] == "extra/junk.dcm" and junk["reason"] == "not_dicom"
-    assert summary["this_run"]["units"] == -(-len(expected) // OPTIONS.unit_size)
+    assert summary["this_run"]["units"] == -(-len(expected) // OPTIONS.report.unit_size)
     assert len(list((out / PARTS_DIR).glob("*.parquet"))) == summary["this_run"]["units"]
     # Every report carries the API's fields; the JSON lines are the same rows.
     assert set(REPORT_COLUMNS) - {"patient_name", "patient_id", "patient_birth_date"} == set(
@@ -355,7 +360,7 @@ def test_retry_errors_reports_transient_failures_again_and_only_those(
     assert plain["this_run"]["studies"] == 0  # without the flag an error row is final
     _assert_exactly_once(out, {**expected, victim: "read_failed"})
 
-    retry = dataclasses.replace(OPTIONS, retry_errors=True)
+    retry = _options("report.retry_errors=true")
     summary = report_archive(str(checkpoint), str(root), str(out), retry)
     assert summary["this_run"]["studies"] == 1  # that study only; lasting errors stay final
     assert summary["duplicates_dropped"] == 1  # the old error row, superseded
@@ -392,7 +397,7 @@ def test_killed_job_rerun_reports_every_study_exactly_once(ray_cluster, checkpoi
     assert not (out / "summary.json").exists()  # a dead job never looks complete
 
     summary = report_archive(str(checkpoint), str(src), str(out),
-                             dataclasses.replace(OPTIONS, unit_size=1, batch_size=1))
+                             _options("report.unit_size=1", "report.batch_size=1"))
     assert summary["previously_done"] >= len(written)
     assert summary["previously_done"] + summary["this_run"]["studies"] == len(expected)
     _assert_exactly_once(out, expected)
@@ -412,7 +417,7 @@ def test_s3_archive_and_output(ray_cluster, checkpoint, archive, s3_endpoint, tm
         if path.is_file():
             s3.upload_file(str(path), "pacs", f"archive/{path.relative_to(root).as_posix()}")
     summary = report_archive(str(checkpoint), "s3://pacs/archive", "s3://pacs/night",
-                             dataclasses.replace(OPTIONS, unit_size=8),
+                             _options("report.unit_size=8"),
                              s3_endpoint=s3_endpoint)
     assert summary["studies"] == len(expected) and summary["source"] == "s3://pacs/archive"
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="pacs", Prefix="night/")["Contents"]}

@@ -1,5 +1,5 @@
-"""DCD (DESIGN.md section 4): the loss by hand and through the model; on teacher rollouts in
-tests/distill/test_records.py."""
+"""DCD (docs/ARCHITECTURE.md section 4.6): the loss by hand and through the model; on teacher
+rollouts in tests/distill/test_records.py."""
 
 import math
 

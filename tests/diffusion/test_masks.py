@@ -21,7 +21,7 @@ def _tokens(layout: str, P: int, L: int) -> list[tuple[str, int]]:
 
 
 def _attends(layout: str, q: tuple[str, int], k: tuple[str, int], qpos: int, kpos: int, B: int):
-    """The spec, one sentence per branch (DESIGN.md section 3)."""
+    """The spec, one sentence per branch (docs/ARCHITECTURE.md section 4.1)."""
     (qs, qi), (ks, ki) = q, k
     if layout == "causal":
         return kpos <= qpos

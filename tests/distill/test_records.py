@@ -1,5 +1,6 @@
-"""DCD trajectory records on real teacher rollouts (DESIGN.md section 4): records, their
-collation into `dcd_loss` tensors, a few DCD steps on them, and the repetition-loop filter."""
+"""DCD trajectory records on real teacher rollouts (docs/ARCHITECTURE.md section 4.5): records,
+their collation into `dcd_loss` tensors, a few DCD steps on them, and the repetition-loop
+filter."""
 
 import pytest
 import torch

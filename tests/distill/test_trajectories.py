@@ -20,7 +20,7 @@ from echo_ray.data.dicom import decode_dicom
 from echo_ray.decode.sampler import generate
 from echo_ray.diffusion.losses import compute_rad_loss
 from echo_ray.diffusion.noise import pad_responses
-from echo_ray.distill.rollout import STATS_KEY, TrajectoryOptions, generate_trajectories
+from echo_ray.distill.rollout import STATS_KEY, generate_trajectories
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import load_tokenizer
@@ -68,7 +68,7 @@ def teacher(shards, tmp_path_factory):
     pixel_values = model.preprocess_images(images)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    threshold = TrajectoryOptions().threshold
+    threshold = EchoConfig().decoding.threshold  # the job's default
     # Trained until it ends most of its training reports as the job decodes them (60 steps
     # have always been enough here, but one CI run's job found a teacher that ended none):
     # a job that drops everything below then points at the job, not at this fixture.
@@ -92,8 +92,9 @@ def teacher(shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rolled_out(shards, teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("trajectories")
-    options = TrajectoryOptions(top_k=4, batch_size=4, cpus_per_actor=0.5, threads=1,
-                                min_repeats=0)
+    options = apply_overrides(EchoConfig(), [
+        "trajectories.top_k=4", "trajectories.batch_size=4", "trajectories.min_repeats=0",
+        "pool.cpus_per_actor=0.5", "pool.threads=1"])
     manifest = generate_trajectories(str(teacher), str(shards[0]), str(out), options)
     return out, manifest
 
@@ -165,8 +166,9 @@ def test_rerun_after_the_job_died_redoes_only_the_unfinished_shards(
     assert len(done) == 3 < total
     assert not (out / "manifest.json").exists()  # a dead job never looks complete
 
-    options = TrajectoryOptions(top_k=4, batch_size=4, cpus_per_actor=0.5, threads=1,
-                                min_repeats=0)
+    options = apply_overrides(EchoConfig(), [
+        "trajectories.top_k=4", "trajectories.batch_size=4", "trajectories.min_repeats=0",
+        "pool.cpus_per_actor=0.5", "pool.threads=1"])
     manifest = generate_trajectories(str(teacher), str(shards[0]), str(out), options)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
     assert len(after) == total

@@ -14,10 +14,10 @@ from PIL import Image
 
 from echo_ray.cli import main, run
 from echo_ray.config.overrides import apply_overrides
-from echo_ray.config.schema import EchoConfig, ModelConfig
-from echo_ray.eval.job import EvalOptions, System
+from echo_ray.config.schema import EchoConfig, EvaluateConfig, ModelConfig
 from echo_ray.eval.label_metrics import label_f1, labels_from_vectors
 from echo_ray.eval.scoring import RESULT_KEYS, TrainingReference, score_systems
+from echo_ray.eval.systems import System
 from echo_ray.eval.tables import PLOT_FILE, REPORTS_FILE, RESULTS_FILE, RUN_FILE, TABLE_FILE
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.model.hf import build_model
@@ -147,7 +147,7 @@ def test_a_missing_optional_metric_is_skipped_with_its_reason(evaluated):
     out, _, _, _ = evaluated
     table = pq.read_table(out / REPORTS_FILE)
     tables = {"ar": table.filter(pc.equal(table.column("system"), "ar"))}
-    options = EvalOptions(semscore_model="no-such-org/no-such-encoder")
+    options = EvaluateConfig(semscore_model="no-such-org/no-such-encoder")
     train = TrainingReference(sentences=set(), labels=[])
     results, notes, baseline = score_systems([System("ar", "unused", "ar")], tables, options, train)
     assert baseline is None  # no training labels, no majority baseline

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers.tiny_dvlm import make_tokenizer, overfit
 
-from echo_ray.config.schema import ConfigError, EchoConfig, ModelConfig, apply_overrides, from_dict
+from echo_ray.config.overrides import apply_overrides, from_dict
+from echo_ray.config.schema import ConfigError, EchoConfig, ModelConfig
 from echo_ray.model.hf import add_mask_token, build_model, hf_config, load_pretrained
 from echo_ray.text.tokenizer import (
     EOS_TOKEN,

@@ -20,7 +20,7 @@ from helpers.tiny_dvlm import trained_model
 from echo_ray.data.storage import model_name
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.serving.app import build_app
-from echo_ray.serving.options import ServeOptions, load_api_keys
+from echo_ray.serving.options import AppArgs, app_args, load_api_keys
 from echo_ray.synth.dicom_writer import write_dicom
 from echo_ray.text.labels import CHEXPERT_LABELS
 
@@ -93,14 +93,19 @@ def test_build_app_refuses_to_start_without_keys_unless_insecure(monkeypatch, ch
     with pytest.raises(ValueError, match="unknown echo-ray serve args"):
         build_app({"checkpoint": checkpoint, "insecure": True, "max_batch": 4})
     with pytest.raises(ValueError, match="is not one of modes"):
-        ServeOptions.from_args({"checkpoint": "x", "modes": ["ar"]})
+        AppArgs.parse({"checkpoint": "x", "modes": ["ar"]})
+    with pytest.raises(ValueError, match="http_options"):
+        AppArgs.parse({"checkpoint": "x", "port": 9000})
+    with pytest.raises(ValueError, match="decoding.threshold"):
+        AppArgs.parse({"checkpoint": "x", "threshold": 2.0})
 
 
 def test_keys_come_from_the_environment_and_a_file(monkeypatch, tmp_path):
     monkeypatch.setenv("ECHO_RAY_API_KEYS", " a, b ,,")
     keys = tmp_path / "k"
     keys.write_text("c\n# comment\n d # note\n")
-    assert load_api_keys(ServeOptions(checkpoint="x", api_keys_file=str(keys))) == list("abcd")
+    serve = AppArgs.parse({"checkpoint": "x", "api_keys_file": str(keys)}).serve
+    assert load_api_keys(serve) == list("abcd")
 
 
 def test_the_ingress_module_does_not_import_torch():
@@ -434,7 +439,7 @@ def test_serve_config_and_cluster_yaml_are_valid_for_ray():
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     assert app.import_path == "echo_ray.serving.app:build_app"
-    ServeOptions.from_args(app.args)  # every arg is a known option
+    AppArgs.parse(app.args)  # every arg is a known option
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"ReportModel", "ReportAPI"}
     model = deployments["ReportModel"]
@@ -449,7 +454,7 @@ def test_serve_config_and_cluster_yaml_are_valid_for_ray():
 
 
 def test_serve_command_refuses_unsafe_starts(monkeypatch, capsys, checkpoint):
-    from echo_ray.cli import build_parser, main, serve_app_args
+    from echo_ray.cli import build_parser, command_config, main
 
     monkeypatch.delenv("ECHO_RAY_API_KEYS", raising=False)
     with pytest.raises(SystemExit) as exc:
@@ -460,5 +465,6 @@ def test_serve_command_refuses_unsafe_starts(monkeypatch, capsys, checkpoint):
     assert exc.value.code == 2 and "no API keys configured" in capsys.readouterr().err
     args = build_parser("serve").parse_args(
         ["--checkpoint", checkpoint, "--max-batch-size", "4", "--batch-wait-ms", "20"])
-    options = ServeOptions.from_args(serve_app_args(args))  # every flag maps to an option
-    assert (options.max_batch_size, options.batch_wait_timeout_s) == (4, 0.02)
+    parsed = AppArgs.parse(app_args(command_config("serve", args), checkpoint))
+    assert (parsed.serve.max_batch_size, parsed.serve.batch_wait_timeout_s) == (4, 0.02)
+    assert parsed.config.decoding == command_config("serve", args).decoding

@@ -484,7 +484,7 @@ def test_no_finding_only_for_normal_or_devices_only():
 
 
 def test_project_labeler_reads_the_synthetic_reports_as_their_true_labels():
-    """The labeler of echo_ray.reports, run on the synthetic reports, recovers the labels
+    """The labeler of echo_ray.text.labeler, run on the synthetic reports, recovers the labels
     of chexpert.csv (so the CE F1 of a perfect report generator is 1)."""
     from echo_ray.text.labeler import label_report
 
