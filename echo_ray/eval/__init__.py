@@ -7,8 +7,9 @@
 - scoring.py: `score_systems` (every system's figures from its report rows), `speed_figures`,
   the train split's sentences and labels (`training_reference`), `RESULT_KEYS`
 - tables.py: the results table and results.md, the quality-vs-speed plot, `write_outputs`
-- job.py: `evaluate` (the Ray Data batch inference over an actor pool per system), `System`
-  (a NAME=PATH:MODE spec), `EvalOptions`
+- systems.py: `System`, one evaluated system (the `--system NAME=PATH:MODE` spec)
+- job.py: `evaluate` (the Ray Data batch inference over an actor pool per system, under the
+  config's evaluate, pool and decoding sections)
 
 May import the layers below it: config, runtime, text, data, model, diffusion, decode,
 interop and distill (not train, serving or batch, which share its layer). The two metric

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers.images import ramp
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 
@@ -45,17 +46,6 @@ PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-4711", "PatientBirthDate": "
 PHI_STRINGS = ("Doe", "Jane", "MRN-4711", "19610203")
 
 
-def _ramp(rows: int = 48, columns: int = 64, bits: int = 12) -> np.ndarray:
-    """A deterministic ramp over the `bits`-bit range, with a noisy top-left corner."""
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    top = 2**bits - 1
-    yy, xx = np.mgrid[0:rows, 0:columns]
-    img = (yy * columns + xx) * top // (rows * columns - 1)
-    rng = np.random.default_rng(bits)
-    img[: rows // 4, : columns // 4] = rng.integers(0, top + 1, (rows // 4, columns // 4))
-    return img.astype(dtype)
-
-
 def _file(name: str) -> bytes:
     path = PYDICOM_FILES / name
     if not path.is_file():
@@ -83,7 +73,7 @@ def _rewrite(data: bytes, edit) -> bytes:
 
 @pytest.mark.parametrize("syntax", ["explicit_le", "rle", "jpeg2000_lossless"])
 def test_monochrome1_decodes_like_inverted_monochrome2(syntax: str):
-    img = _ramp()
+    img = ramp()
     mono2 = decode_dicom(write_dicom(img, transfer_syntax=syntax), size=None).pixels
     mono1 = write_dicom(4095 - img, transfer_syntax=syntax, photometric="MONOCHROME1")
     np.testing.assert_allclose(decode_dicom(mono1, size=None).pixels, mono2, atol=1e-6)
@@ -97,7 +87,7 @@ def test_monochrome1_decodes_like_inverted_monochrome2(syntax: str):
 
 
 def test_linear_window_clips_outside_and_is_monotonic():
-    img = _ramp()
+    img = ramp()
     out = decode_dicom(write_dicom(img, attrs={"WindowCenter": 2000, "WindowWidth": 1000}))
     assert out.meta["voi"] == "window"
     native = decode_dicom(
@@ -109,7 +99,7 @@ def test_linear_window_clips_outside_and_is_monotonic():
 
 
 def test_linear_exact_window_matches_the_standard_formula():
-    img = _ramp()
+    img = ramp()
     attrs = {"WindowCenter": 1500, "WindowWidth": 800, "VOILUTFunction": "LINEAR_EXACT"}
     out = decode_dicom(write_dicom(img, attrs=attrs), size=None).pixels
     expected = np.clip((img.astype(float) - 1500) / 800 + 0.5, 0, 1)
@@ -117,7 +107,7 @@ def test_linear_exact_window_matches_the_standard_formula():
 
 
 def test_sigmoid_window():
-    img = _ramp()
+    img = ramp()
     attrs = {"WindowCenter": 2048, "WindowWidth": 512, "VOILUTFunction": "SIGMOID"}
     out = decode_dicom(write_dicom(img, attrs=attrs), size=None).pixels
     expected = 1 / (1 + np.exp(-4 * (img - 2048.0) / 512))
@@ -126,7 +116,7 @@ def test_sigmoid_window():
 
 
 def test_rescale_slope_intercept_is_applied_before_the_window():
-    img = _ramp()
+    img = ramp()
     exact = {"VOILUTFunction": "LINEAR_EXACT"}
     # Window in rescaled units (2x - 1000) equals the window mapped back to stored values.
     rescaled = write_dicom(
@@ -141,21 +131,21 @@ def test_rescale_slope_intercept_is_applied_before_the_window():
 
 
 def test_first_of_several_window_values_is_used():
-    img = _ramp()
+    img = ramp()
     multi = write_dicom(img, attrs={"WindowCenter": [1000, 3000], "WindowWidth": [500, 100]})
     single = write_dicom(img, attrs={"WindowCenter": 1000, "WindowWidth": 500})
     np.testing.assert_array_equal(decode_dicom(multi).pixels, decode_dicom(single).pixels)
 
 
 def test_invalid_window_width_falls_back_to_min_max():
-    out = decode_dicom(write_dicom(_ramp(), attrs={"WindowCenter": 100, "WindowWidth": 0}))
+    out = decode_dicom(write_dicom(ramp(), attrs={"WindowCenter": 100, "WindowWidth": 0}))
     assert out.meta["voi"] == "min_max"
     assert out.pixels.max() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("bits", [8, 12])
 def test_voi_lut_sequence_is_applied(bits: int):
-    img = _ramp(bits=bits)
+    img = ramp(bits=bits)
     entries = 2**bits
     index = img.astype(np.int64)
     item = Dataset()
@@ -178,7 +168,7 @@ def test_voi_lut_of_a_real_file_matches_pydicom():
 
 
 def test_signed_pixels():
-    img = _ramp().astype(np.int16) - 2048
+    img = ramp().astype(np.int16) - 2048
     ds = pydicom.dcmread(io.BytesIO(write_dicom(img)))
     assert ds.PixelRepresentation == 1
     out = decode_dicom(write_dicom(img), size=None).pixels
@@ -210,7 +200,7 @@ def test_downsampling_averages_areas():
 
 
 def test_upsampling_and_native_size():
-    img = _ramp(12, 16)
+    img = ramp(12, 16)
     up = decode_dicom(write_dicom(img), size=64).pixels
     assert up.shape == (64, 64) and 0 <= up.min() and up.max() <= 1
     assert not up[:8].any() and not up[56:].any()  # 48 x 64 content
@@ -221,7 +211,7 @@ def test_upsampling_and_native_size():
 
 
 def test_multiframe_uses_first_frame_and_says_so(caplog):
-    frames = np.stack([_ramp(), 4095 - _ramp(), np.zeros_like(_ramp())])
+    frames = np.stack([ramp(), 4095 - ramp(), np.zeros_like(ramp())])
     data = write_dicom(frames, transfer_syntax="rle", attrs=PHI)
     with caplog.at_level(logging.WARNING, logger="echo_ray.data.dicom"):
         out = decode_dicom(data, size=None)
@@ -297,7 +287,7 @@ def test_other_bundled_syntaxes_decode(name: str, syntax: str):
 
 
 def test_preamble_less_files():
-    data = write_dicom(_ramp(), attrs=PHI)
+    data = write_dicom(ramp(), attrs=PHI)
     reference = decode_dicom(data).pixels
     # File meta without the 128-byte preamble and "DICM".
     np.testing.assert_array_equal(decode_dicom(data[132:]).pixels, reference)
@@ -417,17 +407,17 @@ def test_header_keys_are_always_present():
     assert meta["sop_instance_uid"] == make_uid("bare") and meta["modality"] is None
     assert meta["num_frames"] == 1 and meta["first_frame_only"] is False
 
-    data = write_dicom(_ramp(), attrs={"ViewPosition": "PA", **PHI})
+    data = write_dicom(ramp(), attrs={"ViewPosition": "PA", **PHI})
     assert set(decode_dicom(data).meta) == SAFE_KEYS | {"voi", "color_converted"}
     assert read_header(data)["rows"] == 48 and read_header(data)["view_position"] == "PA"
 
 
 def test_phi_never_leaks_unless_asked(caplog, recwarn):
-    frames = np.stack([_ramp(), _ramp()])
+    frames = np.stack([ramp(), ramp()])
     data = write_dicom(frames, attrs=PHI)
     broken = [
         data[: len(data) - 100],  # truncated
-        write_dicom(_ramp(), attrs={**PHI, "Modality": "CT"}),
+        write_dicom(ramp(), attrs={**PHI, "Modality": "CT"}),
         _rewrite(data, lambda ds: setattr(ds, "Rows", 0)),
         _rewrite(data, lambda ds: delattr(ds, "PixelData")),
     ]
@@ -479,7 +469,7 @@ def test_not_dicom(data: bytes):
 @pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
 @pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")
 def test_truncation_anywhere_is_reported(syntax: str):
-    data = write_dicom(_ramp(), transfer_syntax=syntax)
+    data = write_dicom(ramp(), transfer_syntax=syntax)
     cuts = [140, 300, len(data) // 2 + 500, len(data) - 50, len(data) - 1]
     if syntax != "deflated":  # around the Pixel Data element header
         pixel_tag = data.index(
@@ -493,7 +483,7 @@ def test_truncation_anywhere_is_reported(syntax: str):
 
 
 def test_truncated_pixel_data_message_is_actionable():
-    data = write_dicom(_ramp())
+    data = write_dicom(ramp())
     with pytest.raises(DicomError) as info:
         decode_dicom(data[:-1000])
     assert "truncated" in str(info.value)
@@ -506,7 +496,7 @@ def test_pydicom_truncated_sample():
 
 
 def test_no_pixel_data():
-    data = _rewrite(write_dicom(_ramp()), lambda ds: delattr(ds, "PixelData"))
+    data = _rewrite(write_dicom(ramp()), lambda ds: delattr(ds, "PixelData"))
     with pytest.raises(DicomError) as info:
         decode_dicom(data)
     assert info.value.reason == "no_pixel_data" and "Pixel Data" in str(info.value)
@@ -516,7 +506,7 @@ def test_no_pixel_data():
 @pytest.mark.parametrize("rows", [49, 96, 4000])
 def test_header_claiming_more_pixels_than_stored_is_truncated(syntax: str, rows: int):
     data = _rewrite(
-        write_dicom(_ramp(), transfer_syntax=syntax), lambda ds: setattr(ds, "Rows", rows)
+        write_dicom(ramp(), transfer_syntax=syntax), lambda ds: setattr(ds, "Rows", rows)
     )
     with pytest.raises(DicomError) as info:
         decode_dicom(data)
@@ -527,7 +517,7 @@ def test_header_claiming_more_pixels_than_stored_is_truncated(syntax: str, rows:
 @pytest.mark.parametrize("syntax", ["rle", "jpeg_ls", "jpeg2000_lossless"])
 def test_header_disagreeing_with_compressed_data_fails_cleanly(syntax: str):
     data = _rewrite(
-        write_dicom(_ramp(), transfer_syntax=syntax), lambda ds: setattr(ds, "Rows", 96)
+        write_dicom(ramp(), transfer_syntax=syntax), lambda ds: setattr(ds, "Rows", 96)
     )
     with pytest.raises(DicomError) as info:
         decode_dicom(data)
@@ -546,26 +536,26 @@ def test_header_disagreeing_with_compressed_data_fails_cleanly(syntax: str):
     ids=["rows-0", "columns-0", "rows-huge", "columns-huge", "rows-missing"],
 )
 def test_absurd_dimensions(edit):
-    assert _reason(_rewrite(write_dicom(_ramp()), edit)) == "absurd_dimensions"
+    assert _reason(_rewrite(write_dicom(ramp()), edit)) == "absurd_dimensions"
 
 
 def test_max_dimension_is_configurable():
-    data = write_dicom(_ramp())
+    data = write_dicom(ramp())
     assert _reason(data, max_dimension=32) == "absurd_dimensions"
     assert decode_dicom(data, max_dimension=64).pixels.shape == (256, 256)
 
 
 def test_modality_filter():
-    ct = write_dicom(_ramp(), attrs={"Modality": "CT"})
+    ct = write_dicom(ramp(), attrs={"Modality": "CT"})
     with pytest.raises(DicomError) as info:
         decode_dicom(ct)
     assert info.value.reason == "non_radiograph_modality" and "'CT'" in str(info.value)
     assert decode_dicom(ct, modalities=None).meta["modality"] == "CT"
     assert decode_dicom(ct, modalities=["ct"]).pixels.shape == (256, 256)
-    no_modality = _rewrite(write_dicom(_ramp()), lambda ds: delattr(ds, "Modality"))
+    no_modality = _rewrite(write_dicom(ramp()), lambda ds: delattr(ds, "Modality"))
     assert _reason(no_modality) == "non_radiograph_modality"
     for modality in RADIOGRAPH_MODALITIES:
-        decode_dicom(write_dicom(_ramp(), attrs={"Modality": modality}))
+        decode_dicom(write_dicom(ramp(), attrs={"Modality": modality}))
 
 
 def test_unknown_transfer_syntax():
@@ -573,7 +563,7 @@ def test_unknown_transfer_syntax():
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
 
     with pytest.raises(DicomError) as info:
-        decode_dicom(_rewrite(write_dicom(_ramp(), transfer_syntax="jpeg2000"), set_mpeg2))
+        decode_dicom(_rewrite(write_dicom(ramp(), transfer_syntax="jpeg2000"), set_mpeg2))
     assert info.value.reason == "unsupported_transfer_syntax" and "MPEG2" in str(info.value)
 
 
@@ -584,14 +574,14 @@ def test_missing_decoder_plugin_is_named(monkeypatch):
 
     monkeypatch.setattr(dicom, "get_decoder", lambda uid: Unavailable())
     with pytest.raises(DicomError) as info:
-        decode_dicom(write_dicom(_ramp(), transfer_syntax="jpeg2000_lossless"))
+        decode_dicom(write_dicom(ramp(), transfer_syntax="jpeg2000_lossless"))
     assert info.value.reason == "unsupported_transfer_syntax"
     assert "JPEG 2000" in str(info.value) and "install pylibjpeg-openjpeg" in str(info.value)
 
 
 @pytest.mark.parametrize("syntax", ["rle", "jpeg_ls", "jpeg2000_lossless", "jpeg2000"])
 def test_corrupt_codestream_is_decode_failed(syntax: str):
-    data = write_dicom(_ramp(), transfer_syntax=syntax)
+    data = write_dicom(ramp(), transfer_syntax=syntax)
     # Overwrite the first fragment's payload (after the offset table item) in place.
     start = data.index(b"\xfe\xff\x00\xe0", data.index(b"\xfe\xff\x00\xe0") + 8) + 8
     corrupt = data[:start] + bytes(len(data) - start - 8) + data[-8:]
@@ -600,7 +590,7 @@ def test_corrupt_codestream_is_decode_failed(syntax: str):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage it meets
 def test_header_byte_flips_raise_only_dicom_errors():
-    data = write_dicom(_ramp(), attrs=PHI)
+    data = write_dicom(ramp(), attrs=PHI)
     pixel_tag = data.index(b"\xe0\x7f\x10\x00")
     rng = random.Random(1)
     for _ in range(100):
@@ -625,7 +615,7 @@ def test_fuzzed_files_raise_only_dicom_errors():
     """Random flips, cuts, deletions and insertions: decode or a DicomError, nothing else."""
     rng = random.Random(0)
     bases = [
-        write_dicom(_ramp(32, 40), transfer_syntax=syntax, attrs=PHI)
+        write_dicom(ramp(32, 40), transfer_syntax=syntax, attrs=PHI)
         for syntax in sorted(TRANSFER_SYNTAXES)
     ]
     for i in range(400):

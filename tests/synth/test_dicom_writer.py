@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pydicom
 import pytest
+from helpers.images import ramp
 from pydicom.uid import UID
 
 from echo_ray.data.dicom import decode_dicom
@@ -22,17 +23,6 @@ from echo_ray.synth.dicom_writer import (
 PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-4711", "PatientBirthDate": "19610203"}
 
 
-def _ramp(rows: int = 48, columns: int = 64, bits: int = 12) -> np.ndarray:
-    """A deterministic ramp over the `bits`-bit range, with a noisy top-left corner."""
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    top = 2**bits - 1
-    yy, xx = np.mgrid[0:rows, 0:columns]
-    img = (yy * columns + xx) * top // (rows * columns - 1)
-    rng = np.random.default_rng(bits)
-    img[: rows // 4, : columns // 4] = rng.integers(0, top + 1, (rows // 4, columns // 4))
-    return img.astype(dtype)
-
-
 def test_make_uid_is_deterministic_and_valid():
     uid = make_uid("study", 7)
     assert uid == make_uid("study", 7)
@@ -44,7 +34,7 @@ def test_make_uid_is_deterministic_and_valid():
 @pytest.mark.parametrize("bits", [8, 12, 16])
 @pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
 def test_write_round_trips_through_pydicom(syntax: str, bits: int):
-    img = _ramp(bits=bits)
+    img = ramp(bits=bits)
     data = write_dicom(img, transfer_syntax=syntax, bits_stored=bits)
     assert data[128:132] == b"DICM"
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -65,7 +55,7 @@ def test_write_round_trips_through_pydicom(syntax: str, bits: int):
 
 
 def test_write_is_deterministic_and_fills_required_attributes():
-    img = _ramp()
+    img = ramp()
     data = write_dicom(img, transfer_syntax="jpeg2000")
     assert data == write_dicom(img, transfer_syntax="jpeg2000")
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -79,7 +69,7 @@ def test_write_is_deterministic_and_fills_required_attributes():
 
 def test_write_applies_attrs_and_picks_sop_class_by_modality():
     attrs = {"Modality": "CR", "ViewPosition": "AP", "SOPInstanceUID": make_uid("x"), **PHI}
-    ds = pydicom.dcmread(io.BytesIO(write_dicom(_ramp(), attrs=attrs)))
+    ds = pydicom.dcmread(io.BytesIO(write_dicom(ramp(), attrs=attrs)))
     assert ds.SOPClassUID.name == "Computed Radiography Image Storage"
     assert (ds.ViewPosition, ds.SOPInstanceUID, str(ds.PatientName)) == (
         "AP",
@@ -94,12 +84,12 @@ def test_write_applies_attrs_and_picks_sop_class_by_modality():
         ({"transfer_syntax": "mpeg"}, "transfer_syntax"),
         ({"photometric": "RGB"}, "photometric"),
         ({"bits_stored": 17}, "bits_stored"),
-        ({"bits_stored": 10}, "outside"),  # _ramp(bits=12) needs 12 bits
+        ({"bits_stored": 10}, "outside"),  # ramp(bits=12) needs 12 bits
         ({"attrs": {"PatientNmae": "x"}}, "unknown DICOM keywords"),
-        ({"transfer_syntax": "jpeg2000_lossless", "pixels": _ramp(16, 64)}, "at least 32"),
+        ({"transfer_syntax": "jpeg2000_lossless", "pixels": ramp(16, 64)}, "at least 32"),
     ],
 )
 def test_write_rejects_bad_arguments(kwargs, match):
-    pixels = kwargs.pop("pixels", _ramp())
+    pixels = kwargs.pop("pixels", ramp())
     with pytest.raises(ValueError, match=match):
         write_dicom(pixels, **kwargs)

@@ -354,7 +354,7 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     out = tmp_path / "qs"
     summary = run("quickstart", [
         "--out", str(out), "--studies", "16", "--image-size", "96", "--ar-steps", "2",
-        "--rad-steps", "40", "--dcd-steps", "2", "--examples", "2",
+        "--rad-steps", "80", "--dcd-steps", "2", "--examples", "2",
         "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
     ])
     printed = capsys.readouterr().out
