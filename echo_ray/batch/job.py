@@ -1,7 +1,8 @@
 """`echo-ray report`: every study of a DICOM archive reported exactly once, resumably.
 
-The overnight job (DESIGN.md section 6). The archive is a MIMIC-CXR tree or a flat folder of
-DICOM files, on local disk or S3; the output folder (local or S3) is the job's only state:
+The overnight job (docs/ARCHITECTURE.md section 3.5). The archive is a MIMIC-CXR tree or a
+flat folder of DICOM files, on local disk or S3; the output folder (local or S3) is the job's
+only state:
 
     parts/part-<hash>.parquet   the ledger: one file per work unit, one row per study
                                 (a report or an error), written whole and atomically
