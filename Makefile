@@ -1,11 +1,12 @@
-# echo-ray: `make quickstart` (set up + run the pipeline), `make test` (set up + run the tests).
+# echo-ray: `make quickstart` (set up + run the pipeline), `make test` (set up + run the tests),
+# `make cluster-recipe` (the README's local Ray head recipe, run as written).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # DeepSpeed JIT-compiles C++ ops on first use; keep them in one cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: quickstart test lint install install-test clean
+.PHONY: quickstart test lint cluster-recipe install install-test clean
 
 quickstart: install
 	$(BIN)/echo-ray quickstart --out quickstart
@@ -16,6 +17,12 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check .
+
+# README "On a Ray cluster": its local-head block run as written (a head started from the
+# venv, token auth, a `prepare` job with absolute paths) on ports, a temp dir and data folders
+# of its own, then the early error for a relative path; stops only the head it started.
+cluster-recipe: install-test
+	ECHO_RAY_TEST_RECIPES=1 $(BIN)/python -m pytest tests/test_cli.py -k readme_recipe -q -rA
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

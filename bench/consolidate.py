@@ -47,10 +47,16 @@ def _part(first: int, n: int, total: int) -> pa.Table:
         "study_instance_uid": [f"{uid}{i}" for i in ids],
         "series_instance_uid": [f"{uid}{i}.1" for i in ids],
         "sop_instance_uid": [f"{uid}{i}.1.1" for i in ids],
+        "accession_number": [f"A{70_000_000 + i}" for i in ids],
+        "study_date": ["2026-11-23T22:41:07"] * n,
         "report": [REPORT] * n,
         "findings": [REPORT[10:170]] * n,
         "impression": [REPORT[-42:]] * n,
         "labels": [{name: 0.1 for name in CHEXPERT_LABELS}] * n,
+        "sentences": [[{"section": "findings", "text": REPORT[10:50], "confidence": 0.93,
+                        "low_confidence": False},
+                       {"section": "impression", "text": REPORT[-42:], "confidence": 0.41,
+                        "low_confidence": True}]] * n,
         "model_id": ["dcd"] * n,
         "model_version": ["0.1.0"] * n,
         "decoding": ["one-step-fused"] * n,
@@ -63,6 +69,9 @@ def _part(first: int, n: int, total: int) -> pa.Table:
         "num_files": [2] * n,
         "files": [[f"s{50_000_000 + i}/a.dcm", f"s{50_000_000 + i}/b.dcm"] for i in ids],
         "file_keys": [[f"{i:032x}", f"{i + total:032x}"] for i in ids],
+        "file_sizes": [[1_843_216, 1_790_004]] * n,
+        "file_mtimes_ns": [[1_764_000_000_000_000_000 + i, 1_764_000_000_000_000_001 + i]
+                           for i in ids],
         "unit": [f"{first:016x}"] * n,
         "run_id": ["20261124T000000Z-000000"] * n,
         "reported_at": ["2026-11-24T00:00:00+00:00"] * n,
@@ -83,7 +92,7 @@ def _measure(studies: int, unit_size: int, fhir: bool, queue) -> None:
             parts.join(f"part-{first:010d}.parquet").write_parquet(_part(first, n, studies))
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        done, _ = read_ledger(parts)
+        done = read_ledger(parts).done
         ledger_s = time.perf_counter() - start
         start = time.perf_counter()
         summary = consolidate(dst, include_phi=False, fhir=fhir)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from echo_ray.config.flags import Flag, add_flags, flag_overrides
+from echo_ray.config.flags import Flag, add_flags, default_text, flag_overrides
 from echo_ray.config.overrides import load_config
 from echo_ray.config.schema import ConfigError, EchoConfig
 
@@ -27,25 +27,40 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each plain argument's default (config flags show theirs in their help)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.dest.startswith("cfg__") or action.default in (None, argparse.SUPPRESS):
+        if action.dest.startswith("cfg__") or action.default in (None, argparse.SUPPRESS, []):
             return action.help
         return super()._get_help_string(action)
 
 
+_CONFIG_EPILOG = (
+    "Config flags show their config field and the default preset's value (and other presets' "
+    "values where they differ); --preset or --config replace the defaults, flags apply on top, "
+    "--set KEY=VALUE last. Every field and its documentation: echo_ray/config/schema.py."
+)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="named config preset (tiny, base-7b)")
-    p.add_argument("--config", default=None,
+    from echo_ray.config.presets import PRESETS
+
+    p.add_argument("--preset", default=EchoConfig().name,
+                   help=f"named config preset ({', '.join(PRESETS)})")
+    p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON config file, e.g. a run's echo_config.json (replaces --preset)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set model.image_size=224 (repeatable; applied "
              "after the other flags)",
     )
+    p.epilog = _CONFIG_EPILOG
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (else local)")
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="S3 endpoint, e.g. http://minio.local:9000 (else $AWS_ENDPOINT_URL, "
+                        "else AWS)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="Ray cluster to join (else $RAY_ADDRESS, set inside `ray job submit`; "
+                        "else a new local Ray)")
 
 
 def _pool_flags(replicas: str) -> tuple[Flag, ...]:
@@ -64,6 +79,27 @@ def _multi_step_flags() -> tuple[Flag, ...]:
 
 # Each command's config flags (the rest of its arguments are inputs and outputs).
 FLAGS: dict[str, tuple[Flag, ...]] = {
+    "prepare": (
+        Flag("--rows-per-shard", "data.rows_per_shard"),
+        Flag("--max-dimension", "data.max_dimension"),
+        Flag("--modalities", "data.modalities"),
+        Flag("--cpus-per-task", "data.num_cpus_per_task"),
+        Flag("--vocab-size", "tokenizer.vocab_size"),
+    ),
+    "train": (
+        Flag("--max-steps", "train.max_steps"),
+        Flag("--batch-size", "train.batch_size"),
+        Flag("--grad-accum", "train.grad_accum"),
+        Flag("--lr", "train.lr"),
+        Flag("--num-workers", "train.num_workers"),
+        Flag("--use-gpu", "train.use_gpu"),
+        Flag("--cpus-per-worker", "train.cpus_per_worker"),
+        Flag("--strategy", "train.strategy"),
+        Flag("--zero-stage", "train.zero_stage"),
+        Flag("--precision", "train.precision"),
+        Flag("--checkpoint-every", "train.checkpoint_every"),
+        Flag("--eval-every", "train.eval_every"),
+    ),
     "trajectories": (
         Flag("--splits", "trajectories.splits"),
         Flag("--top-k", "trajectories.top_k"),
@@ -92,6 +128,7 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--unit-size", "report.unit_size"),
         Flag("--since", "report.since", metavar="YYYY-MM-DD"),
         Flag("--fhir", "report.fhir"),
+        Flag("--fhir-patient-ref", "report.fhir_patient_ref", metavar="TEMPLATE"),
         Flag("--include-phi", "report.include_phi"),
         Flag("--retry-errors", "report.retry_errors"),
         Flag("--io-threads", "report.io_threads"),
@@ -103,6 +140,8 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--api-keys-file", "serve.api_keys_file", metavar="FILE"),
         Flag("--insecure", "serve.insecure"),
         Flag("--decoding", "decoding.mode", help="the default decoding mode of requests"),
+        Flag("--modes", "serve.modes"),
+        Flag("--low-confidence", "decoding.low_confidence"),
         Flag("--max-new-tokens", "decoding.max_new_tokens"),
         Flag("--max-batch-size", "serve.max_batch_size"),
         Flag("--batch-wait-ms", "serve.batch_wait_timeout_s", type=float, metavar="MS",
@@ -167,6 +206,7 @@ def synth(args: argparse.Namespace) -> dict:
 def prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archive", required=True, help="archive folder or s3://bucket/prefix")
     p.add_argument("--out", required=True, help="shards folder or s3://bucket/prefix")
+    add_flags(p, FLAGS["prepare"])
     _add_cluster_args(p)
     _add_config_args(p)
 
@@ -197,7 +237,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    help="run folder (folder or s3://); rerunning with the same folder resumes")
     p.add_argument("--init", default=None,
                    help="start from this checkpoint, run folder or Hugging Face model directory "
-                        "(required for --stage rad)")
+                        "(required for --stage rad and dcd)")
+    add_flags(p, FLAGS["train"])
     _add_cluster_args(p)
     _add_config_args(p)
 
@@ -251,13 +292,9 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate(args: argparse.Namespace):
     from echo_ray.eval.job import evaluate as run_evaluation
-    from echo_ray.eval.systems import System
 
-    try:
-        systems = [System.parse(spec) for spec in args.systems]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    evaluation = run_evaluation(args.data, args.out, systems, command_config("evaluate", args),
+    evaluation = run_evaluation(args.data, args.out, _systems(args),
+                                command_config("evaluate", args),
                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
     print(evaluation.table())
     return evaluation
@@ -353,11 +390,12 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dcd-steps", type=int, default=300, help="training steps of the DCD stage")
     p.add_argument("--trajectory-min-repeats", type=int, default=None,
                    help="drop teacher rollouts that repeat an n-gram this many times in a row "
-                        "(0: keep all that end; default: trajectories.min_repeats)")
+                        "(0: keep all that end; trajectories.min_repeats; "
+                        f"{default_text('trajectories.min_repeats')})")
     p.add_argument("--examples", type=int, default=3, help="test images whose reports are shown")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on the first N test images (0 = the whole test split; "
-                        "default: evaluate.limit)")
+                        f"evaluate.limit; {default_text('evaluate.limit')})")
     _add_config_args(p)
 
 
@@ -377,10 +415,213 @@ def quickstart(args: argparse.Namespace) -> dict:
     )
 
 
+# --- up-front checks ---------------------------------------------------------------------------
+#
+# Each command checks its inputs and outputs before it imports its job or starts Ray: a wrong
+# path fails in a second with one line that says what to pass instead (PathError), not after
+# the cluster started. Config errors come first (the same order as the commands' own checks).
+
+# What an existing folder holds, told by the file each stage writes into it: (kind, marker,
+# prefix of the marker's JSON "format" or None, description). The names are those of
+# data/shards.py, distill/rollout.py, batch/job.py, train/ and eval/tables.py
+# (tests/test_cli.py checks them against those modules).
+_KINDS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("trajectories", "manifest.json", "echo-ray-trajectories", "an `echo-ray trajectories` output"),
+    ("shards", "manifest.json", "echo-ray-shards", "an `echo-ray prepare` output"),
+    ("report", "summary.json", "echo-ray-archive-report", "an `echo-ray report` output"),
+    ("report", "parts", None, "an `echo-ray report` output"),
+    ("run", "train_summary.json", None, "an `echo-ray train` run folder"),
+    ("run", "metrics.jsonl", None, "an `echo-ray train` run folder"),
+    ("model", "config.json", None, "a model directory"),
+    ("evaluation", "results.json", None, "an `echo-ray evaluate` output"),
+    ("archive", "files", None, "a MIMIC-CXR archive"),
+)
+_DESCRIBE = {kind: text for kind, _, _, text in _KINDS}
+_UNKNOWN = "?"  # S3 could not be asked: the check is left to the job
+_PREPARE_HINT = "run `echo-ray prepare --archive ARCHIVE --out {uri}` first"
+_MODEL_HINT = ("pass a run folder of `echo-ray train` (its model/ is used) or one of its "
+               "checkpoint_* folders")
+
+
+def _kind(loc) -> str | None:
+    """The kind of folder `loc` is (see _KINDS), None when none, _UNKNOWN when S3 failed."""
+    try:
+        for kind, marker, fmt, _ in _KINDS:
+            path = loc.join(marker)
+            if not path.exists():
+                continue
+            if fmt is None:
+                return kind
+            try:
+                found = str(json.loads(path.read_text()).get("format", ""))
+            except (ValueError, AttributeError):
+                continue
+            if found.startswith(fmt):
+                return kind
+    except OSError:
+        return _UNKNOWN
+    return None
+
+
+def _check_dataset(uri: str, flag: str, s3_endpoint: str | None, want: str = "shards") -> None:
+    """`uri` is a finished `echo-ray prepare` output (want="shards") or trajectories folder."""
+    from echo_ray.data.shards import SHARDS_DIR
+    from echo_ray.data.storage import PathError, check_input_folder
+
+    hint = (_PREPARE_HINT if want == "shards" else
+            "run `echo-ray trajectories --teacher RUN_RAD --data SHARDS --out {uri}` first")
+    hint = hint.format(uri=uri)
+    loc = check_input_folder(uri, flag=flag, missing_hint=hint, s3_endpoint=s3_endpoint)
+    kind = _kind(loc)
+    if kind in (want, _UNKNOWN):
+        return
+    if kind == "archive":
+        raise PathError(f"{flag} {uri} is a DICOM archive, not a prepared dataset: run "
+                        f"`echo-ray prepare --archive {uri} --out SHARDS` and pass SHARDS")
+    if want == "shards" and kind == "trajectories":
+        raise PathError(f"{flag} {uri} is an `echo-ray trajectories` output (what `train "
+                        "--stage dcd` reads); pass the `echo-ray prepare` output here")
+    if want == "trajectories" and kind == "shards":
+        raise PathError(f"{flag} {uri} is an `echo-ray prepare` output; --stage dcd trains on "
+                        f"the teacher's rollouts: run `echo-ray trajectories --teacher RUN_RAD "
+                        f"--data {uri} --out TRAJECTORIES` and pass TRAJECTORIES")
+    if kind is not None:
+        raise PathError(f"{flag} {uri} is {_DESCRIBE[kind]}, not {_DESCRIBE[want]}; {hint}")
+    try:
+        unfinished = loc.join(SHARDS_DIR).exists()
+    except OSError:
+        return
+    if unfinished:
+        raise PathError(f"{flag} {uri} has shards but no manifest.json (written last): the run "
+                        f"that writes it did not finish; rerun it with --out {uri}")
+    raise PathError(f"{flag} {uri} is not {_DESCRIBE[want]} (no manifest.json); {hint}")
+
+
+def _check_model(uri: str, flag: str, s3_endpoint: str | None, hint: str = _MODEL_HINT) -> None:
+    """`uri` is a model directory, or a run folder with its final `model/`."""
+    from echo_ray.data.storage import PathError, check_input_folder, resolve_model_dir
+
+    loc = check_input_folder(uri, flag=flag, missing_hint=hint, s3_endpoint=s3_endpoint)
+    try:
+        resolve_model_dir(uri, s3_endpoint=s3_endpoint, what=flag)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return  # S3 could not be asked: the job reports it
+    kind = _kind(loc)
+    if kind == _UNKNOWN:
+        return
+    if kind == "run":
+        raise PathError(f"{flag} {uri} is a training run without its final model/ (not "
+                        "finished): pass one of its checkpoint_* folders, or wait for the run")
+    what = _DESCRIBE[kind] if kind else "not a model (no config.json in it or in its model/)"
+    raise PathError(f"{flag} {uri} is {what}; {hint}")
+
+
+def _check_trained_mode(uri: str, mode: str, s3_endpoint: str | None) -> None:
+    """A model decodes only in the modes its training stage made it for (`train.stage` in
+    its echo_config.json; `decode.modes.TRAINED_MODES`): an AR mode on a diffusion model, or
+    the reverse, writes garbled text, so a bulk run refuses it before it starts."""
+    from echo_ray.data.storage import PathError, resolve_model_dir
+    from echo_ray.decode.modes import trained_modes
+    from echo_ray.model.checkpoint import CONFIG_FILE
+
+    try:
+        stage = json.loads(resolve_model_dir(uri, s3_endpoint=s3_endpoint).join(CONFIG_FILE)
+                           .read_text()).get("train", {}).get("stage")
+    except (OSError, ValueError):  # no echo-ray config (a plain HF folder), or S3 unreachable
+        return
+    modes = trained_modes(stage)
+    if mode not in modes:
+        raise PathError(f"--checkpoint {uri} was trained by `--stage {stage}`: it decodes with "
+                        f"{', '.join(modes)}, not {mode}; pass --decoding {modes[0]}")
+
+
+def _check_archive(uri: str, flag: str, s3_endpoint: str | None) -> None:
+    from echo_ray.data.storage import PathError, check_input_folder
+
+    hint = ("pass a DICOM archive folder (a MIMIC-CXR tree or a folder of DICOM files), e.g. "
+            "one written by `echo-ray synth --out FOLDER`")
+    loc = check_input_folder(uri, flag=flag, missing_hint=hint, s3_endpoint=s3_endpoint)
+    kind = _kind(loc)
+    if kind not in (None, _UNKNOWN, "archive"):
+        raise PathError(f"{flag} {uri} is {_DESCRIBE[kind]}, not a DICOM archive; {hint}")
+
+
+def _check_output(uri: str, flag: str, s3_endpoint: str | None, own: str | None) -> None:
+    """`uri` can take this command's output: new, or a folder of no other stage's kind."""
+    from echo_ray.data.storage import PathError, check_output_folder
+
+    loc = check_output_folder(uri, flag=flag, s3_endpoint=s3_endpoint)
+    kind = _kind(loc)
+    if kind in (None, _UNKNOWN, own):
+        return
+    again = f" (or an earlier {_DESCRIBE[own].split(' ', 1)[1]}, to continue it)" if own else ""
+    raise PathError(f"{flag} {uri} is {_DESCRIBE[kind]}; writing here would mix outputs: pass "
+                    f"a new folder{again}")
+
+
+def _preflight(command: str, args: argparse.Namespace) -> None:
+    """Check `command`'s config, then its inputs, then its outputs (see the section comment)."""
+    from echo_ray.data.storage import check_input_file
+
+    if command == "synth":
+        _check_output(args.out, "--out", None, "archive")
+        return
+    if command == "quickstart":
+        load_config(args.preset, args.overrides, args.config)
+        _check_output(args.out, "--out", None, None)
+        return
+    config = command_config(command, args)
+    ep = args.s3_endpoint
+    if command == "prepare":
+        _check_archive(args.archive, "--archive", ep)
+        _check_output(args.out, "--out", ep, "shards")
+    elif command == "train":
+        _check_dataset(args.data, "--data", ep, "trajectories" if args.stage == "dcd" else "shards")
+        if args.init:
+            _check_model(args.init, "--init", ep, hint=(
+                "pass the --out folder of an earlier `echo-ray train` (ar for rad, rad for "
+                "dcd), one of its checkpoint_* folders, or a Hugging Face Qwen2.5-VL folder"))
+        _check_output(args.out, "--out", ep, "run")
+    elif command == "trajectories":
+        _check_model(args.teacher, "--teacher", ep)
+        _check_dataset(args.data, "--data", ep)
+        _check_output(args.out, "--out", ep, "trajectories")
+    elif command == "evaluate":
+        for system in _systems(args):
+            _check_model(system.path, f"--system {system.name}:", ep)
+        if config.evaluate.fluency_model:
+            _check_model(config.evaluate.fluency_model, "--fluency-model", ep)
+        _check_dataset(args.data, "--data", ep)
+        _check_output(args.out, "--out", ep, "evaluation")
+    elif command == "report":
+        _check_model(args.checkpoint, "--checkpoint", ep)
+        _check_trained_mode(args.checkpoint, config.decoding.mode, ep)
+        _check_archive(args.archive, "--archive", ep)
+        _check_output(args.out, "--out", ep, "report")
+    elif command == "serve":
+        _check_model(args.checkpoint, "--checkpoint", ep)
+        if config.serve.api_keys_file:
+            check_input_file(config.serve.api_keys_file, flag="--api-keys-file",
+                             missing_hint="pass a file with one API key a line")
+
+
+def _systems(args: argparse.Namespace) -> list:
+    from echo_ray.eval.systems import System
+
+    try:
+        return [System.parse(spec) for spec in args.systems]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]] = {
     "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
     "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
-    "train": (train, train_args, "train the AR model or the RAD teacher with Ray Train"),
+    "train": (train, train_args,
+              "train the AR model, the RAD teacher or the DCD student with Ray Train"),
     "trajectories": (trajectories, trajectories_args,
                      "roll the RAD teacher out (multi-step, top-k records) for DCD (Ray Data)"),
     "evaluate": (evaluate, evaluate_args,
@@ -415,22 +656,40 @@ def run(command: str, argv: Sequence[str] | None = None) -> object:
     return _dispatch(command, args)
 
 
+# What a job's interpreter must have: a `python` that is not echo-ray's environment (the
+# system one, when the Ray head was started without the venv active) still imports echo_ray
+# from the uploaded working dir, then fails deep inside a job.
+_JOB_REQUIREMENTS = ("ray", "pyarrow", "torch", "transformers")
+
+
 def job_entry(command: str) -> Callable[[Sequence[str] | None], object]:
     """The `main` of a jobs/*.py script: `command` with the script's arguments."""
 
     def main(argv: Sequence[str] | None = None) -> object:
+        import importlib.util
+
+        missing = [m for m in _JOB_REQUIREMENTS if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"echo-ray {command}: this job's python ({sys.executable}) has no "
+                  f"{', '.join(missing)}: it is not echo-ray's environment. Start the Ray head "
+                  "from the venv (`source .venv/bin/activate` before `ray start`), so the "
+                  "job's `python` is the venv's", file=sys.stderr)
+            raise SystemExit(2)
         return run(command, sys.argv[1:] if argv is None else argv)
 
     return main
 
 
 def _dispatch(command: str, args: argparse.Namespace) -> object:
+    from echo_ray.data.storage import PathError
+
     try:
+        _preflight(command, args)
         return COMMANDS[command][0](args)
     except ConfigError as e:
         print(f"echo-ray {command}: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (PathError, FileNotFoundError, NotADirectoryError) as e:
         print(f"echo-ray {command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

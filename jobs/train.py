@@ -1,7 +1,8 @@
 """`ray job submit --working-dir . -- python jobs/train.py --stage ar --data SHARDS --out RUN [...]`
 
-Same arguments as `echo-ray train`. Inside a Ray job, RAY_ADDRESS points at the cluster and
-`ray.init()` joins it.
+Same arguments as `echo-ray train`, checked before Ray starts. Paths are absolute or
+s3://, and the head runs the venv's python with token auth (README "On a Ray cluster").
+Inside a Ray job, RAY_ADDRESS points at the cluster and `ray.init()` joins it.
 """
 
 from echo_ray.cli import job_entry

@@ -17,6 +17,7 @@ import pyarrow as pa
 from echo_ray.batch.discovery import file_key, read_with_retries
 from echo_ray.batch.ledger import PART_SCHEMA, fhir_resource
 from echo_ray.config.schema import DecodingConfig, PoolConfig, ReportConfig
+from echo_ray.data.dicom import DicomError, patient_id
 from echo_ray.data.storage import Location, model_name
 from echo_ray.decode.replica import ModelReplica
 
@@ -57,9 +58,10 @@ class ArchiveActor:
             rows += self._report(chunk, current)
         reported_at = datetime.now(UTC)
         for row in rows:
+            subject = row.pop("_subject", None)
             row.update(unit=unit, run_id=self.run_id, reported_at=reported_at.isoformat())
             if self.options.fhir and row["error"] is None:
-                row["fhir"] = json.dumps(fhir_resource(row, reported_at))
+                row["fhir"] = json.dumps(fhir_resource(row, reported_at, subject=subject))
         self.parts.join(f"{unit}.parquet").write_parquet(
             pa.Table.from_pylist(rows, schema=PART_SCHEMA))
         reasons = Counter(r["error"] for r in rows if r["error"] is not None)
@@ -95,7 +97,7 @@ class ArchiveActor:
                 strict=True):
             results[i] = result
         rows = []
-        for study, result, errors in zip(chunk, results, read_errors, strict=True):
+        for study, result, errors, good in zip(chunk, results, read_errors, files, strict=True):
             if result is None:  # every file failed to read
                 result = {"study_id": study["key"], "error": "read_failed",
                           "message": errors[0]["message"], "num_files": len(study["paths"]),
@@ -103,9 +105,27 @@ class ArchiveActor:
             result["file_errors"] = [*result.get("file_errors", []), *errors]
             result["num_files"] = len(study["paths"])
             row = {name: result.get(name) for name in PART_SCHEMA.names}
-            row.update(files=study["names"], file_keys=[file_key(p) for p in study["paths"]])
+            row.update(files=study["names"], file_keys=[file_key(p) for p in study["paths"]],
+                       file_sizes=study.get("sizes"), file_mtimes_ns=study.get("mtimes_ns"),
+                       _subject=self._subject(result, good))
             rows.append(row)
         return rows
+
+    def _subject(self, result: dict, files: list[tuple[str, bytes]]) -> str | None:
+        """The FHIR subject reference of a report (`report.fhir_patient_ref`): the reported
+        file's PatientID, read for this alone (it goes into no other column)."""
+        template = self.options.fhir_patient_ref
+        if not (self.options.fhir and template) or result.get("error"):
+            return None
+        from echo_ray.interop.fhir import patient_reference
+
+        if self.options.include_phi:
+            return patient_reference(template, result.get("patient_id"))
+        data = dict(files).get(result.get("source_file"))
+        try:
+            return patient_reference(template, patient_id(data)) if data else None
+        except DicomError:
+            return None
 
     def _report_studies(self, report_studies, files: list, keys: list[str]) -> list[dict]:
         """report_studies on the batch; should it raise, study by study, so one study that

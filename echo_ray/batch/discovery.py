@@ -8,13 +8,14 @@ import hashlib
 import json
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from echo_ray.batch.ledger import FileStamp
 from echo_ray.data.dicom import DicomError, read_header
 from echo_ray.data.layout import MIMIC_IMAGE
 from echo_ray.data.storage import Location
@@ -26,12 +27,35 @@ _READ_ATTEMPTS = 3
 
 @dataclass
 class ArchiveStudy:
-    """One study to report: its key and its files (archive paths and output names)."""
+    """One study to report: its key and its files (archive paths, output names, and size
+    and modification time as listed: the ledger records them)."""
 
     key: str
     paths: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    sizes: list[int | None] = field(default_factory=list)
+    mtimes_ns: list[int | None] = field(default_factory=list)
     newest: float = 0.0  # latest modification time of its files (epoch seconds)
+
+    def add(self, file: _Listed, name: str) -> None:
+        self.paths.append(file.rel)
+        self.names.append(name)
+        self.sizes.append(file.size)
+        self.mtimes_ns.append(file.mtime_ns)
+        self.newest = max(self.newest, file.mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """A candidate file of the listing."""
+
+    rel: str  # path relative to the archive
+    mtime: float  # epoch seconds
+    mtime_ns: int | None
+    size: int | None
+    named_dicom: bool  # .dcm / .dicom
+    key: str  # file_key(rel)
+    mimic: str | None  # its study key when the path is a MIMIC image path
 
 
 @dataclass
@@ -44,6 +68,7 @@ class Discovery:
     side_files: int  # skipped: not DICOM by name (reports, CSV, ...) or content
     late_files: int  # new files of studies that are already reported
     before_since: int  # studies (MIMIC) or files (flat) older than `since`
+    changed_studies: int = 0  # error studies reported again: a file changed or was added
 
 
 def file_key(path: str) -> str:
@@ -56,6 +81,7 @@ def discover_studies(
     *,
     done: set[str] = frozenset(),
     known_files: set[str] = frozenset(),
+    error_files: Mapping[str, FileStamp] | None = None,
     since: float | None = None,
     include_phi: bool = False,
     io_threads: int = 8,
@@ -66,14 +92,98 @@ def discover_studies(
     Args:
         done: study keys already reported (skipped).
         known_files: `file_key`s of files already reported (not even read).
+        error_files: `file_key` -> stamp of the files of studies whose current row is an
+            error (`ledger.read_ledger`). Such a study is reported again when one of its
+            files changed (size or modification time) or it got a new file: a file caught
+            mid-copy, or a study exported in pieces, is reported once it is whole.
         since: only studies (MIMIC) or files (flat) modified at or after this epoch time.
         exclude: a path under `src` to leave out (the output folder, when inside it).
     """
-    listing = _list(src, exclude)
+    error_files = error_files or {}
+    files, side = _candidates(_list(src, exclude))
+    named_side = side
+    mimic_files = sum(f.mimic is not None for f in files)
+    error_keys = {stamp.study for stamp in error_files.values()}
+    reopened = set()
+    for f in files:  # changed files of error studies, and new files of MIMIC error studies
+        stamp = error_files.get(f.key)
+        if stamp is not None and stamp.changed(f.size, f.mtime_ns):
+            reopened.add(stamp.study)
+        elif f.mimic in error_keys and f.key not in known_files:
+            reopened.add(f.mimic)
+
+    def is_done(key: str) -> bool:
+        return key in done and key not in reopened
+
+    def is_known(f: _Listed) -> bool:
+        stamp = error_files.get(f.key)
+        return f.key in known_files and (stamp is None or stamp.study not in reopened)
+
     mimic: dict[str, ArchiveStudy] = {}
-    flat: list[tuple[str, float, int | None, bool]] = []
-    side = late = old = mimic_files = 0
-    for rel, mtime, size in listing:
+    flat: list[_Listed] = []
+    late = old = 0
+    for f in files:
+        if is_known(f):
+            continue
+        if f.mimic:
+            if is_done(f.mimic):
+                late += 1
+                continue
+            mimic.setdefault(f.mimic, ArchiveStudy(f.mimic)).add(
+                f, f.rel if include_phi else f"{f.mimic}/{posixpath.basename(f.rel)}")
+        elif since is not None and f.mtime < since:
+            old += 1
+        else:
+            flat.append(f)
+    studies = []
+    for study in mimic.values():
+        if since is not None and study.newest < since:
+            old += 1
+        else:
+            studies.append(study)
+    grouped: dict[str, ArchiveStudy] = {}
+    late_flat: list[tuple[str, _Listed]] = []
+    with ThreadPoolExecutor(io_threads) as pool:
+        keys = pool.map(lambda f: _header_study(src, f.rel, f.size), flat)
+        for f, (uid, reason) in zip(flat, keys, strict=True):
+            if reason == "not_dicom" and not f.named_dicom:
+                side += 1  # not named .dcm and not DICOM: a side file (README, ...)
+                continue
+            key = uid or f"file:{f.rel}"
+            if is_done(key):
+                late_flat.append((key, f))
+                continue
+            grouped.setdefault(key, ArchiveStudy(key)).add(f, f.rel)
+    # A new file of a flat error study reopens it: its files already in the ledger join in.
+    for key, f in late_flat:
+        if key in error_keys:
+            if key not in reopened:
+                reopened.add(key)
+                for g in files:
+                    stamp = error_files.get(g.key)
+                    if stamp is not None and stamp.study == key and g.mimic is None:
+                        grouped.setdefault(key, ArchiveStudy(key)).add(g, g.rel)
+            grouped.setdefault(key, ArchiveStudy(key)).add(f, f.rel)
+        else:
+            late += 1
+    studies += grouped.values()
+    for study in studies:  # files in a stable order: the view choice breaks ties by order
+        order = sorted(range(len(study.paths)), key=study.paths.__getitem__)
+        for name in ("paths", "names", "sizes", "mtimes_ns"):
+            setattr(study, name, [getattr(study, name)[i] for i in order])
+    dicom_files = len(files) - (side - named_side)  # less those not DICOM by content
+    other = dicom_files - mimic_files
+    layout = ("empty" if not dicom_files else "mimic" if not other else
+              "flat" if not mimic_files else "mixed")
+    found = sorted(studies, key=lambda s: s.key)
+    changed = sum(s.key in reopened and s.key in done for s in found)
+    return Discovery(found, layout, dicom_files, side, late, old, changed)
+
+
+def _candidates(listing) -> tuple[list[_Listed], int]:
+    """The listing's candidate DICOM files, and how many side files it holds."""
+    files, side = [], 0
+    for rel, mtime, mtime_ns, size in listing:
         base = posixpath.basename(rel)
         suffix = posixpath.splitext(base)[1].lower()
         named_dicom = suffix in DICOM_SUFFIXES
@@ -84,57 +194,15 @@ def discover_studies(
             side += 1
             continue
         m = MIMIC_IMAGE.search(rel)
-        mimic_files += bool(m)
-        if file_key(rel) in known_files:
-            continue
-        if m:
-            key = f"s{m.group('study')}"
-            if key in done:
-                late += 1
-                continue
-            study = mimic.setdefault(key, ArchiveStudy(key))
-            study.paths.append(rel)
-            study.names.append(rel if include_phi else f"{key}/{base}")
-            study.newest = max(study.newest, mtime)
-        elif since is not None and mtime < since:
-            old += 1
-        else:
-            flat.append((rel, mtime, size, named_dicom))
-    studies = []
-    for study in mimic.values():
-        if since is not None and study.newest < since:
-            old += 1
-        else:
-            studies.append(study)
-    grouped: dict[str, ArchiveStudy] = {}
-    with ThreadPoolExecutor(io_threads) as pool:
-        keys = pool.map(lambda f: _header_study(src, f[0], f[2]), flat)
-        for (rel, mtime, _, named_dicom), (uid, reason) in zip(flat, keys, strict=True):
-            if reason == "not_dicom" and not named_dicom:
-                side += 1  # not named .dcm and not DICOM: a side file (README, ...)
-                continue
-            key = uid or f"file:{rel}"
-            if key in done:
-                late += 1
-                continue
-            study = grouped.setdefault(key, ArchiveStudy(key))
-            study.paths.append(rel)
-            study.names.append(rel)
-            study.newest = max(study.newest, mtime)
-    studies += grouped.values()
-    for study in studies:  # files in a stable order: the view choice breaks ties by order
-        order = sorted(range(len(study.paths)), key=study.paths.__getitem__)
-        study.paths = [study.paths[i] for i in order]
-        study.names = [study.names[i] for i in order]
-    dicom_files = len(listing) - side
-    other = dicom_files - mimic_files
-    layout = ("empty" if not dicom_files else "mimic" if not other else
-              "flat" if not mimic_files else "mixed")
-    return Discovery(sorted(studies, key=lambda s: s.key), layout, dicom_files, side, late, old)
+        files.append(_Listed(rel, mtime, mtime_ns, size, named_dicom, file_key(rel),
+                             f"s{m.group('study')}" if m else None))
+    return files, side
 
 
-def _list(src: Location, exclude: str | None) -> list[tuple[str, float, int | None]]:
-    """(path relative to src, modification time, size) of every file under src, sorted."""
+def _list(src: Location, exclude: str | None
+          ) -> list[tuple[str, float, int | None, int | None]]:
+    """(path relative to src, modification time in s and in ns, size) of every file under
+    src, sorted."""
     info = src.fs.get_file_info(src.path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"archive {src.uri} does not exist")
@@ -149,7 +217,7 @@ def _list(src: Location, exclude: str | None) -> list[tuple[str, float, int | No
             continue
         rel = item.path[len(base):] if item.path.startswith(base) else item.path
         mtime = item.mtime.timestamp() if item.mtime is not None else 0.0
-        out.append((rel, mtime, item.size))
+        out.append((rel, mtime, item.mtime_ns, item.size))
     return sorted(out)
 
 
@@ -201,7 +269,8 @@ def plan_units(studies: Sequence[ArchiveStudy], unit_size: int) -> list[dict[str
         digest = hashlib.sha256("\n".join(s.key for s in chunk).encode()).hexdigest()[:16]
         units.append({
             "unit": f"part-{digest}",
-            "studies": json.dumps([{"key": s.key, "paths": s.paths, "names": s.names}
+            "studies": json.dumps([{"key": s.key, "paths": s.paths, "names": s.names,
+                                    "sizes": s.sizes, "mtimes_ns": s.mtimes_ns}
                                    for s in chunk]),
             "num_studies": len(chunk),
         })

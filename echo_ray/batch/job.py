@@ -10,6 +10,7 @@ only state:
     reports.jsonl               the same rows as JSON lines
     fhir.ndjson                 (--fhir) one FHIR R4 DiagnosticReport per report
     errors.parquet              one row per study that has no report (study, file, reason)
+    errors.csv                  the same rows as CSV, the lists joined into text
     summary.json                the counts; written last (absent while a run is going)
 
 How a run goes:
@@ -23,7 +24,11 @@ How a run goes:
 2. Ledger (`ledger.py`): the study keys in `parts/` are done. Only the other studies are
    reported, so a rerun after a crash continues where it stopped, and a rerun over a grown
    archive (the nightly use) reports only the new studies. A new file of a study that is
-   already done is counted as late and left alone: the study keeps its one report.
+   already reported is counted as late and left alone: the study keeps its one report. A
+   study whose row is an error is reported again when one of its files changed since the
+   row (size or modification time, which every row records per file) or it got a new
+   file: a file caught mid-copy (`truncated`) and completed by the next export is
+   reported. Unchanged studies are never redone.
 3. Units (`discovery.plan_units`, `actor.py`): the pending keys, sorted, cut into chunks of
    `unit_size`; a unit's part file is named by a hash of its keys. A Ray Data actor pool
    (one `ReportGenerator` per actor, `num_gpus` per actor on a cluster) reads each unit's
@@ -96,17 +101,20 @@ def report_archive(
     summary_loc = dst.join(SUMMARY_FILE)
     if summary_loc.exists():
         dst.fs.delete_file(summary_loc.path)  # written again, last, when complete
-    done, known_files = read_ledger(parts, retry_errors=options.retry_errors)
+    ledger = read_ledger(parts, retry_errors=options.retry_errors)
+    done = ledger.done
     same_fs = type(src.fs) is type(dst.fs)
     found = discover_studies(
-        src, done=done, known_files=known_files, since=options.since_timestamp(),
-        include_phi=options.include_phi, io_threads=options.io_threads,
-        exclude=dst.path if same_fs else None,
+        src, done=done, known_files=ledger.known_files, error_files=ledger.error_files,
+        since=options.since_timestamp(), include_phi=options.include_phi,
+        io_threads=options.io_threads, exclude=dst.path if same_fs else None,
     )
     units = plan_units(found.studies, options.unit_size)
     log(f"{src.uri} ({found.layout} layout): {found.dicom_files} DICOM file(s), "
         f"{found.side_files} side file(s) skipped; {len(done)} studies already in {dst.uri}, "
         f"{len(found.studies)} to report in {len(units)} unit(s)"
+        + (f", {found.changed_studies} of them error studies whose files changed"
+           if found.changed_studies else "")
         + (f", {found.late_files} late file(s) of reported studies left alone"
            if found.late_files else "")
         + (f", {found.before_since} older than {options.since} skipped"
@@ -126,7 +134,8 @@ def report_archive(
         format=FORMAT, echo_ray_version=__version__, run_id=run_id, source=src.uri,
         out=dst.uri, checkpoint=model.uri, layout=found.layout, dicom_files=found.dicom_files,
         side_files=found.side_files, late_files=found.late_files,
-        before_since=found.before_since, previously_done=len(done), this_run=this_run,
+        changed_studies=found.changed_studies, before_since=found.before_since,
+        previously_done=len(done) - found.changed_studies, this_run=this_run,
         studies_per_s=this_run["studies_per_s"], wall_time_s=this_run["wall_time_s"],
         options=options_record(config),
     )
@@ -147,8 +156,8 @@ def options_record(config: EchoConfig) -> dict[str, Any]:
         "max_new_tokens": d.max_new_tokens, "batch_size": r.batch_size,
         "unit_size": r.unit_size, "actors": p.actors, "cpus_per_actor": p.cpus_per_actor,
         "gpus_per_actor": p.gpus_per_actor, "threads": p.threads, "io_threads": r.io_threads,
-        "since": r.since, "fhir": r.fhir, "include_phi": r.include_phi,
-        "retry_errors": r.retry_errors,
+        "since": r.since, "fhir": r.fhir, "fhir_patient_ref": r.fhir_patient_ref,
+        "include_phi": r.include_phi, "retry_errors": r.retry_errors,
     }
 
 
@@ -215,6 +224,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{json.dumps(summary['errors_by_reason'], sort_keys=True)}",
         f"files         {', '.join(summary['files'])}, {SUMMARY_FILE}"
         + (f"; {summary['late_files']} late file(s) of reported studies left alone"
-           if summary["late_files"] else ""),
+           if summary["late_files"] else "")
+        + (f"; files of {summary['changed_studies']} error row(s) changed: reported again"
+           if summary.get("changed_studies") else ""),
     ])
 

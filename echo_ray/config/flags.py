@@ -103,15 +103,41 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+@functools.cache
+def _preset_values() -> tuple[str, dict[str, EchoConfig]]:
+    """(the preset a command runs with when given none, every preset by name)."""
+    from echo_ray.config.presets import PRESETS, preset
+
+    return EchoConfig().name, {name: preset(name) for name in PRESETS}
+
+
+def _value_of(config: EchoConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def default_text(key: str) -> str:
+    """How `--help` shows the default of config field `key`: the value of the default preset,
+    then the other presets' values where they differ, e.g. "default 500; base-7b: 5000"."""
+    base_name, presets = _preset_values()
+    base = _value_of(presets[base_name], key)
+    others = [f"{name}: {_show(value)}" for name, config in presets.items()
+              if name != base_name and (value := _value_of(config, key)) != base]
+    return "; ".join([f"default {_show(base)}", *others])
+
+
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     """Declare `flags` on `parser`. A bool field becomes an on/off pair (`--fhir` /
-    `--no-fhir`); a tuple field takes comma-separated values; an optional one takes `none`."""
+    `--no-fhir`); a tuple field takes comma-separated values; an optional one takes `none`.
+    The help is the field's docstring, then the field's key and default (`default_text`)."""
     for spec in flags:
-        cls, fld, default = resolve_field(spec.key)
+        cls, fld, _ = resolve_field(spec.key)
         hint = typing.get_type_hints(cls)[fld.name]
         kind, optional = _value_type(hint)
         doc = spec.help or field_docs(cls).get(fld.name, "")
-        shown = f"{spec.key}; default {_show(default)}"
+        shown = f"{spec.key}; {default_text(spec.key)}"
         if kind is bool and spec.to_config is None:
             parser.add_argument(spec.flag, dest=spec.dest, default=None,
                                 action=argparse.BooleanOptionalAction,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -221,6 +222,9 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
+    stage: str | None = None
+    """The stage the run trains (ar, rad or dcd), set by `echo-ray train --stage`: a
+    checkpoint records it, and a server offers the decoding modes it was trained for."""
     freeze_vision: bool | None = None
     """Freeze the vision tower and its projector (the patch merger); None = the stage's
     default (rad and dcd: frozen, as the paper; ar: trained). A run's saved config holds the
@@ -267,6 +271,10 @@ class TrainConfig:
         )
         _require(self.zero_stage in (1, 2, 3), "train.zero_stage must be 1, 2 or 3")
         _require(
+            self.stage is None or self.stage in STAGES,
+            f"train.stage must be one of {STAGES} or none, got {self.stage!r}",
+        )
+        _require(
             self.precision in PRECISIONS,
             f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
         )
@@ -299,6 +307,10 @@ class DecodingConfig:
     """multi-step: tau, the confidence at which a position is committed."""
     max_new_tokens: int | None = None
     """Report length cap in tokens (None: the model's max_response_len)."""
+    low_confidence: float = 0.5
+    """A report sentence whose confidence (the geometric mean of the probabilities the
+    decoder gave its tokens when it committed them) is below this is flagged
+    `low_confidence` for the reader."""
 
     def validate(self) -> None:
         _require(
@@ -313,6 +325,10 @@ class DecodingConfig:
         _require(
             self.max_new_tokens is None or self.max_new_tokens >= 1,
             "decoding.max_new_tokens must be >= 1 or none",
+        )
+        _require(
+            0.0 <= self.low_confidence <= 1.0,
+            f"decoding.low_confidence must be in [0, 1], got {self.low_confidence}",
         )
 
 
@@ -418,14 +434,34 @@ class ReportConfig:
     """Also write fhir.ndjson: one FHIR R4 DiagnosticReport per report."""
     include_phi: bool = False
     """Copy patient name / ID / birth date and full archive paths into the outputs (off: no
-    patient identifiers anywhere)."""
+    patient identifiers anywhere, except the PatientID that --fhir-patient-ref puts in
+    fhir.ndjson)."""
     retry_errors: bool = False
-    """Report again the studies whose error was transient (read_failed,
-    unexpected_error); other errors stay final."""
+    """Also report again the studies whose error was transient (read_failed,
+    unexpected_error). A study whose files changed since its error row (size or
+    modification time) is reported again on every run, with or without this."""
+    fhir_patient_ref: str | None = None
+    """With --fhir: the DiagnosticReport's subject reference, a template such as
+    "Patient/{patient_id}" filled with the reported file's PatientID (URL-encoded). The ID
+    is read for the FHIR output only: fhir.ndjson (and the ledger's copy of it) then holds
+    patient IDs, reports.parquet still does not unless --include-phi. None: no subject."""
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "io_threads"):
             _require(getattr(self, name) >= 1, f"report.{name} must be >= 1")
+        if self.fhir_patient_ref is not None:
+            _require(self.fhir, "report.fhir_patient_ref is used only with report.fhir "
+                                "(--fhir): set both, or neither")
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.fhir_patient_ref)
+                          if f is not None}
+            except ValueError:
+                fields = None
+            _require(
+                fields == {"patient_id"},
+                f"report.fhir_patient_ref {self.fhir_patient_ref!r}: expected a template "
+                "whose only field is {patient_id}, such as \"Patient/{patient_id}\"",
+            )
         _require(
             self.unit_size >= self.batch_size,
             f"report.unit_size ({self.unit_size}) must be >= report.batch_size "
@@ -459,8 +495,10 @@ class ServeConfig:
     """HTTP port of `echo-ray serve`."""
     model_id: str | None = None
     """The id reports carry (None: the run's name, `runs/dcd/model` -> "dcd")."""
-    modes: tuple[str, ...] = DECODING_MODES
-    """Decoding modes requests may ask for (the default is decoding.mode)."""
+    modes: tuple[str, ...] | None = None
+    """Decoding modes requests may ask for; None: the modes the checkpoint was trained for
+    (its `train.stage`; every mode when it records none). The default is decoding.mode when
+    served, else the first of them."""
     max_batch_size: int = 16
     """Studies decoded together (`@serve.batch`; 1: no batching)."""
     batch_wait_timeout_s: float = 0.05
@@ -497,9 +535,12 @@ class ServeConfig:
     never)."""
 
     def validate(self) -> None:
-        bad = sorted(set(self.modes) - set(DECODING_MODES))
-        _require(not bad, f"serve.modes: unknown decoding modes {bad}; choose from "
-                          f"{DECODING_MODES}")
+        if self.modes is not None:
+            bad = sorted(set(self.modes) - set(DECODING_MODES))
+            _require(not bad, f"serve.modes: unknown decoding modes {bad}; choose from "
+                              f"{DECODING_MODES}")
+            _require(len(self.modes) > 0, "serve.modes must name at least one mode, or be "
+                                          "none (the checkpoint's)")
         _require(
             1 <= self.min_replicas <= self.max_replicas,
             "serve: need 1 <= min_replicas <= max_replicas",

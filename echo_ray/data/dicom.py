@@ -13,12 +13,14 @@ import logging
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
@@ -85,8 +87,11 @@ def read_header(data: bytes, *, include_phi: bool = False) -> dict:
     sop_instance_uid, modality, view_position, photometric_interpretation, rows, columns,
     bits_allocated, bits_stored, transfer_syntax (UID string), transfer_syntax_name,
     num_frames, first_frame_only (True when `decode_dicom` would use only the first of
-    several frames). With include_phi=True also patient_name, patient_id,
-    patient_birth_date.
+    several frames), accession_number (the order's AccessionNumber: it identifies an
+    examination, so it is never logged), study_date (StudyDate with StudyTime as ISO 8601
+    "YYYY-MM-DD" or "YYYY-MM-DDTHH:MM:SS", local time of the acquiring site; None when
+    StudyDate is absent or malformed). With include_phi=True also patient_name,
+    patient_id, patient_birth_date.
 
     Raises:
         DicomError: not_dicom or truncated (the header ends early).
@@ -259,6 +264,54 @@ def _as_str(value: Any) -> str | None:
     return None if value is None else str(value).strip() or None
 
 
+def patient_id(data: bytes) -> str | None:
+    """The PatientID of a DICOM file (None when absent), for an output an operator asked
+    to carry it (the bulk job's FHIR `subject` reference); never logged.
+
+    Raises:
+        DicomError: not_dicom or truncated (the header ends early).
+    """
+    return _raw_text(_parse(data, stop_before_pixels=True), "PatientID")
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """A text element's value decoded from its raw bytes, or None when absent or empty.
+
+    pydicom's value conversion validates the value and its warning quotes it; identifiers
+    (AccessionNumber, PatientID) must never reach a log, so they are decoded here with
+    the dataset's character set instead.
+    """
+    try:
+        elem = ds.get_item(keyword)
+        value = None if elem is None else elem.value
+        if isinstance(value, bytes | bytearray):
+            encodings = convert_encodings(_get(ds, "SpecificCharacterSet"))
+            value = decode_bytes(bytes(value), encodings, set())
+    except Exception:  # a corrupt optional element must not stop decoding
+        return None
+    if value is None:
+        return None
+    text = str(value[0] if isinstance(value, MultiValue) else value).strip(" \0")
+    return text or None
+
+
+def _study_date(date: str | None, time: str | None) -> str | None:
+    """StudyDate (DA: YYYYMMDD) and StudyTime (TM: HH[MM[SS[.F]]]) as ISO 8601; the date
+    alone when the time is absent or malformed; None without a valid date."""
+    digits = (date or "").replace(".", "")  # YYYY.MM.DD: an ACR-NEMA form still seen
+    try:
+        day = datetime.strptime(digits, "%Y%m%d").date()
+    except ValueError:
+        return None
+    clock = (time or "").replace(":", "").split(".")[0]
+    if len(clock) not in (2, 4, 6) or not clock.isdigit():
+        return day.isoformat()
+    hh, mm, ss = int(clock[:2]), int(clock[2:4] or 0), int(clock[4:6] or 0)
+    if hh > 23 or mm > 59 or ss > 60:
+        return day.isoformat()
+    return f"{day.isoformat()}T{hh:02d}:{mm:02d}:{min(ss, 59):02d}"
+
+
 def _safe_meta(ds: Dataset, include_phi: bool) -> dict:
     ts = _get(ds.file_meta, "TransferSyntaxUID")
     num_frames = _as_int(_get(ds, "NumberOfFrames")) or 1
@@ -277,6 +330,8 @@ def _safe_meta(ds: Dataset, include_phi: bool) -> dict:
         "transfer_syntax_name": None if ts is None else UID(ts).name,
         "num_frames": num_frames,
         "first_frame_only": num_frames > 1,
+        "accession_number": _raw_text(ds, "AccessionNumber"),
+        "study_date": _study_date(_raw_text(ds, "StudyDate"), _raw_text(ds, "StudyTime")),
     }
     # pydicom converts (and validates, which can log the value) an element only when it is
     # accessed, so without include_phi patient identifiers are never even decoded.

@@ -2,7 +2,9 @@
 
 The S3 endpoint is configurable (MinIO, a moto server on loopback, an on-prem object store):
 pass `endpoint` or set `AWS_ENDPOINT_URL`; credentials come from the usual AWS environment
-variables. No ray imports: Ray Data is handed the (filesystem, path) pair this module returns.
+variables. `check_input_folder` / `check_output_folder` are the commands' up-front path checks
+(errors that say what to pass instead, also for relative paths inside a Ray job). No ray
+imports: Ray Data is handed the (filesystem, path) pair this module returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from echo_ray.runtime.job import current_ray_job, relative_path_hint
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,114 @@ class Location:
                 self.join(rel).path, target.path,
                 source_filesystem=self.fs, destination_filesystem=dst.fs,
             )
+
+
+class PathError(ValueError):
+    """An input or output path a command cannot use; the message says what to pass instead."""
+
+
+def _file_type(loc: Location) -> pafs.FileType | None:
+    """The type of `loc`, or None when S3 could not be asked (the job will report it)."""
+    try:
+        return loc.fs.get_file_info(loc.path).type
+    except OSError as e:
+        if loc.is_s3:
+            return None
+        raise PathError(f"{loc.uri} cannot be read: {e}") from None
+
+
+def check_input_folder(
+    uri: str, *, flag: str, missing_hint: str, s3_endpoint: str | None = None
+) -> Location:
+    """`uri` as a folder a command reads, checked before any work starts.
+
+    Local paths are checked exactly; an s3:// prefix with one request (when S3 cannot be
+    reached the check is left to the job, which then names the error). Inside a `ray job
+    submit` entrypoint a relative path that does not exist is explained: it names a file of
+    the uploaded working dir.
+
+    Args:
+        flag: the argument, e.g. "--data", named in the error.
+        missing_hint: what to do when the folder does not exist, e.g. "run `echo-ray
+            prepare` first".
+
+    Raises:
+        PathError: the folder does not exist or is a file.
+    """
+    loc = _resolve_checked(uri, flag, s3_endpoint)
+    kind = _file_type(loc)
+    if kind == pafs.FileType.NotFound:
+        job = current_ray_job()
+        if job is not None and _is_relative(uri):
+            raise PathError(f"{flag} {relative_path_hint(uri, job)}")
+        raise PathError(f"{flag} {uri}: no such folder; {missing_hint}")
+    if kind == pafs.FileType.File:
+        raise PathError(f"{flag} {uri} is a file, not a folder; {missing_hint}")
+    return loc
+
+
+def check_input_file(
+    uri: str, *, flag: str, missing_hint: str, s3_endpoint: str | None = None
+) -> Location:
+    """`uri` as a file a command reads (e.g. an API keys file); see `check_input_folder`."""
+    loc = _resolve_checked(uri, flag, s3_endpoint)
+    kind = _file_type(loc)
+    if kind == pafs.FileType.NotFound:
+        job = current_ray_job()
+        if job is not None and _is_relative(uri):
+            raise PathError(f"{flag} {relative_path_hint(uri, job)}")
+        raise PathError(f"{flag} {uri}: no such file; {missing_hint}")
+    if kind == pafs.FileType.Directory:
+        raise PathError(f"{flag} {uri} is a folder, not a file; {missing_hint}")
+    return loc
+
+
+def check_output_folder(uri: str, *, flag: str, s3_endpoint: str | None = None) -> Location:
+    """`uri` as a folder a command writes: not a file, and creatable or writable.
+
+    Inside a `ray job submit` entrypoint a relative output is refused: it would be written
+    into the job's temporary copy of the working dir, which Ray deletes.
+
+    Raises:
+        PathError: with what to pass instead.
+    """
+    loc = _resolve_checked(uri, flag, s3_endpoint)
+    job = current_ray_job()
+    if job is not None and _is_relative(uri):
+        raise PathError(f"{flag} {relative_path_hint(uri, job, output=True)}")
+    kind = _file_type(loc)
+    if kind == pafs.FileType.File:
+        raise PathError(f"{flag} {uri} is an existing file, not a folder: pass a new folder "
+                        "(or this command's earlier output folder, to continue it)")
+    if loc.is_s3:
+        return loc  # S3 permissions show only when writing: the job reports them
+    path = loc.path
+    if kind == pafs.FileType.Directory:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PathError(f"{flag} {uri} is not writable by this user: pass a folder you "
+                            "can write, or fix its permissions")
+        return loc
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise PathError(f"{flag} {uri} cannot be created: {parent} is a file; pass a folder "
+                        "path that does not run through a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PathError(f"{flag} {uri} cannot be created: {parent} is not writable by this "
+                        "user; pass a folder you can write")
+    return loc
+
+
+def _resolve_checked(uri: str, flag: str, s3_endpoint: str | None) -> Location:
+    try:
+        return resolve(uri, s3_endpoint=s3_endpoint)
+    except ValueError as e:
+        raise PathError(f"{flag} {uri}: {e}") from None
+
+
+def _is_relative(uri: str) -> bool:
+    return "://" not in uri and not os.path.isabs(os.path.expanduser(uri))
 
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:

@@ -7,7 +7,29 @@ benchmarks use. Plain Python (no torch), so that processes which only validate a
 
 from __future__ import annotations
 
-from echo_ray.config.schema import DECODING_MODES, DecodingConfig
+from echo_ray.config.schema import DECODING_MODES, STAGES, DecodingConfig
+
+# The decoding modes a checkpoint of each training stage is made for, preferred first: an AR
+# model decodes token by token; a RAD teacher by threshold multi-step block diffusion (its
+# one-step drafts are a baseline of the evaluation, not reports: docs/ARCHITECTURE.md
+# section 5); a DCD student in one step per block. An AR mode on a diffusion model, or a
+# diffusion mode on an AR model, writes garbled text.
+TRAINED_MODES = {
+    "ar": ("ar",),
+    "rad": ("multi-step",),
+    "dcd": ("one-step-fused", "one-step"),
+}
+assert set(TRAINED_MODES) == set(STAGES)
+
+
+def trained_modes(stage: str | None) -> tuple[str, ...]:
+    """The decoding modes of a checkpoint trained by `stage` (`train.stage` in its config),
+    preferred first; every mode when the checkpoint does not record its stage."""
+    if stage is None:
+        return DECODING_MODES
+    if stage not in TRAINED_MODES:
+        raise ValueError(f"unknown training stage {stage!r}; choose one of {STAGES}")
+    return TRAINED_MODES[stage]
 
 
 def decoding_kwargs(

@@ -6,8 +6,12 @@ it). Plain torch: no Ray here. A report dict (docs/ARCHITECTURE.md section 3.7):
     study_instance_uid, series_instance_uid, sop_instance_uid   (None for raw images)
     report, findings, impression                                  the generated text
     labels                 the 14 CheXpert-style labels extracted from the text
+    sentences              [{section, text, confidence, low_confidence}], report order
     model_id, model_version, decoding
     num_tokens, num_forwards, tokens_per_forward, latency_ms      (per batch call)
+
+A sentence's confidence is the model's own: the geometric mean of the probabilities the
+decoder gave its tokens when it committed them (`sampler.generate(record_confidence=True)`).
 
 Patient identifiers are never included unless `include_phi=True`. A DICOM that cannot be
 decoded gives `{"error": reason, "message": ...}` in its slot instead of failing the batch.
@@ -27,16 +31,17 @@ from echo_ray import __version__
 from echo_ray.config.schema import RADIOGRAPH_MODALITIES, DecodingConfig
 from echo_ray.data.dicom import DicomError, decode_dicom
 from echo_ray.data.storage import model_name
-from echo_ray.decode.modes import decoding_kwargs
+from echo_ray.decode.modes import decoding_kwargs, trained_modes
 from echo_ray.decode.sampler import generate
 from echo_ray.diffusion.losses import ar_report_nll
 from echo_ray.diffusion.noise import pad_responses
 from echo_ray.model.checkpoint import load_checkpoint
 from echo_ray.model.dvlm import EchoDVLM
 from echo_ray.text.labeler import label_report
-from echo_ray.text.sections import parse_sections
+from echo_ray.text.sections import parse_sections, sentence_spans
 
-_UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+_UID_KEYS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number",
+             "study_date")
 _PHI_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
@@ -63,6 +68,9 @@ class ReportGenerator:
         model_id, model_version: written into every report.
         include_phi: copy patient name / ID / birth date from DICOM headers into reports.
         modalities: accepted DICOM Modality values (None accepts any).
+        low_confidence: sentences below this confidence are flagged `low_confidence`.
+        trained_modes: the modes the model was trained for, preferred first (default: every
+            mode; `from_checkpoint` reads them from the checkpoint's training stage).
     """
 
     def __init__(
@@ -77,6 +85,8 @@ class ReportGenerator:
         model_version: str = __version__,
         include_phi: bool = False,
         modalities: Collection[str] | None = RADIOGRAPH_MODALITIES,
+        low_confidence: float = DecodingConfig.low_confidence,
+        trained_modes: Sequence[str] = trained_modes(None),
     ) -> None:
         self.model = model.eval()
         self.decoding = decoding
@@ -87,14 +97,18 @@ class ReportGenerator:
         self.model_version = model_version
         self.include_phi = include_phi
         self.modalities = modalities
+        self.low_confidence = low_confidence
+        self.trained_modes = tuple(trained_modes)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, overrides: Sequence[str] = (), **kwargs: Any
     ) -> ReportGenerator:
-        """Load a run directory (see `checkpoint.save_checkpoint`)."""
-        model, _ = load_checkpoint(path, overrides)
+        """Load a run directory (see `checkpoint.save_checkpoint`); its training stage
+        (`train.stage`) gives `trained_modes`."""
+        model, config = load_checkpoint(path, overrides)
         kwargs.setdefault("model_id", model_name(str(path)))
+        kwargs.setdefault("trained_modes", trained_modes(config.train.stage))
         return cls(model, **kwargs)
 
     def to(self, device: torch.device | str) -> ReportGenerator:
@@ -147,13 +161,14 @@ class ReportGenerator:
         start = time.perf_counter()
         out = generate(
             self.model, pixel_values, max_new_tokens=self.max_new_tokens, on_block=on_block,
-            **kwargs,
+            record_confidence=True, **kwargs,
         )
         latency_ms = 1000 * (time.perf_counter() - start)
         reports = []
         for i in range(len(images)):
             ids = out.tokens[i, : int(out.lengths[i])].tolist()
             text = self._text(ids)
+            confidence = out.confidence[i, : len(ids)].tolist()
             sections = parse_sections(text)
             meta = metas[i] if metas is not None else {}
             report = {key: meta.get(key) for key in _UID_KEYS}
@@ -164,6 +179,7 @@ class ReportGenerator:
                 findings=sections.get("findings", sections.get("full_report", "")),
                 impression=sections.get("impression", ""),
                 labels=label_report(text),
+                sentences=self._sentences(ids, confidence, text),
                 model_id=self.model_id,
                 model_version=self.model_version,
                 decoding=decoding,
@@ -174,6 +190,35 @@ class ReportGenerator:
             )
             reports.append(report)
         return reports
+
+    def _sentences(self, ids: list[int], confidence: list[float], text: str) -> list[dict]:
+        """Each sentence of `text` (the decoded `ids`) with the geometric mean of its
+        tokens' commit probabilities. A token belongs to every sentence its characters
+        overlap; characters come from decoding growing prefixes (a byte-level token may
+        be part of a character, so tokens cannot be decoded one by one)."""
+        spans = sentence_spans(text)
+        if not spans:
+            return []
+        prefixes = self.model.tokenizer.batch_decode(
+            [ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True
+        )
+        # `text` is the decoded ids stripped: shift the prefixes' offsets by the strip
+        full = prefixes[-1] if prefixes else ""
+        shift = len(full) - len(full.lstrip())
+        ends = [len(p) - shift for p in prefixes]
+        starts = [0, *ends[:-1]]
+        logs = np.log(np.clip(np.asarray(confidence, dtype=np.float64), 1e-12, 1.0))
+        sentences = []
+        for section, sentence, lo, hi in spans:
+            inside = [i for i in range(len(ids)) if starts[i] < hi and ends[i] > lo]
+            conf = float(np.exp(logs[inside].mean())) if inside else 0.0
+            sentences.append({
+                "section": section,
+                "text": sentence,
+                "confidence": round(conf, 3),
+                "low_confidence": conf < self.low_confidence,
+            })
+        return sentences
 
     def _text(self, ids: list[int]) -> str:
         """The report text of generated ids, up to the first `<eos>`."""

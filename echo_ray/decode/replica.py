@@ -57,7 +57,8 @@ class ModelReplica:
 
         generator = ReportGenerator.from_checkpoint(
             self.fetch(model), decoding=decoding.mode, steps=decoding.steps,
-            threshold=decoding.threshold, max_new_tokens=decoding.max_new_tokens, **kwargs,
+            threshold=decoding.threshold, max_new_tokens=decoding.max_new_tokens,
+            low_confidence=decoding.low_confidence, **kwargs,
         ).to(self.device)
         if warm_up:
             generator.warm_up(warm_up)

@@ -56,6 +56,8 @@ class GenerateOutput:
             each token was committed.
         top_k_ids, top_k_probs: `(B, N, k)` diffusion with `record_top_k=k`: the decoder's
             distribution at each position when it was committed.
+        confidence: `(B, N)` with `record_confidence`: the probability the decoder gave each
+            token when it committed it (its own confidence; 1.0 after `<eos>`).
         prefill_seconds: wall time before the decode loop: the vision tower, and the prompt
             forward (every mode but uncached diffusion, whose forwards all redo the prompt).
             The prompt forward yields the first token (AR) or block (fused diffusion), as
@@ -73,6 +75,7 @@ class GenerateOutput:
     commit_step: torch.Tensor | None = None
     top_k_ids: torch.Tensor | None = None
     top_k_probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
     prefill_seconds: float = 0.0
     prefill_tokens: int = 0
     total_seconds: float = 0.0
@@ -124,6 +127,7 @@ def generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     record_top_k: int = 0,
+    record_confidence: bool = False,
     ignore_eos: bool = False,
     on_block: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerateOutput:
@@ -141,6 +145,8 @@ def generate(
         temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
         generator: for sampling.
         record_top_k: diffusion: record the top-k distribution at commit time.
+        record_confidence: record each token's probability at commit time
+            (`GenerateOutput.confidence`; one log-sum-exp over the vocabulary per position).
         ignore_eos: never emit `<eos>` (benchmarks: every sequence runs to max_new_tokens).
         on_block: called with the final tokens so far, `(B, n)`, each time a block is final
             (diffusion) or every `block_length` tokens (AR): streaming. Positions after a
@@ -165,11 +171,12 @@ def generate(
     picker = _Picker(banned, temperature, generator)
     clock = _Clock(start, model.device)
     if mode == "ar":
-        tokens, commit_step, top_ids, top_probs, forwards = _decode_ar(
-            model, image_embeds, max_new, use_cache, picker, clock, on_block
+        tokens, confidence, forwards = _decode_ar(
+            model, image_embeds, max_new, use_cache, picker, clock, on_block, record_confidence
         )
+        commit_step = top_ids = top_probs = None
     else:
-        tokens, commit_step, top_ids, top_probs, forwards = _decode_blocks(
+        tokens, commit_step, top_ids, top_probs, confidence, forwards = _decode_blocks(
             model,
             image_embeds,
             max_new,
@@ -179,6 +186,7 @@ def generate(
             use_cache,
             picker,
             record_top_k,
+            record_confidence,
             clock,
             on_block,
         )
@@ -197,6 +205,8 @@ def generate(
         prefill_tokens = int((first_block == 0).sum())
     else:
         prefill_tokens = 0
+    if confidence is not None:
+        confidence = confidence[:, : tokens.shape[1]].masked_fill(after, 1.0)
     if commit_step is not None:
         commit_step = commit_step[:, : tokens.shape[1]]
         top_ids = None if top_ids is None else top_ids[:, : tokens.shape[1]]
@@ -209,6 +219,7 @@ def generate(
         commit_step=commit_step,
         top_k_ids=top_ids,
         top_k_probs=top_probs,
+        confidence=confidence,
         prefill_seconds=clock.prefill,
         prefill_tokens=prefill_tokens,
         total_seconds=clock.elapsed(),
@@ -243,12 +254,17 @@ class _Picker:
         self.temperature = temperature
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, need_probs: bool = True):
+    def __call__(self, logits: torch.Tensor, need_probs: bool = True, need_conf: bool = False):
         """logits `(B, Q, V)` -> (tokens `(B, Q)`, confidence `(B, Q)`, probs `(B, Q, V)`);
-        greedy without `need_probs` skips the softmax and returns (tokens, None, None)."""
+        greedy without `need_probs` skips the softmax and returns (tokens, None, None), or
+        with `need_conf` (tokens, confidence, None) from one log-sum-exp."""
         logits = logits + self.banned  # (B, Q, V)
         if self.temperature == 0 and not need_probs:
-            return logits.argmax(-1), None, None
+            if not need_conf:
+                return logits.argmax(-1), None, None
+            top = logits.max(-1)  # values, indices (B, Q)
+            conf = torch.exp(top.values.float() - torch.logsumexp(logits.float(), dim=-1))
+            return top.indices, conf, None
         if self.temperature > 0:
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
             flat = probs.reshape(-1, probs.shape[-1])  # (B*Q, V)
@@ -260,24 +276,29 @@ class _Picker:
         return tokens, conf, probs
 
 
-def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock, on_block=None):
+def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock, on_block=None,
+               record_confidence=False):
     batch, P = image_embeds.shape[0], model.prompt_length
     run = _Runner(model, image_embeds, "causal", max_new)
     prompt = model.prompt_input_ids(batch)  # (B, P)
     tokens = torch.full((batch, max_new), model.pad_token_id, device=model.device)  # (B, N)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)  # (B,)
+    confidence = torch.ones(batch, max_new, device=model.device) if record_confidence else None
     cache = DynamicCache(config=model.backbone.config) if use_cache else None
     logits = run(prompt, 0, cache, logits_from=P - 1)  # (B, 1, V) prefill
     clock.prefill_done()
     for i in range(max_new):
-        tok, _, _ = picker(logits[:, -1:], need_probs=False)  # (B, 1)
-        tokens[:, i : i + 1] = tok
+        tok, conf, _ = picker(logits[:, -1:], need_probs=False, need_conf=record_confidence)
+        tokens[:, i : i + 1] = tok  # (B, 1)
+        if record_confidence:
+            confidence[:, i : i + 1] = conf
         done |= tok[:, 0] == model.eos_token_id
         finished = i == max_new - 1 or bool(done.all())
         if on_block is not None and (finished or (i + 1) % model.block_length == 0):
             on_block(tokens[:, : i + 1])
         if finished:
-            return tokens[:, : i + 1], None, None, None, run.num_forwards
+            conf_out = None if confidence is None else confidence[:, : i + 1]
+            return tokens[:, : i + 1], conf_out, run.num_forwards
         if use_cache:
             logits = run(tok, P + i, cache)  # (B, 1, V)
         else:
@@ -287,8 +308,8 @@ def _decode_ar(model, image_embeds, max_new, use_cache, picker, clock, on_block=
 
 
 def _decode_blocks(
-    model, image_embeds, max_new, steps, threshold, fused, use_cache, picker, record_top_k, clock,
-    on_block=None,
+    model, image_embeds, max_new, steps, threshold, fused, use_cache, picker, record_top_k,
+    record_confidence, clock, on_block=None,
 ):
     batch, P, Bk = image_embeds.shape[0], model.prompt_length, model.block_length
     num_blocks = -(-max_new // Bk)
@@ -302,6 +323,7 @@ def _decode_blocks(
     if record_top_k:
         top_ids = torch.zeros(batch, length, record_top_k, dtype=torch.long, device=device)
         top_probs = torch.zeros(batch, length, record_top_k, device=device)
+    confidence = torch.ones(batch, length, device=device) if record_confidence else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     cache = first_logits = None
     if use_cache:
@@ -332,7 +354,8 @@ def _decode_blocks(
                 logits = run(tokens[:, lo:hi], P + lo, cache)  # (B, Bk, V)
                 cache.crop(-Bk)
             last = step == steps - 1
-            cand, conf, probs = picker(logits, need_probs=bool(record_top_k) or not last)
+            cand, conf, probs = picker(logits, need_probs=bool(record_top_k) or not last,
+                                       need_conf=record_confidence)
             if last:  # the last step (the only one when steps == 1) commits the rest
                 commit = masked
             else:  # conf >= tau, and at least ceil(remaining / steps left) (>= 1) per row
@@ -345,6 +368,8 @@ def _decode_blocks(
                 commit = masked & (rank < torch.maximum(n_min, n_tau)[:, None])  # (B, Bk)
             tokens[:, lo:hi] = torch.where(commit, cand, tokens[:, lo:hi])
             commit_step[:, lo:hi].masked_fill_(commit, step)
+            if record_confidence:  # committed positions were masked: their conf is intact
+                confidence[:, lo:hi] = torch.where(commit, conf, confidence[:, lo:hi])
             if record_top_k:
                 p, i = probs.topk(record_top_k, dim=-1)  # (B, Bk, k)
                 top_probs[:, lo:hi] = torch.where(commit[..., None], p, top_probs[:, lo:hi])
@@ -358,7 +383,8 @@ def _decode_blocks(
         if on_block is not None:
             on_block(tokens[:, :hi])
         if k == num_blocks - 1 or bool(done.all()):
-            return tokens[:, :hi], commit_step, top_ids, top_probs, run.num_forwards
+            conf_out = None if confidence is None else confidence[:, :hi]
+            return tokens[:, :hi], commit_step, top_ids, top_probs, conf_out, run.num_forwards
         if use_cache and not fused:
             run(tokens[:, lo:hi], P + lo, cache, logits_from=Bk)  # write the final block's KV
     raise AssertionError("unreachable")

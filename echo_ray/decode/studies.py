@@ -17,6 +17,9 @@ A study result is the `ReportGenerator` report dict plus:
     source_file       the reported file's name
     num_files         files in the study
     file_errors       [{file, error, message}] for files that could not be read
+    image             with `with_image`: the model's input
+    view              with `with_view`: the reported file at up to `VIEW_SIZE` px (aspect
+                      ratio kept) for a reader to look at (`view_image`)
 
 or, when no report could be written, `{study_id, study_instance_uid, error, message,
 num_files, file_errors}` with `error` one of `STUDY_ERROR_REASONS`.
@@ -36,6 +39,8 @@ from echo_ray.data.dicom import DICOM_ERROR_REASONS, DicomError, decode_dicom, r
 LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE"})
 _FRONTAL_RANK = {"PA": 0, "AP": 1}
 _UNNAMED_RANK = 2
+# Longest side of the `view` a reader looks at (zoomable; the model reads `image_size`).
+VIEW_SIZE = 1024
 
 STUDY_ERROR_REASONS = (
     *DICOM_ERROR_REASONS,
@@ -63,6 +68,7 @@ class PreparedStudy:
     image: np.ndarray | None = None
     meta: dict | None = None
     source_file: str | None = None
+    source_data: bytes | None = None
     file_errors: list[dict] = field(default_factory=list)
     error: str | None = None
     message: str | None = None
@@ -131,6 +137,7 @@ def prepare_study(
             fail(name, err)
             continue
         study.image, study.meta, study.source_file = image.pixels, image.meta, name
+        study.source_data = data
         return study
     if laterals and not candidates:
         study.error = "no_frontal_view"
@@ -158,6 +165,7 @@ def report_studies(
     study_ids: Sequence[str | None] | None = None,
     decoding: str | None = None,
     with_image: bool = False,
+    with_view: bool = False,
     on_text=None,
 ) -> list[dict]:
     """One result per study, in order: a report dict or an error row (module docstring).
@@ -168,6 +176,8 @@ def report_studies(
         generator: a `predictor.ReportGenerator`.
         decoding: this call's decoding mode (default: the generator's).
         with_image: add "image", the model's input (float32 `(S, S)` in [0, 1]), to reports.
+        with_view: add "view", the reported file at up to `VIEW_SIZE` px (`view_image`;
+            a second decode of the file, so only when a reader will look at it).
         on_text: streaming, as `ReportGenerator.generate` (texts of the studies with an
             image, in order).
     """
@@ -208,4 +218,21 @@ def report_studies(
         )
         if with_image:
             results[-1]["image"] = p.image
+        if with_view:
+            results[-1]["view"] = view_image(p.source_data, modalities=generator.modalities)
     return results
+
+
+def view_image(data: bytes, *, size: int = VIEW_SIZE, modalities=None) -> np.ndarray:
+    """A DICOM file's image for a reader: the model's decoding (VOI LUT, MONOCHROME1
+    inverted, float32 in [0, 1]) at its own aspect ratio, longest side at most `size`
+    (area-averaged down, never up, never letterboxed)."""
+    from PIL import Image
+
+    pixels = decode_dicom(data, size=None, modalities=modalities).pixels
+    h, w = pixels.shape
+    scale = size / max(h, w)
+    if scale >= 1:
+        return pixels
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.BOX), np.float32)

@@ -1,12 +1,15 @@
 """serving: the Ray Serve HTTP report endpoint (`echo-ray serve`, `serve_config.yaml`).
 
-- options.py: the app's `args` read into the config tree (`AppArgs`), and the API keys
-- model.py: `ReportModel`, the batched, autoscaled model replicas (+ the preview PNG)
-- ingress.py: `ReportAPI`, the FastAPI ingress: auth, limits, uploads, routes, errors
+- options.py: the app's `args` read into the config tree (`AppArgs`), the API keys, and
+  `served_modes` (the decoding modes a server offers)
+- model.py: `ReportModel`, the batched, autoscaled model replicas (+ the preview PNGs)
+- ingress.py: `ReportAPI`, the FastAPI ingress: auth, limits, uploads, routes, errors,
+  `/docs` with local Swagger UI files
+- schemas.py: the API's bodies as pydantic models (the OpenAPI schema's)
 - app.py: `build_app`, the Serve application both make (`import_path` of serve_config.yaml)
 - review_page.html: the upload-and-review page served at `/`
 
 May import config, runtime, text, data, model, diffusion, decode and interop. Nothing here
-works at import time, and ingress.py (with options.py) imports neither torch nor
-transformers: the ingress replica only parses and routes.
+works at import time, and ingress.py (with options.py, schemas.py and page.py) imports
+neither torch nor transformers: the ingress replica only parses and routes.
 """

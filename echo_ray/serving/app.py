@@ -10,8 +10,9 @@ Two deployments, built by `build_app(args)` (the `import_path` of `serve_config.
   block; autoscaled on ongoing requests. Batch size and wait live in `user_config`, so a
   `serve deploy` can change them without restarting replicas.
 
-Routes (README "Serving"): `POST /v1/reports`, `GET /v1/models`, `GET /healthz`,
-`GET /readyz`, `GET /` (review page), `GET /docs` and `/openapi.json`.
+Routes (README "Serving"): `POST /v1/reports`, `POST /v1/reports/signoff`, `GET /v1/models`,
+`GET /healthz`, `GET /readyz`, `GET /` (review page), `GET /docs` (Swagger UI, its files
+served by the ingress) and `/openapi.json`.
 
 Both read their `args` with `AppArgs.parse` (`options.py`). No work happens at import time:
 the model loads in each replica's constructor, API keys are read when the app is built.

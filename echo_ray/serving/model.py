@@ -1,17 +1,23 @@
 """`ReportModel`, the model replicas of the Serve app.
 
 A `ReportGenerator` behind `@serve.batch`, so concurrent studies share one forward per block;
-torch and the model load in the replica's constructor, never at import.
+torch and the model load in the replica's constructor, never at import. A replica serves the
+decoding modes `options.served_modes` gives (the checkpoint's unless the app names them);
+`info()` tells the ingress which.
 """
 
 import asyncio
 import base64
 import io
+import logging
 
 from ray import serve
 
+from echo_ray.config.schema import DECODING_MODES
 from echo_ray.data.storage import model_name
-from echo_ray.serving.options import AppArgs
+from echo_ray.serving.options import AppArgs, served_modes
+
+logger = logging.getLogger("echo_ray.serve")
 
 MODEL_DEPLOYMENT = "ReportModel"
 
@@ -34,7 +40,12 @@ class ReportModel:
             model_id=opts.model_id or model_name(args.checkpoint),
             modalities=tuple(config.data.modalities) or None,
         )
-        self.options, self.default_decoding = opts, config.decoding.mode
+        self.options = opts
+        self.trained_modes = list(getattr(self.generator, "trained_modes", DECODING_MODES))
+        self.modes, self.default_decoding = served_modes(config, self.trained_modes)
+        if config.decoding.mode != self.default_decoding:
+            logger.warning("decoding %s is not served (modes %s): the default is %s",
+                           config.decoding.mode, self.modes, self.default_decoding)
         self.replica = serve.get_replica_context().replica_tag
         self._set_batching(opts.max_batch_size, opts.batch_wait_timeout_s)
 
@@ -56,7 +67,8 @@ class ReportModel:
             "id": self.generator.model_id,
             "version": self.generator.model_version,
             "default_decoding": self.default_decoding,
-            "modes": list(self.options.modes),
+            "modes": list(self.modes),
+            "trained_modes": self.trained_modes,
             "block_length": self.generator.model.block_length,
             "image_size": config.image_size,
             "max_new_tokens": self.generator.max_new_tokens or config.max_response_len,
@@ -83,7 +95,7 @@ class ReportModel:
             try:
                 out = await asyncio.to_thread(
                     report_studies, self.generator, [files], decoding=decoding,
-                    on_text=on_text, with_image=True,
+                    on_text=on_text, with_image=preview, with_view=preview,
                 )
                 queue.put_nowait(("report", out[0]))
             except Exception as exc:  # surfaces in the stream's consumer
@@ -100,10 +112,8 @@ class ReportModel:
             await task
             if kind == "failed":
                 raise value
-            image = value.pop("image", None)
-            if image is not None and preview:
-                value["image_png"] = _png_base64(image)
-            yield {"event": "report", **value, "batch_size": 1, "replica": self.replica}
+            yield {"event": "report", **_with_pngs(value, preview), "batch_size": 1,
+                   "replica": self.replica}
             return
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
@@ -116,17 +126,32 @@ class ReportModel:
             by_mode.setdefault(decoding, []).append(i)
         for decoding, idx in by_mode.items():
             studies = [requests[i][0] for i in idx]
+            preview = any(requests[i][2] for i in idx)  # images only when one is shown
             out = await asyncio.to_thread(
-                report_studies, self.generator, studies, decoding=decoding, with_image=True
+                report_studies, self.generator, studies, decoding=decoding,
+                with_image=preview, with_view=preview,
             )
             for i, result in zip(idx, out, strict=True):
-                image = result.pop("image", None)
-                if image is not None and requests[i][2]:
-                    result["image_png"] = _png_base64(image)
+                result = _with_pngs(result, requests[i][2])
                 result["batch_size"] = len(idx)
                 result["replica"] = self.replica
                 results[i] = result
         return results
+
+
+def _with_pngs(result: dict, preview: bool) -> dict:
+    """`result` without its image arrays; with `preview`, the model's input as `image_png`
+    and the reader's view of the file as `view_png`, and `used_file` (the reported file's
+    name, "fileK") in every report."""
+    image, view = result.pop("image", None), result.pop("view", None)
+    if result.get("error"):
+        return result
+    result["used_file"] = result.get("source_file")
+    if preview and image is not None:
+        result["image_png"] = _png_base64(image)
+    if preview and view is not None:
+        result["view_png"] = _png_base64(view)
+    return result
 
 
 def _png_base64(image) -> str:

@@ -3,14 +3,15 @@ flags), read into the config tree, and the API keys the app accepts.
 
 `args` is a flat mapping: `checkpoint` and `s3_endpoint` (where the model is), every field of
 the `serve` config section by its own name, and the decoding and data settings by the names
-in `APP_ARG_KEYS` (`decoding`, `steps`, `threshold`, `max_new_tokens`, `modalities`). The
-ingress and the model replicas both read their `args` here. Plain Python (no ray, no torch).
+in `APP_ARG_KEYS` (`decoding`, `steps`, `threshold`, `max_new_tokens`, `low_confidence`,
+`modalities`). The ingress and the model replicas both read their `args` here, and
+`served_modes` says which decoding modes a server offers. Plain Python (no ray, no torch).
 """
 
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ APP_ARG_KEYS = {
     "steps": ("decoding", "steps"),
     "threshold": ("decoding", "threshold"),
     "max_new_tokens": ("decoding", "max_new_tokens"),
+    "low_confidence": ("decoding", "low_confidence"),
     "modalities": ("data", "modalities"),
 }
 # `echo-ray serve` settings that a Serve config sets in `http_options` instead.
@@ -67,9 +69,6 @@ class AppArgs:
                 section, name = APP_ARG_KEYS[key]
                 tree.setdefault(section, {})[name] = value
         config = from_dict(tree)
-        if config.decoding.mode not in config.serve.modes:
-            raise ConfigError(f"decoding {config.decoding.mode!r} is not one of modes "
-                              f"{config.serve.modes}")
         checkpoint = str(args["checkpoint"])
         if not checkpoint.startswith("s3://"):
             checkpoint = os.path.abspath(checkpoint)
@@ -83,10 +82,25 @@ def app_args(config: EchoConfig, checkpoint: str, *, s3_endpoint: str | None = N
     decoding = config.decoding
     return {
         "checkpoint": checkpoint, "s3_endpoint": s3_endpoint, **serve,
-        "modes": list(config.serve.modes), "decoding": decoding.mode, "steps": decoding.steps,
-        "threshold": decoding.threshold, "max_new_tokens": decoding.max_new_tokens,
+        "modes": None if config.serve.modes is None else list(config.serve.modes),
+        "decoding": decoding.mode, "steps": decoding.steps, "threshold": decoding.threshold,
+        "max_new_tokens": decoding.max_new_tokens, "low_confidence": decoding.low_confidence,
         "modalities": list(config.data.modalities),
     }
+
+
+def served_modes(config: EchoConfig, trained: Sequence[str]) -> tuple[list[str], str]:
+    """The decoding modes a server offers, its default first, and that default.
+
+    The modes are `serve.modes` when the server was started with a list, else `trained`
+    (the checkpoint's, `ReportGenerator.trained_modes`, preferred first). The default is
+    `decoding.mode` when it is one of them, else the first.
+    """
+    modes = list(config.serve.modes if config.serve.modes is not None else trained)
+    if not modes:
+        raise ConfigError("no decoding mode to serve")
+    default = config.decoding.mode if config.decoding.mode in modes else modes[0]
+    return [default, *(m for m in modes if m != default)], default
 
 
 def load_api_keys(serve: ServeConfig) -> list[str]:

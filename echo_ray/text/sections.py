@@ -219,3 +219,32 @@ def split_sentences(text: str) -> list[str]:
         if re.search(r"[A-Za-z]", s):
             out.append(s)
     return out
+
+
+def sentence_spans(text: str) -> list[tuple[str, str, int, int]]:
+    """The sentences of a report with where they are: (section, sentence, start, end).
+
+    `section` is the key `parse_sections` gives the sentence's section ("findings",
+    "impression", ...); text before the first header, or a report without headers, counts
+    as "findings" (as a report dict's `findings` falls back to it). Sentences are
+    `split_sentences`' (whitespace normalised, list markers dropped); `text[start:end]` is
+    the stretch of `text` each one was read from. Header words belong to no sentence.
+    """
+    headers = _headers(text)
+    bodies = []  # (key, start, end) of each section body
+    first = headers[0][0] if headers else len(text)
+    bodies.append(("findings", 0, first))
+    for i, (_, end, key) in enumerate(headers):
+        stop = headers[i + 1][0] if i + 1 < len(headers) else len(text)
+        bodies.append((key or "findings", end, stop))
+    spans = []
+    for key, lo, hi in bodies:
+        cursor = lo
+        for sentence in split_sentences(text[lo:hi]):
+            pattern = r"\s+".join(re.escape(word) for word in sentence.split())
+            m = re.compile(pattern).search(text, cursor, hi)
+            if m is None:  # cannot happen for split_sentences' output; never guess a span
+                continue
+            spans.append((key, sentence, m.start(), m.end()))
+            cursor = m.end()
+    return spans

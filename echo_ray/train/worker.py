@@ -74,8 +74,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
             model = _initial_model(cfg, config, Path(tmp))
         freeze = tcfg.freeze_vision if tcfg.freeze_vision is not None else stage != "ar"
         model.set_vision_trainable(not freeze)
-        # the run's config records the value used (checkpoints save it)
-        config = dataclasses.replace(config, train=dataclasses.replace(tcfg, freeze_vision=freeze))
+        # the run's config records the values used and the stage (checkpoints save them)
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(tcfg, freeze_vision=freeze, stage=stage)
+        )
         tcfg = config.train
         model.config = config.model
         if not deepspeed:

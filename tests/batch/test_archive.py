@@ -7,11 +7,13 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,15 @@ from helpers.tiny_dvlm import make_model
 import echo_ray.batch.discovery as discovery_module
 from echo_ray.batch.discovery import discover_studies, file_key
 from echo_ray.batch.job import format_summary, report_archive
-from echo_ray.batch.ledger import PART_SCHEMA, PARTS_DIR, REPORT_COLUMNS
+from echo_ray.batch.ledger import (
+    ERRORS_CSV,
+    PART_SCHEMA,
+    PARTS_DIR,
+    REPORT_COLUMNS,
+    FileStamp,
+    consolidate,
+    read_ledger,
+)
 from echo_ray.cli import main as cli_main
 from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import ConfigError, EchoConfig
@@ -204,6 +214,135 @@ def test_since_done_and_output_folder_are_left_out(archive, tmp_path):
     assert [s.key for s in found.studies] == sorted(expected)
 
 
+def _stamps(root: Path, keys: dict[str, str]) -> dict[str, FileStamp]:
+    """file_key -> stamp of the current bytes, for the files of `keys` (path -> study)."""
+    out = {}
+    for rel, study in keys.items():
+        stat = (root / rel).stat()
+        out[file_key(rel)] = FileStamp(study, stat.st_size, stat.st_mtime_ns, None)
+    return out
+
+
+def test_error_studies_whose_files_changed_or_grew_are_found_again(archive, tmp_path):
+    root, expected = archive
+    src = tmp_path / "archive"
+    shutil.copytree(root, src, copy_function=shutil.copy2)
+    everything = discover_studies(resolve(str(src))).studies
+    done = {s.key for s in everything}
+    known = {file_key(p) for s in everything for p in s.paths}
+    paths = {s.key: s.paths for s in everything}
+    cut = next(k for k, v in expected.items() if v == "truncated")
+    lateral = next(k for k, v in sorted(expected.items()) if v == "no_frontal_view")
+    errors = _stamps(src, {p: k for k in (cut, lateral, UID_A, "file:extra/junk.dcm")
+                           for p in paths[k]})
+
+    def rediscover():
+        return discover_studies(resolve(str(src)), done=done, known_files=known,
+                                error_files=errors)
+
+    found = rediscover()
+    assert (found.studies, found.late_files, found.changed_studies) == ([], 0, 0)
+    # The cut file completed by the next export; the lateral-only study gets its PA late;
+    # the flat error study A a new image; the reported study B a late one (left alone).
+    (dcm,) = [src / p for p in paths[cut]]
+    dcm.write_bytes(dcm.read_bytes() + bytes(3000))
+    late_pa = posixpath.join(posixpath.dirname(paths[lateral][0]), "late_pa.dcm")
+    (src / late_pa).write_bytes(_dicom(8, "PA", UID_LAT))
+    (src / "extra" / "a_new.dcm").write_bytes(_dicom(9, "AP", UID_A))
+    (src / "extra" / "b_late.dcm").write_bytes(_dicom(10, "PA", UID_B))
+    found = rediscover()
+    by_key = {s.key: s for s in found.studies}
+    assert sorted(by_key) == sorted([cut, lateral, UID_A])
+    assert found.changed_studies == 3 and found.late_files == 1  # b_late.dcm
+    assert by_key[cut].paths == paths[cut] and by_key[cut].sizes == [dcm.stat().st_size]
+    assert by_key[lateral].paths == sorted([*paths[lateral], late_pa])
+    assert by_key[UID_A].paths == ["extra/a_lat.dcm", "extra/a_new.dcm", "extra/a_pa.dcm"]
+    assert all(len(s.mtimes_ns) == len(s.paths) and None not in s.mtimes_ns
+               for s in found.studies)
+    # A touched file with the same size is a change too (a rewrite in place).
+    (src / "extra" / "junk.dcm").touch()
+    os.utime(src / "extra" / "junk.dcm", ns=(1, time.time_ns() + 10**9))
+    assert "file:extra/junk.dcm" in {s.key for s in rediscover().studies}
+    # A stamp from an older ledger (no size, no mtime): changed only if modified after the
+    # row was written.
+    junk = file_key("extra/junk.dcm")
+    errors = {junk: FileStamp("file:extra/junk.dcm", None, None, time.time_ns() + 10**10)}
+    assert rediscover().studies == []
+    errors = {junk: FileStamp("file:extra/junk.dcm", None, None, 10**9)}
+    assert [s.key for s in rediscover().studies] == ["file:extra/junk.dcm"]
+
+
+def _part_row(study_id: str, **fields) -> dict:
+    return {**dict.fromkeys(PART_SCHEMA.names), "study_id": study_id, "num_files": 1,
+            "file_errors": [], "unit": "part-x", "run_id": "r1",
+            "reported_at": "2024-05-31T01:00:00+00:00", **fields}
+
+
+def test_ledger_reads_stamps_and_parts_written_before_them(tmp_path):
+    parts = tmp_path / "out" / PARTS_DIR
+    parts.mkdir(parents=True)
+    new = [_part_row("s1", error="truncated", file_keys=["k1", "k2"], file_sizes=[10, 20],
+                     file_mtimes_ns=[5, 6]),
+           _part_row("s2", report="x", file_keys=["k3"], file_sizes=[1], file_mtimes_ns=[1]),
+           _part_row("s3", error="read_failed", file_keys=["k4"], file_sizes=[7],
+                     file_mtimes_ns=[8])]
+    pq.write_table(pa.Table.from_pylist(new, schema=PART_SCHEMA), parts / "part-a.parquet")
+    # A part of an older version: no stamps, no accession_number / study_date / sentences.
+    old_names = [n for n in PART_SCHEMA.names if n not in (
+        "file_sizes", "file_mtimes_ns", "accession_number", "study_date", "sentences")]
+    old_schema = pa.schema([PART_SCHEMA.field(n) for n in old_names])
+    old = [_part_row("s4", error="truncated", file_keys=["k5"]),
+           _part_row("s5", error="no_frontal_view", file_keys=["k6"])]
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), parts / "part-b.parquet")
+    ledger = read_ledger(resolve(str(parts)))
+    assert ledger.done == {"s1", "s2", "s3", "s4", "s5"}
+    assert ledger.known_files == {"k1", "k2", "k3", "k4", "k5", "k6"}
+    at = int(datetime.fromisoformat("2024-05-31T01:00:00+00:00").timestamp() * 1e9)
+    assert ledger.error_files == {
+        "k1": FileStamp("s1", 10, 5, at), "k2": FileStamp("s1", 20, 6, at),
+        "k4": FileStamp("s3", 7, 8, at), "k5": FileStamp("s4", None, None, at),
+        "k6": FileStamp("s5", None, None, at)}
+    # A later report row supersedes an error row: its files are no longer error files.
+    later = _part_row("s1", report="y", file_keys=["k1", "k2"], file_sizes=[11, 20],
+                      file_mtimes_ns=[9, 6], reported_at="2024-06-01T01:00:00+00:00")
+    pq.write_table(pa.Table.from_pylist([later], schema=PART_SCHEMA), parts / "part-c.parquet")
+    retry = read_ledger(resolve(str(parts)), retry_errors=True)
+    assert "k1" not in retry.error_files and "k5" in retry.error_files
+    assert "s3" not in retry.done and "k4" not in retry.known_files  # read_failed: again
+
+
+def test_consolidation_writes_errors_csv_and_drops_rows_of_files_fixed_into_a_study(
+        tmp_path):
+    out = tmp_path / "out"
+    (out / PARTS_DIR).mkdir(parents=True)
+    night1 = [
+        _part_row("file:extra/c.dcm", error="truncated", message="the file ends early",
+                  files=["extra/c.dcm"], file_keys=["kc"],
+                  file_errors=[{"file": "extra/c.dcm", "error": "truncated",
+                                "message": "the file ends early"}]),
+        _part_row("s7", error="no_usable_image", message="none of the 2 files", num_files=2,
+                  files=["s7/a.dcm", "s7/b.dcm"], file_keys=["ka", "kb"],
+                  file_errors=[{"file": "s7/a.dcm", "error": "not_dicom", "message": "x"},
+                               {"file": "s7/b.dcm", "error": "truncated", "message": "y"}]),
+    ]
+    night2 = [_part_row(UID_C, report="r", files=["extra/c.dcm"], file_keys=["kc"],
+                        reported_at="2024-06-01T01:00:00+00:00")]
+    for name, rows in (("part-1", night1), ("part-2", night2)):
+        pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA),
+                       out / PARTS_DIR / f"{name}.parquet")
+    summary = consolidate(resolve(str(out)), include_phi=False, fhir=False)
+    assert (summary["reports"], summary["errors"], summary["duplicates_dropped"]) == (1, 1, 1)
+    assert ERRORS_CSV in summary["files"]
+    with open(out / ERRORS_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{
+        "study_id": "s7", "study_instance_uid": "", "file": "", "reason": "no_usable_image",
+        "message": "none of the 2 files", "num_files": "2", "files": "s7/a.dcm; s7/b.dcm",
+        "file_errors": "s7/a.dcm: not_dicom (x); s7/b.dcm: truncated (y)", "run_id": "r1",
+        "reported_at": "2024-05-31T01:00:00+00:00"}]
+    assert [r["study_id"] for r in pq.read_table(out / "errors.parquet").to_pylist()] == ["s7"]
+
+
 def test_part_schema_holds_every_field_of_report_studies(checkpoint):
     generator = ReportGenerator.from_checkpoint(checkpoint, include_phi=True)
     results = report_studies(generator, [[("a.dcm", _dicom(1, "PA", UID_A))],
@@ -369,6 +508,76 @@ def test_retry_errors_reports_transient_failures_again_and_only_those(
     assert [r["run_id"] for r in reports if r["study_id"] == victim] == [summary["run_id"]]
     again = report_archive(str(checkpoint), str(root), str(out), retry)
     assert again["this_run"]["studies"] == 0
+
+
+@pytest.mark.ray
+def test_a_file_fixed_by_the_next_export_is_reported_and_its_error_superseded(
+        ray_cluster, checkpoint, archive, reported, tmp_path, capfd):
+    root, expected = archive
+    src, out = tmp_path / "archive", tmp_path / "out"
+    shutil.copytree(root, src, copy_function=shutil.copy2)
+    shutil.copytree(reported[0], out, copy_function=shutil.copy2)
+    options = _options("report.fhir=true", "report.fhir_patient_ref=Patient/{patient_id}")
+    # The MIMIC study cut mid-copy (a `truncated` error last night) and, tonight, a flat
+    # file cut inside its header: a study of its own, `file:extra/c.dcm`.
+    cut = next(k for k, v in expected.items() if v == "truncated")
+    (dcm,) = src.rglob(f"{cut}/*.dcm")
+    c_dcm = _dicom(5, "PA", UID_C)
+    (src / "extra" / "c.dcm").write_bytes(c_dcm[:300])
+    night = report_archive(str(checkpoint), str(src), str(out), options)
+    assert night["this_run"]["studies"] == 1 and night["changed_studies"] == 0
+    _, errors = _outcomes(out)
+    assert {e["study_id"] for e in errors} >= {cut, "file:extra/c.dcm"}
+
+    # The next export completes the MIMIC file: --retry-errors reports it (with the rest
+    # unchanged, nothing else is redone).
+    synthesize_archive(tmp_path / "again", num_studies=9, seed=5, image_size=64,
+                       lateral_fraction=0.3, lateral_only_fraction=0.25)  # same bytes
+    shutil.copyfile(tmp_path / "again" / dcm.relative_to(src), dcm)
+    retry = report_archive(str(checkpoint), str(src), str(out),
+                           apply_overrides(options, ["report.retry_errors=true"]))
+    assert retry["this_run"]["studies"] == 1 and retry["changed_studies"] == 1
+    assert retry["duplicates_dropped"] == 1  # the truncated row, superseded
+    assert "files of 1 error row(s) changed: reported again" in format_summary(retry)
+    _assert_exactly_once(out, {**expected, cut: None, "file:extra/c.dcm": "truncated"})
+    reports, _ = _outcomes(out)
+    (fixed,) = [r for r in reports if r["study_id"] == cut]
+    assert fixed["run_id"] == retry["run_id"] and fixed["file_errors"] == []
+    header = read_header(dcm.read_bytes(), include_phi=True)
+    assert fixed["accession_number"] == header["accession_number"] is not None
+    assert fixed["study_date"] == header["study_date"] is not None
+
+    # The flat file, completed: reported under the study its header names, without the
+    # flag; its `file:` error row goes; the other studies are not redone.
+    (src / "extra" / "c.dcm").write_bytes(c_dcm)
+    plain = report_archive(str(checkpoint), str(src), str(out), options)
+    assert plain["this_run"]["studies"] == 1 and plain["duplicates_dropped"] == 2
+    _assert_exactly_once(out, {**expected, cut: None, UID_C: None})
+    errors_csv = (out / ERRORS_CSV).read_text()
+    assert cut not in errors_csv and "extra/c.dcm" not in errors_csv
+    assert len(list(csv.DictReader(errors_csv.splitlines()))) == sum(
+        v is not None for v in expected.values()) - 1
+    again = report_archive(str(checkpoint), str(src), str(out), options)
+    assert again["this_run"]["studies"] == 0
+
+    # FHIR: the accession number as identifier, the study date, and a subject from the
+    # template for the studies reported with it, the PatientID in fhir.ndjson only.
+    resources = {r["imagingStudy"][0]["identifier"]["value"][len("urn:oid:"):]: r
+                 for r in map(json.loads, (out / "fhir.ndjson").read_text().splitlines())}
+    c_resource = resources[UID_C]
+    assert c_resource["subject"] == {"reference": "Patient/PHI-123456"}
+    assert c_resource["effectiveDateTime"] == "2000-01-01"  # the test files' StudyDate
+    fixed_resource = resources[fixed["study_instance_uid"]]
+    assert fixed_resource["identifier"][0]["value"] == header["accession_number"]
+    assert fixed_resource["subject"]["reference"] == f"Patient/{header['patient_id']}"
+    assert "subject" not in resources[UID_A]  # reported before the template was set
+    for name in ("reports.parquet", "reports.jsonl", "errors.parquet", ERRORS_CSV):
+        blob = (out / name).read_bytes()
+        assert b"PHI-123456" not in blob and header["patient_id"].encode() not in blob
+    # Accession numbers never reach the job's output.
+    printed = capfd.readouterr()
+    accessions = [r["accession_number"] for r in reports if r["accession_number"]]
+    assert accessions and not any(a in printed.out + printed.err for a in accessions)
 
 
 @pytest.mark.ray

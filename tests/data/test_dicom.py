@@ -389,6 +389,8 @@ SAFE_KEYS = {
     "transfer_syntax_name",
     "num_frames",
     "first_frame_only",
+    "accession_number",
+    "study_date",
 }
 
 
@@ -631,3 +633,33 @@ def test_fuzzed_files_raise_only_dicom_errors():
         else:
             data[pos:pos] = rng.randbytes(rng.randint(1, 16))
         _decode_or_dicom_error(bytes(data))
+
+
+def test_accession_number_and_study_date_are_read_and_never_logged(caplog, recwarn):
+    attrs = {**PHI, "AccessionNumber": "ACC2024053100042", "StudyDate": "20240531",
+             "StudyTime": "142310.5"}
+    data = write_dicom(ramp(), attrs=attrs)
+    with caplog.at_level(logging.DEBUG):
+        meta = decode_dicom(data).meta
+        header = read_header(data)
+        assert dicom.patient_id(data) == "MRN-4711"  # read only when asked for
+    assert meta["accession_number"] == header["accession_number"] == "ACC2024053100042"
+    assert meta["study_date"] == header["study_date"] == "2024-05-31T14:23:10"
+    date_only = read_header(write_dicom(ramp(), attrs={**attrs, "StudyTime": ""}))
+    assert date_only["study_date"] == "2024-05-31"
+    # Values pydicom would reject with a warning that quotes them: read, never logged.
+    odd = {"AccessionNumber": "ACC-0123456789-LONG", "StudyDate": "2024-05-31x",
+           "StudyTime": "25"}
+    odd_data = write_dicom(ramp(), attrs={**PHI, **odd})
+    recwarn.clear()  # the writer's own warnings and log lines
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        header = read_header(odd_data)
+        decode_dicom(odd_data)
+    assert header["accession_number"] == "ACC-0123456789-LONG"
+    assert header["study_date"] is None  # a malformed date is no date
+    logged = [caplog.text, *(str(w.message) for w in recwarn)]
+    assert not any(s in text for text in logged for s in (
+        "ACC2024053100042", "ACC-0123456789-LONG", "MRN-4711", "2024-05-31x")), logged
+    bare = read_header(write_dicom(ramp(), attrs={"AccessionNumber": ""}))
+    assert bare["accession_number"] is None

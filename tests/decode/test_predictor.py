@@ -101,3 +101,59 @@ def test_scorer_nll_is_the_ar_training_loss(model):
     assert sum(nll) / sum(counts) == pytest.approx(float(loss), rel=1e-5)
     with pytest.raises(ValueError, match="3 images but 2 texts"):
         ReportScorer(model).nll(images, REPORTS[:2])
+
+
+# ------------------------------------------------------ sentences and their confidence
+
+
+def test_each_sentence_gets_the_geometric_mean_of_its_tokens_confidence(model):
+    """A report with a doubtful second sentence: only it is flagged, and each sentence's
+    confidence is the geometric mean of the commit probabilities of its own tokens."""
+    gen = ReportGenerator(model, low_confidence=0.5)
+    text = ("FINDINGS: The lungs are clear. There is a small left pleural effusion. "
+            "IMPRESSION: Small effusion.")
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    second = text.index("There")
+    prefix_lengths = [len(model.tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    doubtful = [i for i, end in enumerate(prefix_lengths)
+                if second < end <= text.index("IMPRESSION")]
+    confidence = [0.9] * len(ids)
+    for i in doubtful:
+        confidence[i] = 0.2
+    sentences = gen._sentences(ids, confidence, text)
+    assert [(s["section"], s["text"]) for s in sentences] == [
+        ("findings", "The lungs are clear."),
+        ("findings", "There is a small left pleural effusion."),
+        ("impression", "Small effusion."),
+    ]
+    assert [s["low_confidence"] for s in sentences] == [False, True, False]
+    assert sentences[0]["confidence"] == pytest.approx(0.9, abs=1e-3)
+    assert sentences[2]["confidence"] == pytest.approx(0.9, abs=1e-3)
+    # the doubtful tokens, plus at most the one token that straddles the sentence boundary
+    assert 0.2 <= sentences[1]["confidence"] < 0.25
+
+
+def test_reports_carry_sentences_in_report_order(model):
+    reports = ReportGenerator(model, max_new_tokens=32).generate(
+        np.random.default_rng(5).random((2, 112, 112))
+    )
+    for r in reports:
+        for s in r["sentences"]:
+            assert s["text"] in " ".join(r["report"].split())
+            assert 0.0 < s["confidence"] <= 1.0
+            assert s["low_confidence"] == (s["confidence"] < 0.5)
+
+
+def test_a_checkpoint_offers_the_modes_its_stage_was_trained_for(tmp_path):
+    from echo_ray.config.overrides import apply_overrides
+    from echo_ray.config.presets import preset
+
+    torch.manual_seed(0)
+    model = make_model()
+    expected = {"ar": ("ar",), "rad": ("multi-step",), "dcd": ("one-step-fused", "one-step")}
+    for stage, modes in expected.items():
+        config = apply_overrides(preset("tiny"), [f"train.stage={stage}"])
+        save_checkpoint(model, tmp_path / stage, config)
+        assert ReportGenerator.from_checkpoint(tmp_path / stage).trained_modes == modes
+    save_checkpoint(model, tmp_path / "old")  # a checkpoint that records no stage
+    assert ReportGenerator.from_checkpoint(tmp_path / "old").trained_modes == DECODING_MODES

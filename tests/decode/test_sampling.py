@@ -307,3 +307,49 @@ def test_on_block_streams_the_final_tokens_block_by_block(mode):
             assert torch.equal(s[b, : min(n, length)], out.tokens[b, : min(n, length)])
     assert torch.equal(seen[-1][:, : out.tokens.shape[1]].masked_fill(
         out.tokens == model.pad_token_id, model.pad_token_id), out.tokens)
+
+
+# ------------------------------------------------------------------ commit confidence
+
+
+@pytest.mark.parametrize("kw", [
+    {"mode": "ar"}, {"steps": 1}, {"steps": 1, "fused": False}, {"steps": 4},
+    {"steps": 4, "use_cache": False},
+])
+def test_recording_confidence_changes_no_token(model, pixel_values, kw):
+    plain = generate(model, pixel_values, **kw)
+    recorded = generate(model, pixel_values, record_confidence=True, **kw)
+    _equal(plain, recorded)
+    assert plain.confidence is None
+    conf = recorded.confidence
+    assert conf.shape == recorded.tokens.shape
+    assert bool(((conf > 0) & (conf <= 1)).all())
+    after_eos = recorded.tokens == model.pad_token_id
+    assert bool((conf[after_eos] == 1).all())
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_confidence_is_the_committed_tokens_probability(model, pixel_values, steps):
+    """Two code paths agree: the log-sum-exp confidence and the recorded top-1 of the
+    softmax at commit time (greedy commits the top-1 token)."""
+    recorded = generate(model, pixel_values, steps=steps, record_confidence=True)
+    top = generate(model, pixel_values, steps=steps, record_top_k=1)
+    _equal(recorded, top)
+    valid = recorded.tokens != model.pad_token_id
+    torch.testing.assert_close(recorded.confidence[valid], top.top_k_probs[..., 0][valid],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_ar_confidence_is_the_likelihood_of_the_greedy_report(model, pixel_values):
+    """AR: the product of the tokens' confidences is the report's likelihood, as the
+    teacher-forced scorer computes it."""
+    from echo_ray.diffusion.losses import ar_report_nll
+
+    out = generate(model, pixel_values, mode="ar", record_confidence=True)
+    n = out.tokens.shape[1]
+    ends = torch.clamp(out.lengths + 1, max=n)  # tokens up to and including <eos>
+    valid = torch.arange(n)[None] < ends[:, None]
+    nll, count = ar_report_nll(model, pixel_values, out.tokens, valid)
+    assert count.tolist() == ends.tolist()
+    mine = -(out.confidence.log() * valid).sum(1)
+    torch.testing.assert_close(mine, nll.float(), rtol=1e-4, atol=1e-4)

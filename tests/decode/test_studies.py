@@ -116,3 +116,19 @@ def test_fhir_diagnostic_report_validates_and_carries_the_report(generator):
     assert len(resource["result"]) == 3 and "subject" not in resource
     with pytest.raises(ValueError, match="error row"):
         diagnostic_report({"error": "not_dicom"})
+
+
+def test_the_view_keeps_the_aspect_ratio_and_is_only_made_when_asked(generator):
+    from echo_ray.decode.studies import VIEW_SIZE, view_image
+
+    big = np.random.default_rng(9).integers(0, 4096, (2048, 1536), dtype=np.uint16)
+    view = view_image(write_dicom(big, attrs={"Modality": "DX"}))
+    assert view.shape == (VIEW_SIZE, 768) and view.dtype == np.float32
+    assert 0.0 <= view.min() and view.max() <= 1.0
+    small = view_image(_dicom(1, "PA"))
+    assert small.shape == (96, 80)  # never enlarged, never letterboxed
+    files = [("lat.dcm", _dicom(1, "LL")), ("pa.dcm", _dicom(3, "PA"))]
+    (plain,) = report_studies(generator, [files], with_image=True)
+    assert "view" not in plain and plain["image"].shape == (112, 112)
+    (viewed,) = report_studies(generator, [files], with_view=True)
+    np.testing.assert_array_equal(viewed["view"], view_image(files[1][1]))  # the PA file

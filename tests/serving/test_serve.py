@@ -1,8 +1,10 @@
 """The HTTP endpoint on a real Ray Serve (the session's local Ray), a tiny checkpoint."""
 
 import base64
+import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,11 +18,15 @@ import pytest
 import requests
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import trained_model
+from PIL import Image
 
+from echo_ray.config.schema import EchoConfig
 from echo_ray.data.storage import model_name
+from echo_ray.decode.modes import trained_modes
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.serving.app import build_app
-from echo_ray.serving.options import AppArgs, app_args, load_api_keys
+from echo_ray.serving.options import AppArgs, app_args, load_api_keys, served_modes
+from echo_ray.serving.schemas import ErrorBody, ModelList, ReportBody, StudyErrorBody
 from echo_ray.synth.dicom_writer import write_dicom
 from echo_ray.text.labels import CHEXPERT_LABELS
 
@@ -29,12 +35,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "test-key-1"
 FILE_KEY = "file-key-2"
 STUDY = "1.2.826.0.1.3680043.8.498.7"
+ACCESSION = "ACC-7781"
 
 
 def _dicom(seed: int, view: str | None = "PA", study: str = STUDY, **attrs) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 4096, (96, 80), dtype=np.uint16)
     attrs = {"Modality": "DX", "StudyInstanceUID": study, "PatientName": "Doe^Jane",
-             "PatientID": "MRN-000123", **attrs}
+             "PatientID": "MRN-000123", "AccessionNumber": ACCESSION, "StudyDate": "20260102",
+             "StudyTime": "101500", **attrs}
     if view is not None:
         attrs["ViewPosition"] = view
     return write_dicom(pixels, attrs=attrs)
@@ -92,12 +100,36 @@ def test_build_app_refuses_to_start_without_keys_unless_insecure(monkeypatch, ch
     build_app({"checkpoint": checkpoint, "insecure": True})  # the explicit dev flag
     with pytest.raises(ValueError, match="unknown echo-ray serve args"):
         build_app({"checkpoint": checkpoint, "insecure": True, "max_batch": 4})
-    with pytest.raises(ValueError, match="is not one of modes"):
-        AppArgs.parse({"checkpoint": "x", "modes": ["ar"]})
+    with pytest.raises(ValueError, match="unknown decoding modes"):
+        AppArgs.parse({"checkpoint": "x", "modes": ["ar", "beam"]})
+    with pytest.raises(ValueError, match="at least one mode"):
+        AppArgs.parse({"checkpoint": "x", "modes": []})
     with pytest.raises(ValueError, match="http_options"):
         AppArgs.parse({"checkpoint": "x", "port": 9000})
     with pytest.raises(ValueError, match="decoding.threshold"):
         AppArgs.parse({"checkpoint": "x", "threshold": 2.0})
+
+
+def test_served_modes_are_the_checkpoints_unless_the_server_names_them():
+    def served(stage, **args):
+        return served_modes(AppArgs.parse({"checkpoint": "x", **args}).config,
+                            trained_modes(stage))
+
+    assert served("dcd") == (["one-step-fused", "one-step"], "one-step-fused")
+    assert served("dcd", decoding="one-step") == (["one-step", "one-step-fused"], "one-step")
+    # decoding.mode (one-step-fused by default) is not a RAD teacher's: its first mode is
+    assert served("rad") == (["multi-step"], "multi-step")
+    assert served("ar", decoding="ar") == (["ar"], "ar")
+    assert served(None)[0] == ["one-step-fused", "ar", "multi-step", "one-step"]
+    # an explicit list wins over the checkpoint's, its default first
+    assert served("dcd", modes=["ar", "multi-step"], decoding="multi-step") == (
+        ["multi-step", "ar"], "multi-step")
+    assert served("ar", modes=["one-step"]) == (["one-step"], "one-step")
+    # `echo-ray serve` passes None (the checkpoint's) or the list through its args
+    config = EchoConfig()
+    assert app_args(config, "x")["modes"] is None
+    config.serve.modes = ("ar",)
+    assert AppArgs.parse(app_args(config, "x")).serve.modes == ("ar",)
 
 
 def test_keys_come_from_the_environment_and_a_file(monkeypatch, tmp_path):
@@ -149,6 +181,132 @@ def test_open_routes_and_auth(server):
     assert model["id"] == "run0"  # the run's name: tmp_path_factory's run0/model
     assert model["default_decoding"] == "one-step-fused" and "ar" in model["modes"]
     assert model["limits"]["max_files"] == 3 and model["max_batch_size"] == 8
+    # a checkpoint that records no training stage: every mode, the default first
+    assert model["modes"] == ["one-step-fused", "ar", "multi-step", "one-step"]
+    assert sorted(model["trained_modes"]) == sorted(model["modes"])
+    ModelList.model_validate(r.json())
+
+
+def _local_refs(html: str) -> list[str]:
+    """The URLs an HTML page loads (src, href, Swagger UI's `url:`)."""
+    return re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+
+
+def test_docs_load_swagger_ui_from_the_server_only(server):
+    page = requests.get(f"{server}/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    refs = _local_refs(page.text)
+    assert len(refs) == 4, refs  # css, favicon, js, the schema
+    assert "//" not in "".join(refs) and all(ref.startswith("/") for ref in refs)
+    assert not re.search(r"https?://", page.text)  # no CDN, no validator, nothing outside
+    kinds = {}
+    for ref in refs:
+        r = requests.get(f"{server}{ref}")
+        assert r.status_code == 200, ref
+        kinds[r.headers["content-type"].split(";")[0]] = r.content
+    js = kinds["application/javascript"]
+    assert b"SwaggerUIBundle" in js and len(js) > 500_000  # the whole bundle
+    assert b".swagger-ui" in kinds["text/css"]
+    assert kinds["image/png"][:4] == b"\x89PNG"
+    assert json.loads(kinds["application/json"])["openapi"].startswith("3.")
+    # no CDN-backed page is left: ReDoc is off, unknown asset names are a 404
+    for path in ("/redoc", "/docs/oauth2-redirect.html", "/docs/x.js"):
+        r = requests.get(f"{server}{path}")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_openapi_declares_bodies_auth_responses_and_errors(server):
+    spec = requests.get(f"{server}/openapi.json").json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    bearer = spec["components"]["securitySchemes"]["bearerAuth"]
+    assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
+    v1 = [(path, method, op) for path, ops in paths.items() for method, op in ops.items()
+          if path.startswith("/v1/")]
+    assert {(p, m) for p, m, _ in v1} == {("/v1/models", "get"), ("/v1/reports", "post"),
+                                          ("/v1/reports/signoff", "post")}
+    for path, _, op in v1:
+        assert op["security"] == [{"bearerAuth": []}], path
+        assert op["responses"]["401"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"}
+    for path in ("/healthz", "/readyz", "/"):
+        assert "security" not in paths[path]["get"]
+    report = paths["/v1/reports"]["post"]
+    body = report["requestBody"]["content"]
+    assert body["application/dicom"]["schema"]["format"] == "binary"
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["items"]["format"] == \
+        "binary"
+    ok = report["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/ReportBody"}
+    assert {"application/fhir+json", "text/event-stream"} <= set(ok)
+    errors = {"400", "401", "404", "405", "413", "415", "422", "503", "504"}
+    assert errors <= set(report["responses"])
+    for code in errors:
+        ref = report["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.split("/")[-1] in ("ErrorBody", "StudyErrorBody"), code
+    assert {"query": {"mode", "preview", "stream"}} == {
+        "query": {p["name"] for p in report["parameters"]}}
+    signoff = paths["/v1/reports/signoff"]["post"]
+    assert signoff["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SignoffRequest"}
+    assert list(signoff["responses"]["200"]["content"]) == ["application/fhir+json"]
+    assert {"401", "415", "422"} <= set(signoff["responses"])
+    request = schemas["SignoffRequest"]
+    assert set(request["required"]) == {"draft", "findings", "impression", "decision",
+                                        "signed_by"}
+    assert request["properties"]["decision"]["enum"] == ["accept", "reject"]
+    models = paths["/v1/models"]["get"]["responses"]
+    assert models["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelList"}
+    assert "503" in models
+    # the response models are the ones the tests check real bodies against
+    assert set(schemas["ReportBody"]["properties"]) == set(ReportBody.model_fields)
+    assert {"used_file", "sentences", "accession_number", "study_date", "view_png"} <= set(
+        schemas["ReportBody"]["properties"])
+    assert set(schemas["Sentence"]["properties"]) == {"section", "text", "confidence",
+                                                      "low_confidence"}
+    assert set(schemas["ErrorBody"]["required"]) == {"error", "message", "request_id"}
+    assert set(schemas["StudyErrorBody"]["properties"]) >= {"file_errors", "num_files"}
+
+
+def _one_id(r) -> str:
+    """The response's single x-request-id (Serve's proxy sets it; nothing may add a second)."""
+    values = r.raw.headers.getlist("x-request-id")
+    assert len(values) == 1 and "," not in values[0], values
+    return values[0]
+
+
+def test_every_error_is_in_the_project_format_with_the_header_request_id(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        (requests.get(f"{server}/nowhere"), 404, "not_found"),
+        (requests.post(f"{server}/v1/nope", headers=auth), 404, "not_found"),
+        (requests.delete(f"{server}/v1/reports", headers=auth), 405, "method_not_allowed"),
+        (requests.get(f"{server}/v1/reports", headers=auth), 405, "method_not_allowed"),
+        (requests.post(f"{server}/healthz"), 405, "method_not_allowed"),
+        (_post(server, _dicom(1), params={"preview": "maybe"}), 422, "invalid_request"),
+        (requests.get(f"{server}/v1/models"), 401, "unauthorized"),
+        (_post(server, b"x", content_type="text/plain"), 415, "unsupported_media_type"),
+        (_post(server, _dicom(1), params={"mode": "beam"}), 400, "unsupported_mode"),
+        (_post(server, b"\x00" * 400), 422, "not_dicom"),
+    ]
+    ids = set()
+    for r, status, error in cases:
+        body = r.json()
+        assert (r.status_code, body["error"]) == (status, error), (r.request.url, body)
+        model = StudyErrorBody if status == 422 and error != "invalid_request" else ErrorBody
+        model.model_validate(body)
+        assert body["message"] and body["request_id"] == _one_id(r)
+        ids.add(body["request_id"])
+    assert len(ids) == len(cases)  # one id per request
+    assert "POST" in cases[2][0].headers["allow"]
+    assert "preview" in cases[5][0].json()["message"]
+    assert "detail" not in cases[0][0].json()
+    # a caller's own id (e.g. from its gateway) is the one in the header and the body
+    traced = _post(server, _dicom(1), key="wrong", **{"x-request-id": "trace-4711"})
+    assert traced.status_code == 401 and traced.json()["request_id"] == "trace-4711"
+    assert _one_id(traced) == "trace-4711"
+    ok = _post(server, _dicom(1))
+    assert ok.status_code == 200 and ok.json()["request_id"] == _one_id(ok)
 
 
 def test_report_of_a_study(server):
@@ -156,12 +314,20 @@ def test_report_of_a_study(server):
     r = _post(server, files=files, content_type=None)
     assert r.status_code == 200, r.text
     body = r.json()
+    ReportBody.model_validate(body)  # the OpenAPI schema's model, closed to extra fields
     assert body["study_instance_uid"] == STUDY and body["view_position"] == "PA"
     assert body["num_files"] == 2 and body["file_errors"] == []
+    assert body["used_file"] == "file2"  # the second upload, the frontal one
+    assert (body["accession_number"], body["study_date"]) == (ACCESSION, "2026-01-02T10:15:00")
+    # (the tiny model's text may hold no sentence; decode tests check the confidences)
+    for sentence in body["sentences"]:
+        assert 0 <= sentence["confidence"] <= 1 and sentence["section"] in (
+            "findings", "impression", "report")
+        assert sentence["text"] in body["report"]
     assert set(body["labels"]) == set(CHEXPERT_LABELS)
     assert body["decoding"] == "one-step-fused" and body["num_forwards"] >= 2
     assert body["num_tokens"] <= 16 and body["latency_ms"] >= body["model_latency_ms"] > 0
-    assert "<|" not in body["report"] and "image_png" not in body
+    assert "<|" not in body["report"] and "image_png" not in body and "view_png" not in body
     # no patient identifiers and no uploaded file names unless configured
     assert "Doe" not in r.text and "MRN-000123" not in r.text and "front.dcm" not in r.text
     single = _post(server, _dicom(3))
@@ -174,8 +340,13 @@ def test_decoding_mode_per_request_and_preview(server):
     assert ar.status_code == 200 and ar.json()["decoding"] == "ar"
     assert ar.json()["num_forwards"] > fused.json()["num_forwards"]
     assert base64.b64decode(ar.json()["image_png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    image, view = (Image.open(io.BytesIO(base64.b64decode(ar.json()[k])))
+                   for k in ("image_png", "view_png"))
+    assert image.size == (112, 112)  # the model's input (the tiny preset's image size)
+    assert view.size == (80, 96) and view.mode == "L"  # the file's own 96 x 80 pixels
     bad = _post(server, _dicom(4), params={"mode": "beam"})
     assert bad.status_code == 400 and bad.json()["error"] == "unsupported_mode"
+    assert "one-step-fused" in bad.json()["message"]  # it names the modes served
 
 
 def test_fhir_diagnostic_report(server):
@@ -186,6 +357,97 @@ def test_fhir_diagnostic_report(server):
     assert parsed.status == "preliminary" and parsed.code.coding[0].code == "18748-4"
     assert resource["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{STUDY}"
     assert "subject" not in resource and "Doe" not in r.text
+
+
+def _signoff(url, body, key=KEY, content_type="application/json"):
+    headers = {"Content-Type": content_type}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(f"{url}/v1/reports/signoff", data=data, headers=headers, timeout=60)
+
+
+def test_signoff_accepts_or_rejects_a_draft_as_a_fhir_report(server):
+    draft = _post(server, _dicom(15), params={"preview": "true"}).json()
+    edited = {"draft": draft, "findings": "Small left pleural effusion.",
+              "impression": "Left pleural effusion.", "decision": "accept",
+              "signed_by": "Dr. R. Reader"}
+    r = _signoff(server, edited)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/fhir+json"
+    final = r.json()
+    assert DiagnosticReport.model_validate(final).status == "final"
+    signed, machine = final["presentedForm"]
+    assert base64.b64decode(signed["data"]).decode() == (
+        "FINDINGS: Small left pleural effusion.\n\nIMPRESSION: Left pleural effusion.")
+    assert base64.b64decode(machine["data"]).decode() == draft["report"]  # kept, unedited
+    assert machine["extension"][0]["valueCoding"]["code"] == "AIAST"
+    assert final["conclusion"] == "Left pleural effusion."
+    assert final["resultsInterpreter"] == [{"display": "Dr. R. Reader"}]
+    labels = {o["code"]["text"]: o["valueCodeableConcept"]["text"] for o in final["contained"]}
+    assert labels == {"Pleural Effusion": "present"}  # read from the signed text
+    assert final["identifier"][0]["value"] == ACCESSION
+    rejected = _signoff(server, {**edited, "decision": "reject"})
+    assert rejected.status_code == 200 and rejected.json()["status"] == "cancelled"
+    # auth as the other /v1 routes, and a bad body is a 422 in the project's format
+    assert _signoff(server, edited, key=None).status_code == 401
+    assert _signoff(server, edited, key="wrong").json()["error"] == "unauthorized"
+    bad_cases = [
+        ({**edited, "decision": "approve"}, "decision"),
+        ({**edited, "signed_by": " "}, "signed_by"),
+        ({**edited, "draft": {"error": "not_dicom", "message": "m"}}, "draft"),
+        ({k: v for k, v in edited.items() if k != "findings"}, "findings"),
+        (b"{not json", "not JSON"),
+    ]
+    for body, field in bad_cases:
+        bad = _signoff(server, body)
+        assert bad.status_code == 422 and bad.json()["error"] == "invalid_signoff", bad.text
+        assert field in bad.json()["message"] and bad.json()["request_id"] == _one_id(bad)
+    wrong_type = _signoff(server, edited, content_type="text/plain")
+    assert (wrong_type.status_code, wrong_type.json()["error"]) == (415,
+                                                                    "unsupported_media_type")
+    assert "Doe" not in r.text and "MRN-000123" not in r.text
+
+
+def test_a_server_offers_the_modes_its_checkpoint_was_trained_for(server, tmp_path_factory):
+    """Checkpoints that record their stage: a RAD teacher is served in multi-step only (its
+    default, though decoding.mode says one-step-fused); an AR model started with an explicit
+    list offers that list."""
+    from ray import serve
+
+    def checkpoint_of(stage: str) -> str:
+        config = EchoConfig()
+        config.train.stage = stage
+        folder = tmp_path_factory.mktemp(stage) / "model"
+        return str(save_checkpoint(trained_model(), folder, config))
+
+    common = {"num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1}
+    serve.run(build_app({**common, "checkpoint": checkpoint_of("rad")}), name="rad",
+              route_prefix="/rad")
+    serve.run(build_app({**common, "checkpoint": checkpoint_of("ar"),
+                         "modes": ["ar", "multi-step"]}), name="ar", route_prefix="/ar")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    try:
+        for name, modes, default, trained in (
+            ("rad", ["multi-step"], "multi-step", ["multi-step"]),
+            ("ar", ["ar", "multi-step"], "ar", ["ar"]),
+        ):
+            url = f"{server}/{name}"
+            model = requests.get(f"{url}/v1/models", headers=auth).json()["data"][0]
+            assert (model["modes"], model["default_decoding"], model["trained_modes"]) == (
+                modes, default, trained), name
+            page = requests.get(f"{url}/")
+            assert f"const MODES = {json.dumps(modes)};" in page.text
+            plain = _post(url, _dicom(16))
+            assert plain.status_code == 200 and plain.json()["decoding"] == default
+            bad = _post(url, _dicom(16), params={"mode": "one-step-fused"})
+            assert (bad.status_code, bad.json()["error"]) == (400, "unsupported_mode")
+            assert all(m in bad.json()["message"] for m in modes)
+        assert _post(f"{server}/ar", _dicom(16), params={"mode": "multi-step"}).json()[
+            "decoding"] == "multi-step"  # the explicit list: not a mode it was trained for
+    finally:
+        serve.delete("rad")
+        serve.delete("ar")
 
 
 def test_streaming_sends_the_report_block_by_block(server):
@@ -201,12 +463,17 @@ def test_streaming_sends_the_report_block_by_block(server):
     assert [b["block"] for _, b in blocks] == list(range(1, len(blocks) + 1))
     plain = _post(server, _dicom(12)).json()
     assert report["report"] == plain["report"] and report["batch_size"] == 1
+    assert report.pop("event") == "report"
+    ReportBody.model_validate(report)  # the same body as a plain request's
+    assert set(report) == set(plain) and report["sentences"] == plain["sentences"]
+    assert report["request_id"] == _one_id(r)
     for _, block in blocks:  # each block's text is the start of the final report
         assert report["report"].startswith(block["text"])
     assert blocks[-1][1]["text"] == report["report"]
     with_image = _post(server, _dicom(12), params={"stream": "true", "preview": "true"})
     last = with_image.text.strip().split("\n\n")[-1].split("\n")[1][len("data: "):]
     assert base64.b64decode(json.loads(last)["image_png"])[:4] == b"\x89PNG"
+    assert base64.b64decode(json.loads(last)["view_png"])[:4] == b"\x89PNG"
     bad = _post(server, b"\x00" * 400, params={"stream": "true"})
     assert bad.status_code == 422 and bad.json()["error"] == "not_dicom"
 
@@ -271,7 +538,12 @@ def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, mo
         assert dev.status_code == 200, dev.text
         body = dev.json()
         assert body["patient_name"] == "Doe^Jane" and body["patient_id"] == "MRN-000123"
-        assert body["source_file"] == "front.dcm"
+        assert body["source_file"] == "front.dcm" and body["used_file"] == "file1"
+        ReportBody.model_validate(body)
+        docs = requests.get(f"{server}/dev/docs").text  # under a route prefix
+        refs = _local_refs(docs)
+        assert refs and all(ref.startswith("/dev/") for ref in refs), refs
+        assert all(requests.get(f"{server}{ref}").status_code == 200 for ref in refs)
         page = requests.get(f"{server}/dev/")
         assert "const AUTH = false" in page.text  # the page hides its key field
         assert 'const MODES = ["ar", "one-step-fused"];' in page.text  # its default first
@@ -385,11 +657,17 @@ def test_a_killed_replica_is_replaced_and_the_service_answers_again(server):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
 def test_review_page_in_headless_chromium(server, tmp_path):
-    """Type the key, choose a DICOM, click: the image and the report appear, Copy works."""
+    """The review page on the real app: type the key, choose a DICOM, submit: the draft
+    streams in, then its sections, the study's identity, the image the model read and the
+    larger view; accept signs it (FHIR final); a wrong key clears the study and shows the
+    401. The page itself is tested in depth against a stub API in test_review_page.py."""
     sync_api = pytest.importorskip("playwright.sync_api")
     dicom = tmp_path / "study.dcm"
     dicom.write_bytes(_dicom(40))
     shot = tmp_path / "review_page.png"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    model = requests.get(f"{server}/v1/models", headers=auth, timeout=30).json()["data"][0]
+    expected = _post(server, _dicom(40)).json()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=shutil.which("chromium"), headless=True,
@@ -399,30 +677,47 @@ def test_review_page_in_headless_chromium(server, tmp_path):
         page.goto(server)
         assert page.locator("#submit").is_disabled()
         modes = page.eval_on_selector_all("#mode option", "els => els.map(e => e.textContent)")
-        assert modes == ["server default (one-step-fused)", "ar", "multi-step", "one-step"]
+        default = model["default_decoding"]
+        assert modes == [f"server default ({default})",
+                         *(m for m in model["modes"] if m != default)]
         page.fill("#key", KEY)
         page.set_input_files("#file", str(dicom))
         page.click("#submit")
-        # block events fill the report first; the final event enables Copy and sets the image
-        page.wait_for_function("!document.getElementById('copy').disabled "
-                               "|| document.getElementById('error').textContent !== ''",
+        page.wait_for_function("['draft', 'error'].includes("
+                               "document.getElementById('review-state').dataset.state)",
                                timeout=30_000)
-        assert page.locator("#error").inner_text() == ""
-        assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
-        natural = page.evaluate("document.getElementById('image').naturalWidth")
+        assert page.locator("#error").is_hidden()
+        assert page.inner_text("#review-state").startswith("DRAFT, not reviewed")
+        assert page.get_attribute("#model-image", "src").startswith("data:image/png;base64,")
+        natural = page.evaluate("document.getElementById('model-image').naturalWidth")
         assert natural == 112  # the tiny preset's image size: the model's input was shown
-        report = page.input_value("#report")
-        assert report == _post(server, _dicom(40)).json()["report"]
+        page.wait_for_function("!document.getElementById('viewer-empty').checkVisibility()")
+        findings = expected["findings"] or ("" if expected["impression"] else expected["report"])
+        assert page.evaluate("document.getElementById('findings').textContent") == findings
+        assert page.evaluate("document.getElementById('impression').textContent") == \
+            (expected["impression"] or "")
+        assert page.inner_text("#study-uid") == STUDY
+        assert page.inner_text("#study-view") == "PA"
+        assert page.inner_text("#files li[data-status=used] .file-name") == "study.dcm"
         status = page.inner_text("#status")  # the page streams: blocks, then the report
-        assert "one-step-fused" in status and "blocks streamed" in status
+        assert default in status and "blocks streamed" in status
         assert " 0 blocks" not in status
-        page.click("#copy")
-        page.wait_for_function("document.getElementById('copied').textContent === 'copied'")
+        page.fill("#signed-by", "Dr Test")
+        page.click("#accept")
+        page.wait_for_function("['final', 'rejected'].includes(document.getElementById("
+                               "'review-state').dataset.state) || "
+                               "!document.getElementById('signoff-error').hidden")
+        assert page.locator("#signoff-error").is_hidden()
+        assert page.inner_text("#review-state").startswith("Final, signed by Dr Test")
+        assert "status: final" in page.inner_text("#signoff-result")
         page.screenshot(path=str(shot), full_page=True)
-        # a wrong key shows the server's error on the page
+        # a wrong key: the server's error, and nothing of the study left on the page
         page.fill("#key", "wrong")
         page.click("#submit")
         page.wait_for_function("document.getElementById('error').textContent.includes('401')")
+        assert page.get_attribute("#model-image", "src") is None
+        assert page.inner_text("#study-uid") == "—"
+        assert page.evaluate("document.getElementById('findings').textContent") == ""
         browser.close()
     assert shot.stat().st_size > 10_000
     if os.environ.get("ECHO_RAY_SCREENSHOT_DIR"):  # to look at it: README "Serving"

@@ -118,3 +118,22 @@ def test_findings_text_falls_back_to_impression_then_text():
 )
 def test_split_sentences(text, want):
     assert split_sentences(text) == want
+
+
+def test_sentence_spans_locate_each_sentence_in_its_section():
+    from echo_ray.text.sections import sentence_spans
+
+    text = ("FINDINGS: Heart size is normal.  There is a small\nleft effusion.\n"
+            "IMPRESSION: 1. Small effusion. 2. No pneumothorax.")
+    spans = sentence_spans(text)
+    assert [(k, s) for k, s, _, _ in spans] == [
+        ("findings", "Heart size is normal."),
+        ("findings", "There is a small left effusion."),
+        ("impression", "Small effusion."),
+        ("impression", "No pneumothorax."),
+    ]
+    assert text[spans[1][2] : spans[1][3]] == "There is a small\nleft effusion."
+    assert all(" ".join(text[a:b].split()) == s for _, s, a, b in spans)
+    # no header: the report is its findings; nothing gives nothing
+    assert [k for k, *_ in sentence_spans("Lungs clear. No effusion.")] == ["findings"] * 2
+    assert sentence_spans("") == []

@@ -232,6 +232,7 @@ def test_rad_starts_from_the_ar_run_with_the_vision_tower_frozen(ar_run, shards,
     assert any(not torch.equal(before[k], after[k]) for k in text)
     _, config = load_checkpoint(run / MODEL_DIR)
     assert config.train.freeze_vision is True  # the value the run used, recorded
+    assert config.train.stage == "rad"  # servers offer the modes of the stage (decode.modes)
     assert config.model.image_size == 56  # the AR checkpoint's model section
 
 
