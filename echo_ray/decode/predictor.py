@@ -194,24 +194,21 @@ class ReportGenerator:
     def _sentences(self, ids: list[int], confidence: list[float], text: str) -> list[dict]:
         """Each sentence of `text` (the decoded `ids`) with the geometric mean of its
         tokens' commit probabilities. A token belongs to every sentence its characters
-        overlap; characters come from decoding growing prefixes (a byte-level token may
-        be part of a character, so tokens cannot be decoded one by one)."""
+        overlap (`_prefix_lengths`)."""
         spans = sentence_spans(text)
         if not spans:
             return []
-        prefixes = self.model.tokenizer.batch_decode(
-            [ids[: i + 1] for i in range(len(ids))], skip_special_tokens=True
-        )
-        # `text` is the decoded ids stripped: shift the prefixes' offsets by the strip
-        full = prefixes[-1] if prefixes else ""
+        full = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+        lengths = self._prefix_lengths(ids, full)
+        # `text` is `full` stripped: shift the offsets by the leading whitespace
         shift = len(full) - len(full.lstrip())
-        ends = [len(p) - shift for p in prefixes]
-        starts = [0, *ends[:-1]]
+        ends = np.asarray(lengths) - shift
+        starts = np.concatenate([[-shift], ends[:-1]])
         logs = np.log(np.clip(np.asarray(confidence, dtype=np.float64), 1e-12, 1.0))
         sentences = []
         for section, sentence, lo, hi in spans:
-            inside = [i for i in range(len(ids)) if starts[i] < hi and ends[i] > lo]
-            conf = float(np.exp(logs[inside].mean())) if inside else 0.0
+            inside = (starts < hi) & (ends > lo)
+            conf = float(np.exp(logs[inside].mean())) if inside.any() else 0.0
             sentences.append({
                 "section": section,
                 "text": sentence,
@@ -219,6 +216,24 @@ class ReportGenerator:
                 "low_confidence": conf < self.low_confidence,
             })
         return sentences
+
+    def _prefix_lengths(self, ids: list[int], whole: str) -> list[int]:
+        """The length of the text of `ids[:1]`, `ids[:2]`, ... (`whole`: of `ids`)
+
+        Tokens decoded one by one give it when their texts join into the whole's (every
+        token whole characters: English reports, nearly always); else every prefix is
+        decoded (a byte-level token can be part of a character)."""
+        tokenizer = self.model.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # skips transformers' glue
+        decode = (
+            (lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True))
+            if backend is not None
+            else (lambda seqs: tokenizer.batch_decode(seqs, skip_special_tokens=True))
+        )
+        pieces = decode([[i] for i in ids])
+        if "".join(pieces) == whole:
+            return np.cumsum([len(p) for p in pieces]).tolist()
+        return [len(p) for p in decode([ids[: i + 1] for i in range(len(ids))])]
 
     def _text(self, ids: list[int]) -> str:
         """The report text of generated ids, up to the first `<eos>`."""

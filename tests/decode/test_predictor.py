@@ -157,3 +157,20 @@ def test_a_checkpoint_offers_the_modes_its_stage_was_trained_for(tmp_path):
         assert ReportGenerator.from_checkpoint(tmp_path / stage).trained_modes == modes
     save_checkpoint(model, tmp_path / "old")  # a checkpoint that records no stage
     assert ReportGenerator.from_checkpoint(tmp_path / "old").trained_modes == DECODING_MODES
+
+
+def test_sentence_offsets_hold_when_a_token_is_part_of_a_character(model):
+    """Byte-level tokens can split a character ("é", "→"): token texts then do not join
+    into the report's, and the offsets come from decoding prefixes instead."""
+    gen = ReportGenerator(model)
+    text = "FINDINGS: Café-au-lait → no effusion. Heart normal. IMPRESSION: Normal."
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [model.tokenizer.decode([i]) for i in ids]
+    assert "".join(pieces) != model.tokenizer.decode(ids)  # the fallback path is exercised
+    whole = model.tokenizer.decode(ids)
+    expected = [len(model.tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    assert gen._prefix_lengths(ids, whole) == expected
+    sentences = gen._sentences(ids, [0.8] * len(ids), text)
+    assert [s["text"] for s in sentences] == [
+        "Café-au-lait → no effusion.", "Heart normal.", "Normal."]
+    assert all(s["confidence"] == pytest.approx(0.8, abs=1e-3) for s in sentences)
