@@ -640,6 +640,11 @@ def test_tablet_width_has_no_horizontal_overflow(open_page, shots):
 @needs_browser
 def test_keyboard_only_review(open_page, stub):
     page = open_page(key=False)
+    # listen before any key press: the listener turns on file-chooser interception, which
+    # must be in place when Space opens the chooser (an `expect_file_chooser` opened right
+    # before the key press raced it on a loaded machine)
+    choosers = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     order = []
     for _ in range(4):
         page.keyboard.press("Tab")
@@ -654,10 +659,15 @@ def test_keyboard_only_review(open_page, stub):
     page.keyboard.type(KEY)
     page.keyboard.press("Tab")
     page.keyboard.press("Tab")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(files=[{"name": "chest_pa.dcm", "mimeType": "application/dicom",
-                                    "buffer": GOOD_A}])
+    assert page.evaluate("document.activeElement.id") == "file"
+    page.keyboard.press("Space")
+    for _ in range(300):  # up to 30 s
+        if choosers:
+            break
+        page.wait_for_timeout(100)
+    assert len(choosers) == 1, "Space on the focused file input opened no file chooser"
+    choosers[0].set_files(files=[{"name": "chest_pa.dcm", "mimeType": "application/dicom",
+                                  "buffer": GOOD_A}])
     page.keyboard.press("Tab")
     page.keyboard.press("ArrowDown")  # the second mode
     assert page.input_value("#mode") == MODES[1]
