@@ -154,6 +154,8 @@ BAD_PATHS = [
      "--out {t}/reports is an `echo-ray report` output"),
     (["serve", "--checkpoint", "{t}/run", "--api-keys-file", "{t}/keys"],
      "--api-keys-file {t}/keys: no such file; pass a file with one API key a line"),
+    (["serve", "--checkpoint", "{t}/run", "--api-keys-file", "{t}/empty"],
+     "--api-keys-file {t}/empty is a folder, not a file; pass a file with one API key"),
     (["synth", "--out", "{t}/afile"], "--out {t}/afile is an existing file"),
     (["quickstart", "--out", "{t}/run"], "--out {t}/run is an `echo-ray train` run folder"),
 ]

@@ -176,31 +176,33 @@ def check_input_folder(
     Raises:
         PathError: the folder does not exist or is a file.
     """
-    loc = _resolve_checked(uri, flag, s3_endpoint)
-    kind = _file_type(loc)
-    if kind == pafs.FileType.NotFound:
-        job = current_ray_job()
-        if job is not None and _is_relative(uri):
-            raise PathError(f"{flag} {relative_path_hint(uri, job)}")
-        raise PathError(f"{flag} {uri}: no such folder; {missing_hint}")
-    if kind == pafs.FileType.File:
-        raise PathError(f"{flag} {uri} is a file, not a folder; {missing_hint}")
-    return loc
+    return _check_input(uri, flag, missing_hint, s3_endpoint, want=pafs.FileType.Directory)
 
 
 def check_input_file(
     uri: str, *, flag: str, missing_hint: str, s3_endpoint: str | None = None
 ) -> Location:
     """`uri` as a file a command reads (e.g. an API keys file); see `check_input_folder`."""
+    return _check_input(uri, flag, missing_hint, s3_endpoint, want=pafs.FileType.File)
+
+
+_KIND_NAMES = {pafs.FileType.Directory: "folder", pafs.FileType.File: "file"}
+
+
+def _check_input(uri: str, flag: str, missing_hint: str, s3_endpoint: str | None,
+                 want: pafs.FileType) -> Location:
+    """`check_input_folder` / `check_input_file`: `uri` exists and is a `want`."""
     loc = _resolve_checked(uri, flag, s3_endpoint)
     kind = _file_type(loc)
+    name = _KIND_NAMES[want]
     if kind == pafs.FileType.NotFound:
         job = current_ray_job()
         if job is not None and _is_relative(uri):
             raise PathError(f"{flag} {relative_path_hint(uri, job)}")
-        raise PathError(f"{flag} {uri}: no such file; {missing_hint}")
-    if kind == pafs.FileType.Directory:
-        raise PathError(f"{flag} {uri} is a folder, not a file; {missing_hint}")
+        raise PathError(f"{flag} {uri}: no such {name}; {missing_hint}")
+    other = pafs.FileType.File if want == pafs.FileType.Directory else pafs.FileType.Directory
+    if kind == other:
+        raise PathError(f"{flag} {uri} is a {_KIND_NAMES[other]}, not a {name}; {missing_hint}")
     return loc
 
 
