@@ -166,8 +166,9 @@ class ReportGenerator:
         latency_ms = 1000 * (time.perf_counter() - start)
         reports = []
         for i in range(len(images)):
-            ids = out.tokens[i, : int(out.lengths[i])].tolist()
-            text = self._text(ids)
+            ids = out.tokens[i, : int(out.lengths[i])].tolist()  # up to the first <eos>
+            decoded = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+            text = decoded.strip()
             confidence = out.confidence[i, : len(ids)].tolist()
             sections = parse_sections(text)
             meta = metas[i] if metas is not None else {}
@@ -179,7 +180,7 @@ class ReportGenerator:
                 findings=sections.get("findings", sections.get("full_report", "")),
                 impression=sections.get("impression", ""),
                 labels=label_report(text),
-                sentences=self._sentences(ids, confidence, text),
+                sentences=self._sentences(ids, confidence, decoded),
                 model_id=self.model_id,
                 model_version=self.model_version,
                 decoding=decoding,
@@ -191,19 +192,15 @@ class ReportGenerator:
             reports.append(report)
         return reports
 
-    def _sentences(self, ids: list[int], confidence: list[float], text: str) -> list[dict]:
-        """Each sentence of `text` (the decoded `ids`) with the geometric mean of its
-        tokens' commit probabilities. A token belongs to every sentence its characters
-        overlap (`_prefix_lengths`)."""
-        spans = sentence_spans(text)
+    def _sentences(self, ids: list[int], confidence: list[float], decoded: str) -> list[dict]:
+        """Each sentence of `decoded` (the text of `ids`, not stripped) with the geometric
+        mean of its tokens' commit probabilities. A token belongs to every sentence its
+        characters overlap (`_prefix_lengths`)."""
+        spans = sentence_spans(decoded)
         if not spans:
             return []
-        full = self.model.tokenizer.decode(ids, skip_special_tokens=True)
-        lengths = self._prefix_lengths(ids, full)
-        # `text` is `full` stripped: shift the offsets by the leading whitespace
-        shift = len(full) - len(full.lstrip())
-        ends = np.asarray(lengths) - shift
-        starts = np.concatenate([[-shift], ends[:-1]])
+        ends = np.asarray(self._prefix_lengths(ids, decoded))
+        starts = np.concatenate([[0], ends[:-1]])
         logs = np.log(np.clip(np.asarray(confidence, dtype=np.float64), 1e-12, 1.0))
         sentences = []
         for section, sentence, lo, hi in spans:
