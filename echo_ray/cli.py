@@ -17,10 +17,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from echo_ray.config.flags import Flag, add_flags, default_text, flag_overrides
 from echo_ray.config.overrides import load_config
 from echo_ray.config.schema import ConfigError, EchoConfig
+
+if TYPE_CHECKING:
+    from echo_ray.data.storage import Location
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -497,21 +501,22 @@ def _check_dataset(uri: str, flag: str, s3_endpoint: str | None, want: str = "sh
     raise PathError(f"{flag} {uri} is not {_DESCRIBE[want]} (no manifest.json); {hint}")
 
 
-def _check_model(uri: str, flag: str, s3_endpoint: str | None, hint: str = _MODEL_HINT) -> None:
-    """`uri` is a model directory, or a run folder with its final `model/`."""
+def _check_model(uri: str, flag: str, s3_endpoint: str | None, hint: str = _MODEL_HINT
+                 ) -> Location | None:
+    """`uri` is a model directory, or a run folder with its final `model/`: the model
+    directory, or None when it could not be told (S3 unreachable, an unknown folder)."""
     from echo_ray.data.storage import PathError, check_input_folder, resolve_model_dir
 
     loc = check_input_folder(uri, flag=flag, missing_hint=hint, s3_endpoint=s3_endpoint)
     try:
-        resolve_model_dir(uri, s3_endpoint=s3_endpoint, what=flag)
-        return
+        return resolve_model_dir(uri, s3_endpoint=s3_endpoint, what=flag)
     except FileNotFoundError:
         pass
     except OSError:
-        return  # S3 could not be asked: the job reports it
+        return None  # S3 could not be asked: the job reports it
     kind = _kind(loc)
     if kind == _UNKNOWN:
-        return
+        return None
     if kind == "run":
         raise PathError(f"{flag} {uri} is a training run without its final model/ (not "
                         "finished): pass one of its checkpoint_* folders, or wait for the run")
@@ -519,17 +524,16 @@ def _check_model(uri: str, flag: str, s3_endpoint: str | None, hint: str = _MODE
     raise PathError(f"{flag} {uri} is {what}; {hint}")
 
 
-def _check_trained_mode(uri: str, mode: str, s3_endpoint: str | None) -> None:
+def _check_trained_mode(uri: str, model: Location, mode: str) -> None:
     """A model decodes only in the modes its training stage made it for (`train.stage` in
     its echo_config.json; `decode.modes.TRAINED_MODES`): an AR mode on a diffusion model, or
     the reverse, writes garbled text, so a bulk run refuses it before it starts."""
-    from echo_ray.data.storage import PathError, resolve_model_dir
+    from echo_ray.data.storage import PathError
     from echo_ray.decode.modes import trained_modes
     from echo_ray.model.checkpoint import CONFIG_FILE
 
     try:
-        stage = json.loads(resolve_model_dir(uri, s3_endpoint=s3_endpoint).join(CONFIG_FILE)
-                           .read_text()).get("train", {}).get("stage")
+        stage = json.loads(model.join(CONFIG_FILE).read_text()).get("train", {}).get("stage")
     except (OSError, ValueError):  # no echo-ray config (a plain HF folder), or S3 unreachable
         return
     modes = trained_modes(stage)
@@ -597,8 +601,9 @@ def _preflight(command: str, args: argparse.Namespace) -> None:
         _check_dataset(args.data, "--data", ep)
         _check_output(args.out, "--out", ep, "evaluation")
     elif command == "report":
-        _check_model(args.checkpoint, "--checkpoint", ep)
-        _check_trained_mode(args.checkpoint, config.decoding.mode, ep)
+        model = _check_model(args.checkpoint, "--checkpoint", ep)
+        if model is not None:
+            _check_trained_mode(args.checkpoint, model, config.decoding.mode)
         _check_archive(args.archive, "--archive", ep)
         _check_output(args.out, "--out", ep, "report")
     elif command == "serve":
