@@ -49,7 +49,7 @@ def _model(args: argparse.Namespace) -> EchoDVLM:
     if args.checkpoint:
         return load_checkpoint(args.checkpoint)[0]
     config = apply_overrides(EchoConfig.from_name(args.preset), args.overrides)
-    return random_model(config, args.tokenizer_reports, args.device)
+    return random_model(config, args.tokenizer_reports, args.device, vocab=args.vocab)
 
 
 def _block_forward_costs(model: EchoDVLM, pixel_values: torch.Tensor, repeats: int) -> dict:
@@ -101,6 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--tokenizer-reports", type=int, default=2000)
     p.add_argument(
+        "--vocab",
+        choices=("report", "qwen"),
+        default="report",
+        help="the random model's tokenizer: a report BPE, or Qwen's with its ~152k embedding rows",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(DECODING_MODES),
+        help="comma-separated decoding modes to time (one-step-fused is always included)",
+    )
+    p.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -124,9 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     images = np.stack(
         [render_view(sample_study(7, i), image_size=size) for i in range(max(batch_sizes))]
     )
+    names = [m for m in DECODING_MODES if m in args.modes.split(",") or m == "one-step-fused"]
     modes = {
         name: decoding_kwargs(name, block_length=model.block_length, threshold=args.threshold)
-        for name in DECODING_MODES
+        for name in names
     }
     rows: list[dict] = []
     agreement: dict[int, float] = {}
@@ -153,9 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
             costs[batch] = _block_forward_costs(model, pixel_values, 10 * args.repeats)
         # Same weights, same greedy picks: fused and unfused one-step must agree token for
         # token (exactly in fp32; in bf16 the two cache layouts round differently).
-        agreement[batch] = float(
-            (runs["one-step-fused"][0].tokens == runs["one-step"][0].tokens).float().mean()
-        )
+        if "one-step" in runs:
+            agreement[batch] = float(
+                (runs["one-step-fused"][0].tokens == runs["one-step"][0].tokens).float().mean()
+            )
         for name, outs in runs.items():
             total = statistics.median(o.total_seconds for o in outs)
             decode = statistics.median(o.total_seconds - o.prefill_seconds for o in outs)
@@ -192,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         by = {r["mode"]: r for r in rows if r["batch"] == batch}
         fused = by["one-step-fused"]
         for base, key in (("ar", "fused_vs_ar"), ("one-step", "fused_vs_unfused")):
+            if base not in by:
+                continue
             speedups[f"{key}_b{batch}"] = fused["tokens_per_s"] / by[base]["tokens_per_s"]
             speedups[f"{key}_decode_b{batch}"] = (
                 fused["decode_tokens_per_s"] / by[base]["decode_tokens_per_s"]
@@ -211,14 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
     head = min(batch_sizes)
     fused_head = next(r for r in rows if r["batch"] == head and r["mode"] == "one-step-fused")
     headline = {
-        "speedup_fused_vs_ar": speedups[f"fused_vs_ar_b{head}"],
-        "speedup_fused_vs_unfused": speedups[f"fused_vs_unfused_b{head}"],
+        "speedup_fused_vs_ar": speedups.get(f"fused_vs_ar_b{head}"),
+        "speedup_fused_vs_unfused": speedups.get(f"fused_vs_unfused_b{head}"),
         "tokens_per_forward_fused": fused_head["tokens_per_forward"],
         "headline_batch": head,
     }
     result = {
         "bench": "decode",
         "model": args.checkpoint or " ".join([f"random {args.preset}", *args.overrides]),
+        "vocab": None if args.checkpoint else args.vocab,
         "parameters": sum(p.numel() for p in model.parameters()),
         "block_length": model.block_length,
         "prompt_length": model.prompt_length,

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--attention", choices=("dense", "flex"), default="dense",
+        help="the losses' attention: dense (B, 1, T, T) masks, or flex (AR: causal SDPA without "
+        "a mask; RAD / full copy: a flex-attention BlockMask, whose backward needs a GPU)",
+    )
+    p.add_argument(
         "--precision", choices=("fp32", "bf16"), default=None,
         help="bf16: autocast over fp32 master weights, as training runs on a GPU "
         "(default: bf16 on CUDA, fp32 on CPU)",
@@ -112,15 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     gen = torch.Generator(device).manual_seed(0)
     P, L = model.prompt_length, response.shape[1]
+    attention = args.attention
     objectives = {
-        "ar": (lambda: compute_ar_loss(model, pixel_values, response, valid), P + L),
+        "ar": (
+            lambda: compute_ar_loss(model, pixel_values, response, valid, attention=attention),
+            P + L,
+        ),
         "rad": (
-            lambda: compute_rad_loss(model, pixel_values, response, valid, generator=gen)[0],
+            lambda: compute_rad_loss(
+                model, pixel_values, response, valid, generator=gen, attention=attention
+            )[0],
             P + 2 * L,
         ),
         "full_copy": (
             lambda: compute_rad_loss(
-                model, pixel_values, response, valid, layout="full_copy", generator=gen
+                model, pixel_values, response, valid, layout="full_copy", generator=gen,
+                attention=attention,
             )[0],
             2 * P + 2 * L,
         ),
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "precision": precision,
+        "attention": args.attention,
         "machine": platform.machine(),
         "rad_step_speedup": round(measured, 4),
         "rad_theoretical_speedup": round(theoretical, 4),

@@ -504,16 +504,26 @@ def _check_dataset(uri: str, flag: str, s3_endpoint: str | None, want: str = "sh
 def _check_model(uri: str, flag: str, s3_endpoint: str | None, hint: str = _MODEL_HINT
                  ) -> Location | None:
     """`uri` is a model directory, or a run folder with its final `model/`: the model
-    directory, or None when it could not be told (S3 unreachable, an unknown folder)."""
+    directory, or None when it could not be told (S3 unreachable, an unknown folder). A
+    local plain Hugging Face folder (no echo_config.json) must be a loadable Qwen2.5-VL
+    checkpoint (`model.folder.check_hf_model_folder`)."""
     from echo_ray.data.storage import PathError, check_input_folder, resolve_model_dir
+    from echo_ray.model.folder import CONFIG_FILE, check_hf_model_folder
 
     loc = check_input_folder(uri, flag=flag, missing_hint=hint, s3_endpoint=s3_endpoint)
     try:
-        return resolve_model_dir(uri, s3_endpoint=s3_endpoint, what=flag)
+        model = resolve_model_dir(uri, s3_endpoint=s3_endpoint, what=flag)
     except FileNotFoundError:
         pass
     except OSError:
         return None  # S3 could not be asked: the job reports it
+    else:
+        if not model.is_s3 and not model.join(CONFIG_FILE).exists():
+            try:
+                check_hf_model_folder(model.path)
+            except (ValueError, FileNotFoundError) as e:
+                raise PathError(f"{flag} {uri}: {e}") from None
+        return model
     kind = _kind(loc)
     if kind == _UNKNOWN:
         return None
@@ -530,7 +540,7 @@ def _check_trained_mode(uri: str, model: Location, mode: str) -> None:
     the reverse, writes garbled text, so a bulk run refuses it before it starts."""
     from echo_ray.data.storage import PathError
     from echo_ray.decode.modes import trained_modes
-    from echo_ray.model.checkpoint import CONFIG_FILE
+    from echo_ray.model.folder import CONFIG_FILE
 
     try:
         stage = json.loads(model.join(CONFIG_FILE).read_text()).get("train", {}).get("stage")

@@ -75,8 +75,10 @@ def _folders(root: Path) -> Path:
     (root / "unfinished" / "shards").mkdir(parents=True)  # prepare killed before its manifest
     (root / "run" / "model").mkdir(parents=True)
     (root / "run" / "model" / "config.json").write_text("{}")
+    (root / "run" / "model" / "echo_config.json").write_text("{}")
     (root / "run" / "checkpoint_0000002").mkdir()
     (root / "run" / "checkpoint_0000002" / "config.json").write_text("{}")
+    (root / "run" / "checkpoint_0000002" / "echo_config.json").write_text("{}")
     (root / "run" / "train_summary.json").write_text("{}")
     (root / "running").mkdir()  # a run without its final model yet
     (root / "running" / "metrics.jsonl").write_text("")
@@ -106,6 +108,61 @@ def _refused(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     return err
+
+
+def _hf_folder(path: Path, *, model_type="qwen2_5_vl", tokens=("<|vision_start|>",
+               "<|vision_end|>", "<|image_pad|>"), tokenizer=True, weights=True) -> str:
+    """A plain Hugging Face model folder (no echo_config.json) with only what the folder
+    check reads: config.json's model_type, the tokenizer's token strings, a weights file."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if tokenizer:
+        added = [{"id": 151643 + i, "content": t} for i, t in enumerate(tokens)]
+        (path / "tokenizer.json").write_text(json.dumps(
+            {"added_tokens": added, "model": {"type": "BPE", "vocab": {"a": 0}}}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, folder, message", [
+    ("llava", dict(model_type="llava"), "holds a 'llava' model (config.json model_type), not a "
+     "Qwen2.5-VL checkpoint ('qwen2_5_vl', e.g. Qwen2.5-VL-7B-Instruct or Lingshu-7B)"),
+    ("notok", dict(tokenizer=False), "has no tokenizer (tokenizer.json, or vocab.json + "
+     "merges.txt)"),
+    ("novision", dict(tokens=("<|vision_start|>",)), "lacks the vision token(s) "
+     "<|vision_end|>, <|image_pad|>: it is not a Qwen2.5-VL tokenizer"),
+    ("noweights", dict(weights=False), "has no weights (model.safetensors or "
+     "pytorch_model.bin)"),
+])
+@pytest.mark.parametrize("command", ["train", "evaluate", "report", "serve"])
+def test_a_plain_hf_folder_that_is_no_qwen2_5_vl_checkpoint_is_refused(
+        tmp_path, capsys, reached, command, kind, folder, message):
+    t = _folders(tmp_path)
+    hf = _hf_folder(t / kind, **folder)
+    argv = {
+        "train": ["train", "--stage", "ar", "--data", f"{t}/shards", "--out", f"{t}/r",
+                  "--init", hf],
+        "evaluate": ["evaluate", "--data", f"{t}/shards", "--out", f"{t}/e", "--system",
+                     f"base={hf}:ar"],
+        "report": ["report", "--checkpoint", hf, "--archive", f"{t}/archive", "--out",
+                   f"{t}/x"],
+        "serve": ["serve", "--checkpoint", hf],
+    }[command]
+    err = _refused(capsys, argv)
+    flag = {"train": "--init", "evaluate": "--system base:"}.get(command, "--checkpoint")
+    assert err.startswith(f"echo-ray {command}: {flag} {hf}: ")
+    assert message in err
+    assert reached == []
+
+
+def test_a_plain_qwen2_5_vl_folder_passes_the_checks(tmp_path, capsys, reached):
+    t = _folders(tmp_path)
+    hf = _hf_folder(t / "qwen")
+    main(["train", "--stage", "ar", "--data", f"{t}/shards", "--out", f"{t}/r", "--init", hf])
+    main(["evaluate", "--data", f"{t}/shards", "--out", f"{t}/e", "--system", f"base={hf}:ar"])
+    main(["serve", "--checkpoint", hf])
+    assert reached == ["train", "evaluate", "serve"], capsys.readouterr().err
 
 
 # (argv with {t} for the folders of _folders, what the line must say)
@@ -363,8 +420,8 @@ def test_help_documents_every_flag_and_shows_defaults(command):
 
 def test_config_flags_show_the_default_presets_value_and_other_presets():
     text = " ".join(build_parser("train").format_help().split())
-    assert "(train.max_steps; default 500; base-7b: 5000)" in text
-    assert "(train.use_gpu; default false; base-7b: true)" in text
+    assert "(train.max_steps; default 500; base-7b, base-3b: 5000)" in text
+    assert "(train.use_gpu; default false; base-7b, base-3b: true)" in text
     assert set(FLAGS) >= {"prepare", "train", "trajectories", "evaluate", "report", "serve"}
 
 

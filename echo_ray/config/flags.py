@@ -120,12 +120,16 @@ def _value_of(config: EchoConfig, key: str) -> Any:
 
 def default_text(key: str) -> str:
     """How `--help` shows the default of config field `key`: the value of the default preset,
-    then the other presets' values where they differ, e.g. "default 500; base-7b: 5000"."""
+    then the other presets' values where they differ, presets of one value named together,
+    e.g. "default 500; base-7b, base-3b: 5000"."""
     base_name, presets = _preset_values()
     base = _value_of(presets[base_name], key)
-    others = [f"{name}: {_show(value)}" for name, config in presets.items()
-              if name != base_name and (value := _value_of(config, key)) != base]
-    return "; ".join([f"default {_show(base)}", *others])
+    others: dict[str, list[str]] = {}  # shown value -> presets, in preset order
+    for name, config in presets.items():
+        if name != base_name and (value := _value_of(config, key)) != base:
+            others.setdefault(_show(value), []).append(name)
+    return "; ".join([f"default {_show(base)}",
+                      *(f"{', '.join(names)}: {shown}" for shown, names in others.items())])
 
 
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:

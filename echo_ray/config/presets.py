@@ -61,6 +61,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Qwen2.5-VL-3B-Instruct's shapes (the 7B's vision tower, tied embeddings) on base-7b's settings.
+PRESETS["base-3b"] = {
+    **PRESETS["base-7b"],
+    "model": {
+        **PRESETS["base-7b"]["model"],
+        "hidden_size": 2048,
+        "num_layers": 36,
+        "num_heads": 16,
+        "num_kv_heads": 2,
+        "intermediate_size": 11008,
+        "tie_word_embeddings": True,
+    },
+}
+
+
 def preset(name: str) -> EchoConfig:
     """The named preset, validated."""
     from echo_ray.config.overrides import from_dict

@@ -33,6 +33,7 @@ SPLITS = ("train", "validate", "test")
 STAGES = ("ar", "rad", "dcd")
 STRATEGIES = ("ddp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTIONS = ("auto", "dense", "flex")
 DCD_STEP_WEIGHTINGS = ("linear", "uniform")
 # Named decoding modes (`decode/modes.py` maps each to the sampler's flags).
 DECODING_MODES = ("ar", "multi-step", "one-step", "one-step-fused")
@@ -101,7 +102,12 @@ class ModelConfig:
     pretrained_path: str | None = None
     """Local Hugging Face Qwen2.5-VL checkpoint directory (e.g. Lingshu-7B); None = build."""
     image_size: int = 112
-    """Fixed side (pixels) every image is resized to, so every prompt has the same length."""
+    """Fixed side (pixels) every image is resized to, so every prompt has the same length:
+    the resolution / image-token trade-off. A multiple of patch_size * spatial_merge_size
+    (28); the prompt holds (image_size / 28)**2 image tokens (112: 16, 448: 256, 896: 1024),
+    and attention cost grows with their square. Equivalent to Qwen2.5-VL's processor with
+    min_pixels = max_pixels = image_size**2 on a square image (what saved checkpoints'
+    preprocessor_config.json says)."""
     patch_size: int = 14
     """Vision patch side in pixels."""
     spatial_merge_size: int = 2
@@ -205,7 +211,16 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (1, 2 or 3) when strategy is deepspeed."""
     precision: str = "auto"
-    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16" (autocast; DeepSpeed bf16)."""
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16" (DDP: fp32 weights under bf16
+    autocast; DeepSpeed: bf16 weights, DeepSpeed keeps the fp32 master copy)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them (and the vision tower's when it trains): less activation memory for one more
+    forward pass per step."""
+    attention: str = "auto"
+    """Training attention kernel: "dense" (an explicit (B, 1, T, T) bool mask, SDPA),
+    "flex" (AR: plain causal SDPA; RAD / DCD: a flex-attention BlockMask, GPU only) or
+    "auto" (flex on GPU, dense on CPU)."""
     batch_size: int = 8
     """Rows per worker per micro-batch."""
     grad_accum: int = 1
@@ -277,6 +292,10 @@ class TrainConfig:
         _require(
             self.precision in PRECISIONS,
             f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _require(
+            self.attention in ATTENTIONS,
+            f"train.attention must be one of {ATTENTIONS}, got {self.attention!r}",
         )
         _require(
             self.dcd_step_weighting in DCD_STEP_WEIGHTINGS,

@@ -9,7 +9,9 @@ disk or S3) into Parquet shards that later stages stream into Ray Train:
                          ->  pass 2: attach the original DICOM bytes of the good rows
                               and write shards                 (Ray Data map_batches + write)
                          ->  tokenizer trained on normalized train-split reports
-                         ->  manifest.json (written last: its presence means complete)
+                         ->  manifest.json (written last: its presence means complete;
+                              it counts, per split, the reports that training will cut
+                              at model.max_response_len tokens)
 
 Pass 1 keeps no pixel bytes, so it can be materialized at archive scale; pass 2 streams
 bytes straight to the writer. Rerunning replaces the previous output (same rows, same shard
@@ -137,6 +139,12 @@ def _process_report(src: Location, report_path: str, study_id: str):
         return None, None, None
     labels = label_report(raw)  # labels the findings + impression, as CheXpert does
     return raw, normalize_report(raw, seed=study_id), [labels[name] for name in CHEXPERT_LABELS]
+
+
+def is_truncated(num_tokens: int, max_response_len: int) -> bool:
+    """Whether a report of `num_tokens` tokens loses tokens in training: a response holds at
+    most `max_response_len - 1` report tokens and then `<eos>` (`pad_responses`)."""
+    return num_tokens > max_response_len - 1
 
 
 def _valid_rows(batch: pa.Table) -> pa.Table:
@@ -281,6 +289,10 @@ def prepare_shards(
 
     _write_errors(dst, errors)
     tokenizer_info = _train_tokenizer(dst, shard_rows, config)
+    if tokenizer_info["reports_truncated"]:
+        _log(f"reports that training cuts to model.max_response_len - 1 = "
+             f"{config.model.max_response_len - 1} tokens + <eos>: "
+             f"{json.dumps(tokenizer_info['reports_truncated'])}")
     manifest = _manifest(src, dst, info, shard_rows, errors, tokenizer_info, config, start)
     manifest_loc.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
@@ -309,7 +321,9 @@ def _write_errors(dst: Location, errors: list[dict[str, Any]]) -> None:
 
 
 def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConfig) -> dict:
-    """Train the report tokenizer on normalized reports of the train split (one per study)."""
+    """Train the report tokenizer on normalized reports of the train split (one per study);
+    with it, count each split's reports (one per study) that training cuts at
+    `model.max_response_len` tokens."""
     # Imported here: only the driver trains it, and transformers is slow for workers to import.
     from echo_ray.text.tokenizer import save_tokenizer, train_report_tokenizer
 
@@ -318,7 +332,7 @@ def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConf
     texts = [by_study[k] for k in sorted(by_study)]
     if not texts:
         _log("no training reports: tokenizer not trained (inference-only archive)")
-        return {"trained": False, "num_reports": 0}
+        return {"trained": False, "num_reports": 0, "reports_truncated": None}
     tok = train_report_tokenizer(
         texts, vocab_size=config.tokenizer.vocab_size,
         min_frequency=config.tokenizer.min_frequency,
@@ -335,9 +349,19 @@ def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConf
         save_tokenizer(tok, dst.join(TOKENIZER_DIR).path)
     lengths = [len(tok(t)["input_ids"]) for t in texts]
     _log(f"tokenizer trained on {len(texts)} reports: vocab {len(tok)}")
+    max_len = config.model.max_response_len
+    truncated = {}
+    for split in SPLITS:
+        reports = {r["study_id"]: r["report_normalized"] for r in rows
+                   if r["split"] == split and r["report_normalized"]}
+        truncated[split] = sum(
+            is_truncated(len(tok(t, add_special_tokens=False)["input_ids"]), max_len)
+            for t in reports.values()
+        )
     return {
         "trained": True, "num_reports": len(texts), "vocab_size": len(tok),
         "report_tokens_mean": float(np.mean(lengths)), "report_tokens_max": int(max(lengths)),
+        "reports_truncated": truncated,
     }
 
 
@@ -373,7 +397,11 @@ def _manifest(src, dst, info, rows, errors, tokenizer_info, config, start) -> di
         "shards": shard_files,
         "errors_table": ERRORS_FILE,
         "tokenizer": TOKENIZER_DIR if tokenizer_info["trained"] else None,
-        "tokenizer_info": tokenizer_info,
+        "tokenizer_info": {k: v for k, v in tokenizer_info.items() if k != "reports_truncated"},
+        # {split: reports (one per study) that training cuts (is_truncated), in tokens of
+        # the prepared tokenizer}; null without one
+        "reports_truncated": tokenizer_info["reports_truncated"],
+        "max_response_len": config.model.max_response_len,
         "config": {"data": config.to_dict()["data"], "tokenizer": config.to_dict()["tokenizer"]},
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
@@ -398,6 +426,9 @@ def summarize_manifest(m: dict) -> str:
         + (f" (vocab {m['tokenizer_info']['vocab_size']}, "
            f"{m['tokenizer_info']['report_tokens_mean']:.0f} tokens per report on average)"
            if m["tokenizer"] else ""),
-        f"wall time   {m['wall_time_s']} s",
     ]
+    if any((m.get("reports_truncated") or {}).values()):
+        lines.append(f"truncated   {json.dumps(m['reports_truncated'])} reports cut to "
+                     f"{m['max_response_len'] - 1} tokens + <eos> (model.max_response_len)")
+    lines.append(f"wall time   {m['wall_time_s']} s")
     return "\n".join(lines)

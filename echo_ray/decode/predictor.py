@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from echo_ray import __version__
-from echo_ray.config.schema import RADIOGRAPH_MODALITIES, DecodingConfig
+from echo_ray.config.schema import RADIOGRAPH_MODALITIES, DecodingConfig, ModelConfig
 from echo_ray.data.dicom import DicomError, decode_dicom
 from echo_ray.data.storage import model_name
 from echo_ray.decode.modes import decoding_kwargs, trained_modes
@@ -102,11 +102,13 @@ class ReportGenerator:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, overrides: Sequence[str] = (), **kwargs: Any
+        cls, path: str | Path, overrides: Sequence[str] = (), *,
+        plain_model: ModelConfig | None = None, **kwargs: Any
     ) -> ReportGenerator:
         """Load a run directory (see `checkpoint.save_checkpoint`); its training stage
-        (`train.stage`) gives `trained_modes`."""
-        model, config = load_checkpoint(path, overrides)
+        (`train.stage`) gives `trained_modes`. A plain Hugging Face folder loads zero-shot
+        with `plain_model` (`checkpoint.load_checkpoint`)."""
+        model, config = load_checkpoint(path, overrides, plain_model=plain_model)
         kwargs.setdefault("model_id", model_name(str(path)))
         kwargs.setdefault("trained_modes", trained_modes(config.train.stage))
         return cls(model, **kwargs)
@@ -291,8 +293,10 @@ class ReportScorer:
         return self
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs: Any) -> ReportScorer:
-        model, _ = load_checkpoint(path)
+    def from_checkpoint(
+        cls, path: str | Path, *, plain_model: ModelConfig | None = None, **kwargs: Any
+    ) -> ReportScorer:
+        model, _ = load_checkpoint(path, plain_model=plain_model)
         return cls(model, **kwargs)
 
     @torch.no_grad()

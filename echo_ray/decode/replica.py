@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import Any
 
-from echo_ray.config.schema import DecodingConfig
+from echo_ray.config.schema import DecodingConfig, ModelConfig
 from echo_ray.data.storage import Location, local_model_dir
 
 
@@ -46,17 +46,19 @@ class ModelReplica:
         return local_model_dir(model, os.path.join(self.scratch, name))
 
     def generator(self, model: Location, decoding: DecodingConfig, *, warm_up: int = 1,
-                  **kwargs: Any):
+                  plain_model: ModelConfig | None = None, **kwargs: Any):
         """A `ReportGenerator` of `model`, decoding as `decoding` says, placed on this
         replica's device and warmed up on `warm_up` blank images (0: no warm-up).
 
         Args:
+            plain_model: the model section of a plain Hugging Face folder (zero-shot).
             kwargs: further `ReportGenerator` arguments (model_id, include_phi, modalities).
         """
         from echo_ray.decode.predictor import ReportGenerator
 
         generator = ReportGenerator.from_checkpoint(
-            self.fetch(model), decoding=decoding.mode, steps=decoding.steps,
+            self.fetch(model), plain_model=plain_model, decoding=decoding.mode,
+            steps=decoding.steps,
             threshold=decoding.threshold, max_new_tokens=decoding.max_new_tokens,
             low_confidence=decoding.low_confidence, **kwargs,
         ).to(self.device)
@@ -64,11 +66,13 @@ class ModelReplica:
             generator.warm_up(warm_up)
         return generator
 
-    def scorer(self, model: Location):
+    def scorer(self, model: Location, plain_model: ModelConfig | None = None):
         """A `ReportScorer` (fluency NLL under an AR model) on this replica's device."""
         from echo_ray.decode.predictor import ReportScorer
 
-        return ReportScorer.from_checkpoint(self.fetch(model, "scorer")).to(self.device)
+        return ReportScorer.from_checkpoint(
+            self.fetch(model, "scorer"), plain_model=plain_model
+        ).to(self.device)
 
     def model(self, model: Location):
         """The bare `EchoDVLM` of `model`, placed for inference (eval mode)."""

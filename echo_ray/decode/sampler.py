@@ -163,9 +163,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     start = time.perf_counter()
     image_embeds = model.encode_images(pixel_values.to(model.device))  # (B, N_img, hidden)
-    # Ids the decoder must never emit (a mask token must not survive decoding).
+    # Ids the decoder must never emit (`EchoDVLM.banned_token_ids`: spare rows and every
+    # special token but eos; a mask token must not survive decoding).
     banned = torch.zeros(model.vocab_size, device=model.device)  # (V,)
-    banned[[model.mask_token_id, model.pad_token_id, model.image_token_id]] = float("-inf")
+    banned[model.banned_token_ids] = float("-inf")
     if ignore_eos:
         banned[model.eos_token_id] = float("-inf")
     picker = _Picker(banned, temperature, generator)

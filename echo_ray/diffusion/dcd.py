@@ -146,6 +146,7 @@ def compute_dcd_loss(
     *,
     step_weighting: str = "linear",
     eos_weight: float = 1.0,
+    attention: str = "dense",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCD objective through the model: the RAD layout with clean copy = the teacher's
     tokens and the noisy copy fully masked (every valid position `<|mask|>`, pads stay
@@ -156,11 +157,12 @@ def compute_dcd_loss(
         pixel_values: from `model.preprocess_images`, one image per row.
         response, valid, commit_step, top_ids, top_probs: as `dcd_loss` (e.g. from
             `collate_trajectories`).
+        attention: "dense" or "flex" (the RAD layout's BlockMask), as `compute_rad_loss`.
     """
     device = model.device
     response, valid = response.to(device), valid.to(device).bool()
     noisy = torch.where(valid, model.mask_token_id, response)  # (B, L) all masked
-    lay = build_layout(model, response, valid, "rad", noisy=noisy)
+    lay = build_layout(model, response, valid, "rad", noisy=noisy, attention=attention)
     logits = model(
         lay.input_ids,
         attention_mask=lay.attention_mask,

@@ -3,6 +3,12 @@ model-level losses (`compute_rad_loss`, `compute_ar_loss`, `ar_report_nll`).
 
 Shapes: B batch, P prompt length (image tokens + instruction), L response length (padded to
 a multiple of the diffusion block length `block_length`), T sequence length, V vocabulary.
+
+Every model-level loss takes `attention`: "dense" builds the `(B, 1, T, T)` bool mask of the
+layout (SDPA with a mask: any device, the reference); "flex" passes no dense mask: "causal"
+(plain causal SDPA, flash kernels, no repeated K/V) for the AR layout and the layout's
+flex-attention `BlockMask` for the others. Both give the same losses (tested); flex
+attention trains only on GPU (torch has no flex backward on CPU).
 """
 
 from __future__ import annotations
@@ -11,10 +17,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
-from echo_ray.diffusion.masks import LAYOUTS, attention_mask
+from echo_ray.diffusion.masks import LAYOUTS, attention_mask, flex_block_mask
 from echo_ray.diffusion.noise import Noised, noise_response
+from echo_ray.model.attention import CAUSAL
 from echo_ray.model.dvlm import EchoDVLM
+
+# The `attention` argument of the model-level losses (module docstring).
+ATTENTIONS = ("dense", "flex")
 
 # ---------------------------------------------------------------------- losses
 
@@ -91,7 +102,7 @@ class Layout:
     """Model inputs of one layout. `logits_from` is where the scored positions start."""
 
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, 1, T, T) bool
+    attention_mask: torch.Tensor | BlockMask | str  # (B, 1, T, T) bool, BlockMask or "causal"
     position_ids: torch.Tensor  # (3, 1, T)
     logits_from: int
 
@@ -102,6 +113,7 @@ def build_layout(
     valid: torch.Tensor,
     layout: str,
     noisy: torch.Tensor | None = None,
+    attention: str = "dense",
 ) -> Layout:
     """Input ids, mask and M-RoPE positions of `layout` for a batch of responses.
 
@@ -110,9 +122,15 @@ def build_layout(
 
     Args:
         response: `(B, L)` clean tokens.
-        valid: `(B, L)`.
+        valid: `(B, L)`, pads at the end of a row (as `pad_responses` makes them).
         noisy: `(B, L)` the noisy copy xt ("rad" and "full_copy").
+        attention: "dense": `attention_mask` of the layout; "flex": "causal" for the
+            "causal" layout (no mask: a valid row never sees the pads after it; pad rows
+            see earlier pads, which changes only their own, never scored, logits), else
+            `flex_block_mask` of the layout.
     """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
     B, L = response.shape
     device = model.device
     prompt = model.prompt_input_ids(B).to(device)  # (B, P)
@@ -138,10 +156,20 @@ def build_layout(
             logits_from = 2 * P + L
     else:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-    mask = attention_mask(P, L, model.block_length, layout, valid).to(device)
+    if attention == "dense":
+        mask = attention_mask(P, L, model.block_length, layout, valid).to(device)
+    elif layout == "causal":
+        if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+            raise ValueError(
+                "attention='flex' on the causal layout hides no pads: it needs the pads at "
+                "the end of each row (valid True, then False), as pad_responses makes them"
+            )
+        mask = CAUSAL
+    else:
+        mask = flex_block_mask(P, L, model.block_length, layout, valid, device)
     return Layout(
         input_ids=torch.cat(ids, dim=1),  # (B, T)
-        attention_mask=mask,  # (B, 1, T, T)
+        attention_mask=mask,  # (B, 1, T, T), BlockMask or "causal"
         position_ids=torch.cat(pos, dim=2),  # (3, 1, T)
         logits_from=logits_from,
     )
@@ -164,12 +192,14 @@ def compute_rad_loss(
     mask_ratio: float | None = None,
     weighting: str = "elbo",
     generator: torch.Generator | None = None,
+    attention: str = "dense",
 ) -> tuple[torch.Tensor, Noised]:
     """Noise the responses, run the RAD (or full-copy) layout, score the masked positions.
 
     Args:
         pixel_values: from `model.preprocess_images`, one image per row.
         response, valid: `(B, L)` from `pad_responses`.
+        attention: "dense" or "flex" (module docstring).
 
     Returns:
         (loss, the noise that was drawn).
@@ -184,7 +214,7 @@ def compute_rad_loss(
         mask_ratio=mask_ratio,
         generator=generator,
     )
-    lay = build_layout(model, response, valid, layout, noisy=noise.noisy)
+    lay = build_layout(model, response, valid, layout, noisy=noise.noisy, attention=attention)
     copies = 2 if layout == "full_copy" else 1
     logits = model(
         lay.input_ids,
@@ -198,21 +228,34 @@ def compute_rad_loss(
 
 
 def compute_ar_loss(
-    model: EchoDVLM, pixel_values: torch.Tensor, response: torch.Tensor, valid: torch.Tensor
+    model: EchoDVLM,
+    pixel_values: torch.Tensor,
+    response: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    attention: str = "dense",
 ) -> torch.Tensor:
-    """The AR objective: causal `[prompt | response]`, shifted next-token loss."""
-    logits, response, valid = _ar_logits(model, pixel_values, response, valid)
+    """The AR objective: causal `[prompt | response]`, shifted next-token loss.
+
+    Args:
+        attention: "dense" or "flex" (plain causal SDPA, no mask tensor).
+    """
+    logits, response, valid = _ar_logits(model, pixel_values, response, valid, attention)
     return ar_loss(logits, response, valid, model.eos_token_id)
 
 
 def _ar_logits(
-    model: EchoDVLM, pixel_values: torch.Tensor, response: torch.Tensor, valid: torch.Tensor
+    model: EchoDVLM,
+    pixel_values: torch.Tensor,
+    response: torch.Tensor,
+    valid: torch.Tensor,
+    attention: str = "dense",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The causal `[prompt | response]` forward: `(B, L, V)` logits at positions P-1 ..
     P+L-2 (each predicting the next response token), and response / valid on the device."""
     device = model.device
     response, valid = response.to(device), valid.to(device)
-    lay = build_layout(model, response, valid, "causal")
+    lay = build_layout(model, response, valid, "causal", attention=attention)
     logits = model(
         lay.input_ids,
         attention_mask=lay.attention_mask,

@@ -203,7 +203,8 @@ def _write_shard(loc: Location, rows: list[dict], dropped: dict[str, int]) -> No
 
 def _copy_tokenizer(teacher: Location, dst: Location) -> None:
     dst.delete_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "chat_template.json"):  # the prompt's template too
         if teacher.join(name).exists():
             dst.join(name).write_bytes(teacher.join(name).read_bytes())
 

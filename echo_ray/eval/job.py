@@ -1,10 +1,13 @@
 """`echo-ray evaluate`: quality and speed of several systems on one split, in one table.
 
 A system is a checkpoint and a decoding mode (`name=PATH:MODE`, e.g. `ar=runs/ar:ar`,
-`teacher=runs/rad:multi-step`). For each system, in turn, a Ray Data batch-inference pass
-reads the split's DICOM bytes from the shards and streams them through an actor pool (one
-model per actor) that decodes the images, writes the reports, times every batch, and scores
-the reports' fluency under an AR checkpoint. The driver collects the light rows (text and
+`teacher=runs/rad:multi-step`, or `base=/models/Qwen2.5-VL-7B-Instruct:ar`: a plain Hugging
+Face folder, without echo_config.json, is scored zero-shot with this run's `model` section:
+image size, instruction, max_response_len from the preset and `--set model.*`). For each
+system, in turn, a Ray Data batch-inference pass reads the split's DICOM bytes from the
+shards and streams them through an actor pool (one model per actor) that decodes the images,
+writes the reports, times every batch, and scores the reports' fluency under an AR
+checkpoint. The driver collects the light rows (text and
 counts, no pixels), then computes:
 
 - clinical efficacy: CheXpert-14/5 micro and macro label F1 of the project's labeler on the
@@ -39,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from echo_ray.config.schema import DecodingConfig, EchoConfig, PoolConfig
+from echo_ray.config.schema import DecodingConfig, EchoConfig, ModelConfig, PoolConfig
 from echo_ray.data.shards import select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
 from echo_ray.decode.replica import ModelReplica
@@ -96,7 +99,8 @@ def evaluate(
 
     Args:
         config: its `evaluate`, `pool` and `decoding` (steps, threshold of multi-step)
-            sections are used (default: the tiny preset's).
+            sections are used (default: the tiny preset's), and its `model` section for
+            systems that are plain Hugging Face folders (zero-shot).
 
     Returns:
         results.json's content (system name -> figures: RESULT_KEYS and more) and
@@ -212,6 +216,7 @@ def _run_system(
         fn_constructor_kwargs={
             "model": model, "fluency": fluency, "pool": pool, "batch_size": options.batch_size,
             "decoding": dataclasses.replace(config.decoding, mode=system.mode),
+            "plain_model": config.model,
         },
         batch_size=options.batch_size,
         batch_format="pyarrow",
@@ -240,14 +245,14 @@ class _ReportActor:
     """One model replica: DICOM bytes in, reports + timings + fluency NLL out (no pixels)."""
 
     def __init__(self, *, model: Location, fluency: Location | None, pool: PoolConfig,
-                 decoding: DecodingConfig, batch_size: int) -> None:
+                 decoding: DecodingConfig, batch_size: int, plain_model: ModelConfig) -> None:
         replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
                                use_gpu=pool.gpus_per_actor > 0, name="eval")
         self.generator = replica.generator(
-            model, decoding, model_id=model.uri,
+            model, decoding, model_id=model.uri, plain_model=plain_model,
             warm_up=min(batch_size, 2),  # not in the first system's timing
         )
-        self.scorer = replica.scorer(fluency) if fluency is not None else None
+        self.scorer = replica.scorer(fluency, plain_model) if fluency is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         blobs = batch.column("dicom").to_pylist()

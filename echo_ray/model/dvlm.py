@@ -1,19 +1,24 @@
 """The dVLM: transformers' Qwen2.5-VL (Lingshu-7B's architecture) used as a block-diffusion LM.
 
 Architecture only: how images and the fixed prompt become embeddings and positions, and one
-forward that takes an explicit 4D attention mask. Building and loading a model (from a config
+forward that takes an explicit attention mask (a 4D bool tensor, a flex-attention BlockMask
+or "causal"). Building and loading a model (from a config
 or a Hugging Face folder) live in `model/hf.py`; the masks, losses and layouts in
 `echo_ray.diffusion`; the decoders in `echo_ray.decode`.
 
 Why a wrapper rather than calling the HF forward:
-- every prompt is `<|vision_start|> <|image_pad|> x N <|vision_end|> instruction`, with a
-  fixed image grid per model, so the prompt (its ids and its M-RoPE positions) is computed
-  once, here, and a batch of prompts always has one length (no left padding);
+- every prompt is the checkpoint's chat template around one image and the instruction
+  (`model/prompt.py`; built from shapes: `<|vision_start|> <|image_pad|> x N <|vision_end|>
+  instruction`), with a fixed image grid per model, so the prompt (its ids and its M-RoPE
+  positions) is computed once, here, and a batch of prompts always has one length (no left
+  padding);
 - block diffusion needs custom 4D masks, which the HF forward passes through unchanged, but
   it cannot derive Qwen2.5-VL's 3D (M-RoPE) positions from a 4D mask: positions are always
   explicit here. Response token i sits at text position `response_position_start + i`, and
   the noisy copy of the RAD layout reuses the clean copy's positions;
-- `sdpa` attention reads a bool mask as True = attend (`eager` would read it silently wrong).
+- the attention function ("echo_ray", `model/attention.py`) reads a bool mask as SDPA does,
+  True = attend (`eager` would read it silently wrong), and takes a BlockMask or "causal"
+  where a dense `(B, 1, T, T)` mask is not needed.
 
 No logit shift (as SDAR/ECHO): the hidden state at a masked position predicts the token at
 that position. The AR objective shifts in `diffusion/losses.py`, not here.
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.utils.generic import get_max_seqlen
@@ -37,10 +43,13 @@ from transformers.vision_utils import (
 )
 
 from echo_ray.config.schema import ModelConfig
+from echo_ray.model.attention import CAUSAL
 from echo_ray.model.cpu_kernels import PackedLinear, pack_linears
-from echo_ray.text.tokenizer import MASK_TOKEN
+from echo_ray.model.prompt import render_prompt_ids
+from echo_ray.text.tokenizer import IMAGE_PAD_TOKEN, MASK_TOKEN
 
-# Qwen2.5-VL normalises pixels with CLIP's statistics.
+# Qwen2.5-VL normalises pixels with CLIP's statistics (a checkpoint's preprocessor_config.json
+# may say otherwise: `model/hf.py` reads it).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -67,9 +76,14 @@ class EchoDVLM(nn.Module):
         backbone: the `Qwen2_5_VLForConditionalGeneration` (saved / loaded in HF format).
         config: the `ModelConfig` it was built with.
         tokenizer: the tokenizer whose ids the model uses (mask, eos, pad, vision tokens).
-        prompt_ids: `(P,)` the fixed prompt.
+        prompt_ids: `(P,)` the fixed prompt (`model.prompt.render_prompt_ids`).
         prompt_position_ids: `(3, 1, P)` its M-RoPE positions (temporal, height, width).
         response_position_start: text position of the first response token.
+        banned_token_ids: `(K,)` the ids decoding never writes: every id without a token
+            (embedding rows past `len(tokenizer)`, e.g. Qwen's ~270 spare rows) and every
+            added or special token (mask, pad, bos, unk, chat, vision, tool/think...) but eos.
+        image_mean, image_std: per-channel pixel normalisation (the checkpoint's
+            preprocessor_config.json, else CLIP's).
     """
 
     def __init__(
@@ -77,16 +91,30 @@ class EchoDVLM(nn.Module):
         backbone: Qwen2_5_VLForConditionalGeneration,
         tokenizer: PreTrainedTokenizerBase,
         config: ModelConfig,
+        *,
+        image_mean: tuple[float, ...] = IMAGE_MEAN,
+        image_std: tuple[float, ...] = IMAGE_STD,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         hf = backbone.config
         self.mask_token_id = _token_id(tokenizer, MASK_TOKEN)
         self.eos_token_id = _required_id(tokenizer.eos_token_id, "eos")
         self.pad_token_id = _required_id(tokenizer.pad_token_id, "pad")
         self.image_token_id = int(hf.image_token_id)
+        if tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN) != self.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE_PAD_TOKEN} id "
+                f"({tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN)}) is not the model "
+                f"config's image_token_id ({self.image_token_id}): tokenizer and weights are "
+                "from different checkpoints"
+            )
+        self.register_buffer(
+            "banned_token_ids", _banned_ids(tokenizer, self.vocab_size), persistent=False
+        )  # (K,)
         vision = hf.vision_config
         self.patch_size = int(vision.patch_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
@@ -106,13 +134,7 @@ class EchoDVLM(nn.Module):
             "image_grid_thw", torch.tensor([[1, side, side]]), persistent=False
         )  # (1, 3)
 
-        instruction = tokenizer(config.instruction, add_special_tokens=False)["input_ids"]
-        prompt = (
-            [int(hf.vision_start_token_id)]
-            + [self.image_token_id] * self.num_image_tokens
-            + [int(hf.vision_end_token_id)]
-            + list(instruction)
-        )
+        prompt = render_prompt_ids(tokenizer, config.instruction, self.num_image_tokens)
         prompt_ids = torch.tensor(prompt)  # (P,)
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         mm_token_type = (prompt_ids == self.image_token_id).int()[None]  # (1, P)
@@ -141,7 +163,8 @@ class EchoDVLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return int(self.backbone.get_input_embeddings().weight.shape[0])
+        weight = self.backbone.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: the full shape
 
     @property
     def device(self) -> torch.device:
@@ -206,8 +229,8 @@ class EchoDVLM(nn.Module):
         size = self.config.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(IMAGE_STD, device=x.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std  # (N, C, S, S)
         n, c = x.shape[:2]
         p, m, t = self.patch_size, self.spatial_merge_size, self.temporal_patch_size
@@ -291,7 +314,7 @@ class EchoDVLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | str,
         position_ids: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
@@ -303,11 +326,18 @@ class EchoDVLM(nn.Module):
         Runs the HF text model's decoder layers directly: its `forward` wrapper only adds,
         per call, the rotary table (a function of the positions, cacheable by the caller),
         mask preprocessing (a 4D bool mask passes through it unchanged) and output capture.
+        The attention kernel follows the mask's type (`model/attention.py`).
 
         Args:
             input_ids: `(B, Q)` the new tokens.
-            attention_mask: `(B or 1, 1, Q, K)` bool, True = attend; K = cached + Q keys.
-                Always explicit: without it a cached multi-token forward is silently causal.
+            attention_mask: always explicit (without it a cached multi-token forward is
+                silently causal), one of:
+                - `(B or 1, 1, Q, K)` bool tensor, True = attend; K = cached + Q keys. SDPA
+                  with the mask; the only form with cached keys (decoding);
+                - a flex-attention `BlockMask` of shape `(B or 1, 1, Q, Q)`
+                  (`diffusion.masks.flex_block_mask`): flex attention, no dense mask;
+                - "causal": plain causal SDPA over the Q tokens, no mask tensor (the AR
+                  objective); no cached keys.
             position_ids: `(3, B or 1, Q)` M-RoPE positions.
             image_embeds: `(B, num_image_tokens, hidden)` when `input_ids` holds the prompt.
             past_key_values: a cache to read and append to (appends all Q tokens).
@@ -318,12 +348,12 @@ class EchoDVLM(nn.Module):
         Returns:
             logits `(B, Q - logits_from, V)`.
         """
-        if attention_mask.dtype != torch.bool or attention_mask.ndim != 4:
-            raise ValueError("attention_mask must be a 4D bool tensor (True = attend)")
         batch = input_ids.shape[0]
-        embeds = self.embed(input_ids, image_embeds)  # (B, Q, hidden)
         text = self.backbone.model.language_model
-        mask = attention_mask.expand(batch, -1, -1, -1)  # (B, 1, Q, K)
+        mask = _checked_mask(attention_mask, batch, past_key_values)
+        if text.has_sliding_layers and not isinstance(mask, torch.Tensor):
+            raise ValueError("a model with sliding-window layers needs a 4D bool attention_mask")
+        embeds = self.embed(input_ids, image_embeds)  # (B, Q, hidden)
         position_ids = position_ids.expand(-1, batch, -1)  # (3, B, Q)
         if text.has_sliding_layers:  # per-layer masks: let the HF wrapper build them
             hidden = text(
@@ -348,6 +378,27 @@ class EchoDVLM(nn.Module):
         return self.backbone.lm_head(hidden[:, logits_from:])  # (B, Q - logits_from, V)
 
 
+def _checked_mask(
+    attention_mask: torch.Tensor | BlockMask | str, batch: int, cache: Cache | None
+) -> torch.Tensor | BlockMask | str:
+    """`forward`'s mask, validated (a dense one expanded to the batch: `(B, 1, Q, K)`)."""
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dtype != torch.bool or attention_mask.ndim != 4:
+            raise ValueError(
+                "a tensor attention_mask must be 4D bool (True = attend), "
+                f"got {attention_mask.ndim}D {attention_mask.dtype}"
+            )
+        return attention_mask.expand(batch, -1, -1, -1)  # (B, 1, Q, K)
+    if not isinstance(attention_mask, BlockMask) and attention_mask != CAUSAL:
+        raise ValueError(
+            "attention_mask must be a 4D bool tensor (True = attend), a flex-attention "
+            f"BlockMask or {CAUSAL!r}; got {attention_mask!r}"
+        )
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("with cached keys pass a 4D bool attention_mask (decoding)")
+    return attention_mask
+
+
 # ---------------------------------------------------------------------- token ids
 
 
@@ -356,6 +407,14 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     if token not in vocab:
         raise ValueError(f"tokenizer lacks {token}; call echo_ray.model.hf.add_mask_token first")
     return int(vocab[token])
+
+
+def _banned_ids(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
+    """`(K,)` sorted: ids >= len(tokenizer) and every added / special token's id but eos."""
+    specials = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    specials.discard(tokenizer.eos_token_id)
+    ids = {i for i in specials if i < vocab_size} | set(range(len(tokenizer), vocab_size))
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 def _required_id(value: int | None, name: str) -> int:

@@ -1,10 +1,11 @@
 """The Hugging Face compatibility shims in one place: a Qwen2.5-VL config from our model
-config, a dVLM built at random or loaded from a local Hugging Face folder, and the `<|mask|>`
-token a base checkpoint lacks.
+config, a dVLM built at random or loaded from a local Hugging Face folder (its tokenizer,
+chat template and preprocessor_config.json), and the `<|mask|>` token a base checkpoint lacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from transformers import (
 )
 
 from echo_ray.config.schema import ModelConfig
-from echo_ray.model.dvlm import EchoDVLM
+from echo_ray.model.attention import ATTENTION_NAME
+from echo_ray.model.dvlm import IMAGE_MEAN, IMAGE_STD, EchoDVLM
+from echo_ray.model.folder import PREPROCESSOR_FILE, read_preprocessing
+from echo_ray.model.prompt import folder_chat_template
 from echo_ray.text.tokenizer import (
     IMAGE_PAD_TOKEN,
     MASK_TOKEN,
@@ -28,9 +32,10 @@ from echo_ray.text.tokenizer import (
 
 logger = logging.getLogger(__name__)
 
-# The only attention implementation whose reading of a bool 4D mask we rely on
-# (docs/ARCHITECTURE.md section 5.6).
-ATTN_IMPLEMENTATION = "sdpa"
+# Our attention function (`model/attention.py`): SDPA for a bool 4D mask, exactly as "sdpa"
+# (docs/ARCHITECTURE.md section 5.6), flex attention for a BlockMask, causal SDPA for
+# "causal". Runtime only: saved config.json files carry no attention implementation.
+ATTN_IMPLEMENTATION = ATTENTION_NAME
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -112,8 +117,14 @@ def load_pretrained(
 ) -> EchoDVLM:
     """Load a local Hugging Face Qwen2.5-VL directory (e.g. Lingshu-7B) as a dVLM.
 
-    Adds `<|mask|>` to the tokenizer when it lacks one and resizes the embeddings (the new
-    rows start at the mean embedding) when the vocabulary outgrows them.
+    - tokenizer: the folder's (default), with its chat template; a legacy processor
+      `chat_template.json` (what `AutoProcessor` uses when there is no
+      `chat_template.jinja`) replaces the tokenizer_config.json one. The prompt is rendered
+      from it (`model/prompt.py`).
+    - `<|mask|>`: added when the tokenizer lacks it, with an initialised row
+      (`add_mask_token`).
+    - preprocessor_config.json, when present: image mean / std, and patch, merge and
+      temporal patch sizes, which must equal the vision config's; else CLIP's statistics.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -123,12 +134,36 @@ def load_pretrained(
         )
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        template = folder_chat_template(path)
+        if template is not None:
+            tokenizer.chat_template = template
     backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), attn_implementation=ATTN_IMPLEMENTATION, dtype=DTYPES[config.dtype]
     )
     backbone.eval()
     add_mask_token(backbone, tokenizer)
-    return EchoDVLM(backbone, tokenizer, config)
+    return EchoDVLM(backbone, tokenizer, config, **_image_settings(path, backbone))
+
+
+def _image_settings(path: Path, backbone: Qwen2_5_VLForConditionalGeneration) -> dict:
+    """`image_mean` / `image_std` of the folder's preprocessor_config.json (default CLIP's),
+    after checking its patch geometry against the vision tower's."""
+    settings = read_preprocessing(path) or {}
+    vision = backbone.config.vision_config
+    for key, expected in (
+        ("patch_size", vision.patch_size),
+        ("merge_size", vision.spatial_merge_size),
+        ("temporal_patch_size", vision.temporal_patch_size),
+    ):
+        if key in settings and settings[key] != int(expected):
+            raise ValueError(
+                f"{path / PREPROCESSOR_FILE} has {key}={settings[key]} but the vision tower's "
+                f"config.json says {expected}: the files are from different checkpoints"
+            )
+    return {
+        "image_mean": settings.get("image_mean", IMAGE_MEAN),
+        "image_std": settings.get("image_std", IMAGE_STD),
+    }
 
 
 def add_mask_token(
@@ -136,24 +171,50 @@ def add_mask_token(
 ) -> bool:
     """Give `tokenizer` a `<|mask|>` token and `backbone` an embedding row for it.
 
-    Returns True when anything changed. New embedding (and, untied, output) rows are set to
-    the mean of the existing rows, a neutral start for a token the base never saw.
+    Returns True when anything changed. When the tokenizer gains `<|mask|>` here (a
+    checkpoint never trained as a dVLM), its embedding row and, untied, its output-head row
+    are set to the mean of the base vocabulary's rows (ids below the old `len(tokenizer)`
+    that are no added or special token), a neutral start for a token the base never saw.
+    That holds whether the id lands on a spare row (Qwen2.5-VL's embeddings have ~270 rows
+    past its 151,66x tokens, never trained: no resize) or on a new row (a resize; any other
+    new row gets the same mean). A tokenizer that already has `<|mask|>` (an echo-ray
+    checkpoint, the report tokenizer) keeps its trained row.
     """
-    changed = False
-    if MASK_TOKEN not in tokenizer.get_vocab():
+    added = MASK_TOKEN not in tokenizer.get_vocab()
+    base_ids = sorted(
+        set(range(len(tokenizer))) - set(tokenizer.added_tokens_decoder)
+        - set(tokenizer.all_special_ids)
+    )
+    if added:
         tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
-        changed = True
     elif tokenizer.mask_token != MASK_TOKEN:
         tokenizer.mask_token = MASK_TOKEN
-    old = backbone.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
+    weight = backbone.get_input_embeddings().weight
+    old = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the full shape
+    resized = len(tokenizer) > old
+    if resized:
         backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            emb = backbone.get_input_embeddings().weight
-            emb[old:] = emb[:old].mean(0)
-            head = backbone.get_output_embeddings().weight
-            if head is not emb:
-                head[old:] = head[:old].mean(0)
         logger.info("resized embeddings %d -> %d for %s", old, len(tokenizer), MASK_TOKEN)
-        changed = True
-    return changed
+    if added or resized:
+        rows = list(range(old, len(tokenizer)))
+        if tokenizer.mask_token_id < old:
+            rows.append(tokenizer.mask_token_id)
+        emb = backbone.get_input_embeddings().weight
+        head = backbone.get_output_embeddings().weight
+        params = [emb] if head is emb else [emb, head]
+        with _gathered(params), torch.no_grad():
+            for w in params:
+                w[rows] = w[base_ids].float().mean(0).to(w.dtype)
+    return added or resized
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Under ZeRO-3 (parameters partitioned), the full `params` for rank 0 to modify (as
+    transformers' own resize does); otherwise nothing to do."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

@@ -6,15 +6,19 @@ diffusion `<|mask|>` token from the start, so a model built on this tokenizer ne
 `resize_token_embeddings` for it (docs/ARCHITECTURE.md section 5.9: resizing a tied tiny model broke
 backward), and the Qwen2.5-VL vision placeholders, so the tiny model uses the real
 Qwen2.5-VL prompt layout.
+
+Importing this module is cheap (no torch, no transformers): the CLI's up-front checks use
+its token names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
@@ -48,6 +52,9 @@ def train_report_tokenizer(
     Byte-level: any text round-trips exactly (no unknown characters), which a report
     generator needs for names of devices, measurements and punctuation alike.
     """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -84,6 +91,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer directory and check it has every special token echo-ray needs."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     vocab = tokenizer.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]

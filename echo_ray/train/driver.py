@@ -25,7 +25,12 @@
   rank), so a resumed worker skips exactly the batches it had consumed and the run
   continues as if it had never stopped.
 - Rows the pipeline could not use (`ok` False) stay in their batch with no loss weight, so
-  every rank still takes the same steps; they are counted (`bad_rows`) and logged.
+  every rank still takes the same steps; they are counted (`bad_rows`) and logged. Rows
+  whose report is longer than `model.max_response_len - 1` tokens are cut (the response
+  ends with `<eos>`) and counted (`truncated_rows`), never silently.
+- Memory: `train.gradient_checkpointing` recomputes activations in the backward pass;
+  DeepSpeed with bf16 trains bf16 weights (its optimizer keeps the fp32 masters); ZeRO-3
+  builds or loads the model partitioned and saves it from rank 0 (worker.py).
 """
 
 from __future__ import annotations
@@ -109,6 +114,12 @@ def train(
         raise ConfigError(
             "--stage dcd distils a RAD teacher into a one-step student initialised from it: "
             "pass --init with the teacher checkpoint (the --out folder of `--stage rad`)"
+        )
+    if config.train.attention == "flex" and stage != "ar" and not config.train.use_gpu:
+        raise ConfigError(
+            f"train.attention=flex trains --stage {stage} on GPU workers only (torch has no "
+            "flex-attention backward on CPU): set train.use_gpu=true, or train.attention=auto "
+            "or dense"
         )
     start = time.time()
     shards = resolve(data, s3_endpoint=s3_endpoint)
@@ -197,9 +208,12 @@ def train(
     }
     run.join(SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     val = metrics.get("val_loss")
+    cut = metrics.get("truncated_rows")
     _log(stage, f"done in {summary['wall_time_s']} s: step {metrics.get('step')}, loss "
          f"{metrics.get('loss', float('nan')):.4f}, validation loss "
-         f"{'n/a' if val is None else f'{val:.4f}'}; model -> {model_dir.uri}")
+         f"{'n/a' if val is None else f'{val:.4f}'}"
+         + (f", {cut} rows cut at model.max_response_len" if cut else "")
+         + f"; model -> {model_dir.uri}")
     return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics)
 
 

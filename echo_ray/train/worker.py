@@ -2,6 +2,11 @@
 from this run's latest checkpoint, else --init, else the preset; DDP or DeepSpeed around its
 Objective; then steps, validation loss, metrics.jsonl and checkpoints (model directory plus
 train_state.pt, which holds the step, the data position, optimizer and LR schedule).
+
+Memory at scale: DDP trains fp32 weights under bf16 autocast; DeepSpeed with bf16 loads the
+model in bf16 (its optimizer keeps the fp32 master copy, so no fp32 model is ever made here);
+ZeRO-3 builds or loads the model partitioned over the ranks and saves the model directory
+from a state dict gathered layer by layer to rank 0 only.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -29,10 +33,23 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from echo_ray.config.overrides import from_dict
-from echo_ray.config.schema import EchoConfig
+from echo_ray.config.schema import ModelConfig
+from echo_ray.data.prepare import is_truncated
 from echo_ray.data.storage import Location
 from echo_ray.model.checkpoint import save_checkpoint
-from echo_ray.train.objectives import Objective, lr_lambda
+from echo_ray.train.objectives import (
+    Objective,
+    lr_lambda,
+    set_up_for_training,
+    training_attention,
+    vision_frozen,
+)
+from echo_ray.train.zero import (
+    deepspeed_config,
+    initialize_partitioned,
+    partitioned_construction,
+    partitioned_loading,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +74,14 @@ def train_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
     bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and tcfg.use_gpu)
     deepspeed = tcfg.strategy == "deepspeed"
+    ds_config = deepspeed_config(tcfg, bf16) if deepspeed else None
+    zero3 = ds_config if deepspeed and tcfg.zero_stage == 3 else None
+    # The weights' training dtype, loaded as such (no second copy): DDP keeps fp32 weights
+    # and runs bf16 compute under autocast; DeepSpeed with bf16 trains bf16 weights and its
+    # optimizer keeps the fp32 master copy.
+    model_config = dataclasses.replace(
+        config.model, dtype="bfloat16" if deepspeed and bf16 else "float32"
+    )
 
     # ---- model: this run's latest checkpoint, else --init, else built from the preset
     state: dict[str, Any] = {}
@@ -64,28 +89,30 @@ def train_worker(cfg: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ds_resume = None
         if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                model = load_pretrained(d, config.model)
+            with checkpoint.as_directory() as d, partitioned_loading(zero3):
+                model = load_pretrained(d, model_config)
                 state = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
                 if deepspeed:  # keep the ZeRO shards until the engine has loaded them
                     ds_resume = Path(tmp) / DEEPSPEED_DIR
                     shutil.copytree(Path(d) / DEEPSPEED_DIR, ds_resume)
         else:
-            model = _initial_model(cfg, config, Path(tmp))
-        freeze = tcfg.freeze_vision if tcfg.freeze_vision is not None else stage != "ar"
-        model.set_vision_trainable(not freeze)
+            model = _initial_model(cfg, model_config, Path(tmp), zero3)
+        freeze = vision_frozen(tcfg, stage)
+        set_up_for_training(model, freeze_vision=freeze,
+                            gradient_checkpointing=tcfg.gradient_checkpointing)
         # the run's config records the values used and the stage (checkpoints save them)
         config = dataclasses.replace(
             config, train=dataclasses.replace(tcfg, freeze_vision=freeze, stage=stage)
         )
         tcfg = config.train
         model.config = config.model
-        if not deepspeed:
-            model.float()  # fp32 master weights; bf16 compute runs under autocast
+        if zero3 is None:  # partitioned parameters are already in their dtype and place
+            model.to(getattr(torch, model_config.dtype))
         model.to(device).train()
 
         objective = Objective(model, stage, dcd_step_weighting=tcfg.dcd_step_weighting,
-                              dcd_eos_weight=tcfg.dcd_eos_weight)
+                              dcd_eos_weight=tcfg.dcd_eos_weight,
+                              attention=training_attention(tcfg.attention, device))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
@@ -97,7 +124,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             ),
         )
         if deepspeed:
-            engine = _deepspeed_engine(objective, optimizer, scheduler, tcfg, bf16)
+            engine = _deepspeed_engine(objective, optimizer, scheduler, ds_config)
             if ds_resume is not None:
                 engine.load_checkpoint(str(ds_resume), tag="state")
             runner = engine
@@ -123,7 +150,11 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _initial_model(cfg: dict[str, Any], config: EchoConfig, tmp: Path):
+def _initial_model(cfg: dict[str, Any], config: ModelConfig, tmp: Path,
+                   zero3: dict[str, Any] | None):
+    """The model of a run's first start: `--init` (a checkpoint or a plain Hugging Face
+    folder), else built from `config`'s shapes on the prepared tokenizer. `zero3`: the
+    DeepSpeed config when ZeRO-3 partitions the model as it is built or loaded."""
     from echo_ray.model.hf import build_model
     from echo_ray.text.tokenizer import load_tokenizer
 
@@ -133,31 +164,24 @@ def _initial_model(cfg: dict[str, Any], config: EchoConfig, tmp: Path):
         if init.is_s3:
             path = str(tmp / "init")
             init.copy_to(Location(pafs.LocalFileSystem(), path, path))
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, pretrained_path=path)
-        )
-        return build_model(config.model)
+        with partitioned_loading(zero3):
+            return build_model(dataclasses.replace(config, pretrained_path=path))
     folder = tmp / "tokenizer"
     folder.mkdir()
     for name, text in cfg["tokenizer_files"].items():
         (folder / name).write_text(text)
-    return build_model(config.model, load_tokenizer(folder))
+    tokenizer = load_tokenizer(folder)
+    if zero3 is None:
+        return build_model(config, tokenizer)
+    with partitioned_construction(zero3):
+        model = build_model(config, tokenizer)
+    initialize_partitioned(model, config.seed)
+    return model
 
 
-def _deepspeed_engine(objective, optimizer, scheduler, tcfg, bf16: bool):
-    if not tcfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def _deepspeed_engine(objective, optimizer, scheduler, ds_config: dict[str, Any]):
     import deepspeed
 
-    ds_config = {
-        "train_micro_batch_size_per_gpu": tcfg.batch_size,
-        "gradient_accumulation_steps": tcfg.grad_accum,
-        "gradient_clipping": tcfg.grad_clip,
-        "zero_optimization": {"stage": tcfg.zero_stage},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
     engine, _, _, _ = deepspeed.initialize(
         model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         dist_init_required=False,
@@ -166,7 +190,8 @@ def _deepspeed_engine(objective, optimizer, scheduler, tcfg, bf16: bool):
 
 
 class _Collate(NumpyBatchCollateFn):
-    """Pipeline rows -> tensors: pixels `(N, S, S)`, padded `response` / `valid` `(N, L)`."""
+    """Pipeline rows -> tensors: pixels `(N, S, S)`, padded `response` / `valid` `(N, L)`,
+    and `truncated` `(N,)`: usable rows whose report lost tokens to `max_response_len`."""
 
     def __init__(self, model) -> None:
         self.image_size = model.config.image_size
@@ -198,6 +223,8 @@ class _Collate(NumpyBatchCollateFn):
             response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
         ok = torch.as_tensor(np.asarray(batch["ok"], bool))
         valid[~ok] = False  # unusable rows: in the batch, with no loss weight
+        cut = [is_truncated(len(t), self.pad["max_len"]) for t in batch["tokens"]]
+        truncated = torch.as_tensor(cut, dtype=torch.bool) & ok
         pixels = np.stack([np.asarray(p, np.float32) for p in batch["pixels"]])
         return {
             "pixels": torch.from_numpy(pixels.reshape(-1, size, size)),
@@ -205,6 +232,7 @@ class _Collate(NumpyBatchCollateFn):
             "valid": valid,
             **extra,
             "ok": ok,
+            "truncated": truncated,
             "dicom_id": [str(x) for x in batch["dicom_id"]],
             "error": [str(x) for x in batch["error"]],
         }
@@ -223,6 +251,7 @@ class _Loop:
         self.epoch = int(state.get("epoch", 0))
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
         self.bad_rows = int(state.get("bad_rows", 0))
+        self.truncated_rows = int(state.get("truncated_rows", 0))
         self.resumed_from = self.step if state else None
         self.run_dir: Location = cfg["run"]
         self.log = (
@@ -275,7 +304,8 @@ class _Loop:
                           "batches_in_epoch": self.batches_in_epoch, "time": time.time()})
         # A step may span two epochs (grad_accum > 1); checkpoints are taken at step ends, so
         # a resumed worker always starts at a step boundary.
-        micro, step_loss, step_tokens, step_bad, t0 = 0, 0.0, 0, 0, time.perf_counter()
+        micro, step_loss, step_tokens, t0 = 0, 0.0, 0, time.perf_counter()
+        step_bad = step_truncated = 0
         while self.step < tcfg.max_steps:
             skip, consumed = self.batches_in_epoch, 0
             batches = self._batches(
@@ -293,6 +323,7 @@ class _Loop:
                         f"fault drill: rank {self.rank} fails at step {self.step + 1}"
                     )
                 step_bad += int((~batch["ok"]).sum())
+                step_truncated += int(batch["truncated"].sum())
                 for i in np.flatnonzero(~batch["ok"].numpy()):
                     logger.warning("rank %d skipped row %s: %s", self.rank, batch["dicom_id"][i],
                                    batch["error"][i])
@@ -308,8 +339,10 @@ class _Loop:
                 self.step += 1
                 elapsed = time.perf_counter() - t0
                 self.batches_in_epoch = consumed
-                self._end_step(step_loss / micro, step_tokens, step_bad, lr, grad_norm, elapsed)
-                micro, step_loss, step_tokens, step_bad, t0 = 0, 0.0, 0, 0, time.perf_counter()
+                self._end_step(step_loss / micro, step_tokens, step_bad, step_truncated, lr,
+                               grad_norm, elapsed)
+                micro, step_loss, step_tokens, t0 = 0, 0.0, 0, time.perf_counter()
+                step_bad = step_truncated = 0
                 if self.step >= tcfg.max_steps:
                     break
             else:
@@ -352,11 +385,13 @@ class _Loop:
         return float(norm)
 
     def _end_step(
-        self, loss: float, tokens: int, bad: int, lr: float, grad_norm: float, elapsed: float
+        self, loss: float, tokens: int, bad: int, truncated: int, lr: float, grad_norm: float,
+        elapsed: float,
     ) -> None:
         tcfg = self.tcfg
-        totals = self._all_reduce([loss, tokens, bad])
+        totals = self._all_reduce([loss, tokens, bad, truncated])
         self.bad_rows += int(totals[2])
+        self.truncated_rows += int(totals[3])
         metrics = {
             "step": self.step,
             "epoch": self.epoch,
@@ -366,6 +401,7 @@ class _Loop:
             "tokens_per_s": totals[1] / max(elapsed, 1e-9),
             "step_time_s": elapsed,
             "bad_rows": self.bad_rows,
+            "truncated_rows": self.truncated_rows,
         }
         final = self.step >= tcfg.max_steps
         if final or (tcfg.eval_every and self.step % tcfg.eval_every == 0):
@@ -378,10 +414,11 @@ class _Loop:
             self.log.add({**metrics, "time": time.time()})
             if final or self.step % 10 == 0 or self.step == 1:
                 val = f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+                cut = f" truncated rows {self.truncated_rows}" if self.truncated_rows else ""
                 # to the process's real stdout: Ray Train's patched print would log it twice
                 print(f"[echo-ray train {self.stage}] step {self.step}/{tcfg.max_steps} epoch "
                       f"{self.epoch} loss {metrics['loss']:.4f}{val} lr {metrics['lr']:.2e} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s bad rows {self.bad_rows}",
+                      f"{metrics['tokens_per_s']:.0f} tok/s bad rows {self.bad_rows}{cut}",
                       file=sys.__stdout__, flush=True)
         if final or (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0):
             self._checkpoint(metrics)
@@ -429,6 +466,7 @@ class _Loop:
                         "epoch": self.epoch,
                         "batches_in_epoch": self.batches_in_epoch,
                         "bad_rows": self.bad_rows,
+                        "truncated_rows": self.truncated_rows,
                         "val_loss": self.last_val,
                         "optimizer": self.optimizer.state_dict() if self.engine is None else None,
                         "scheduler": self.scheduler.state_dict() if self.engine is None else None,
@@ -445,11 +483,13 @@ class _Loop:
 
     def _save_model_deepspeed(self, path: Path) -> None:
         if self.tcfg.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                if self.rank == 0:
-                    save_checkpoint(self.model, path, self.config)
+            # Every rank takes part; the parameters are gathered one module at a time to
+            # rank 0 only (in their training dtype), never the whole model on every rank.
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            if self.rank == 0:
+                prefix = "model.backbone."  # Objective.model.backbone: the HF model
+                weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                save_checkpoint(self.model, path, self.config, state_dict=weights)
         elif self.rank == 0:
             save_checkpoint(self.model, path, self.config)
 

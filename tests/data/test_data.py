@@ -14,7 +14,7 @@ from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import EchoConfig
 from echo_ray.data.dicom import decode_dicom
 from echo_ray.data.layout import assign_split
-from echo_ray.data.prepare import decode_files_batch, prepare_shards
+from echo_ray.data.prepare import decode_files_batch, prepare_shards, summarize_manifest
 from echo_ray.data.shards import iter_shard_rows
 from echo_ray.synth.archive import synthesize_archive
 from echo_ray.text.labels import CHEXPERT_LABELS, REGIONS
@@ -23,7 +23,9 @@ from echo_ray.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.ray
 
-CONFIG = apply_overrides(EchoConfig.from_name("tiny"), ["data.rows_per_shard=8"])
+# max_response_len=100: some of the synthetic reports (about 70 to 120 tokens) are cut
+CONFIG = apply_overrides(EchoConfig.from_name("tiny"),
+                         ["data.rows_per_shard=8", "model.max_response_len=100"])
 
 
 def _load_job(name: str):
@@ -128,6 +130,22 @@ def test_tokenizer_is_trained_on_normalized_train_reports(prepared):
     assert manifest["tokenizer_info"]["num_reports"] >= 1
 
 
+def test_manifest_counts_the_reports_training_will_cut(prepared):
+    out, manifest = prepared
+    tok = load_tokenizer(out / "tokenizer")
+    expected, total = {}, 0
+    for split in ("train", "validate", "test"):
+        reports = {r["study_id"]: r["report_normalized"] for r in _rows(out)
+                   if r["split"] == split}
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in reports.values()]
+        expected[split] = sum(n > 99 for n in lengths)  # 99 report tokens + <eos> fit in 100
+        total += len(lengths)
+    assert manifest["reports_truncated"] == expected
+    assert 0 < sum(expected.values()) < total  # the count separates long from short reports
+    assert manifest["max_response_len"] == 100
+    assert json.dumps(expected) in summarize_manifest(manifest)
+
+
 def test_rerun_replaces_output_identically(archive, prepared):
     root, _, _ = archive
     out, manifest = prepared
@@ -164,6 +182,7 @@ def test_flat_folder_without_reports(ray_cluster, archive, tmp_path):
     assert all(r["study_id"] == r["study_instance_uid"] for r in rows)
     assert all(r["report"] is None and r["labels"] is None for r in rows)
     assert manifest["tokenizer"] is None
+    assert manifest["reports_truncated"] is None  # no tokenizer to count with
 
 
 def test_empty_and_missing_archives(ray_cluster, tmp_path):

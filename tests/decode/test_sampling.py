@@ -342,14 +342,21 @@ def test_confidence_is_the_committed_tokens_probability(model, pixel_values, ste
 
 def test_ar_confidence_is_the_likelihood_of_the_greedy_report(model, pixel_values):
     """AR: the product of the tokens' confidences is the report's likelihood, as the
-    teacher-forced scorer computes it."""
-    from echo_ray.diffusion.losses import ar_report_nll
+    teacher-forced scorer computes it over the ids a decoder may write (the decoder's
+    distribution excludes `model.banned_token_ids`)."""
+    from echo_ray.diffusion.losses import _ar_logits, _ar_token_ce, ar_report_nll
 
     out = generate(model, pixel_values, mode="ar", record_confidence=True)
     n = out.tokens.shape[1]
     ends = torch.clamp(out.lengths + 1, max=n)  # tokens up to and including <eos>
     valid = torch.arange(n)[None] < ends[:, None]
-    nll, count = ar_report_nll(model, pixel_values, out.tokens, valid)
+    full, count = ar_report_nll(model, pixel_values, out.tokens, valid)
     assert count.tolist() == ends.tolist()
+    with torch.no_grad():
+        logits, response, valid = _ar_logits(model, pixel_values, out.tokens, valid)
+        logits = logits.index_fill(-1, model.banned_token_ids, float("-inf"))  # (B, L, V)
+        ce, scored = _ar_token_ce(logits, response, valid, model.eos_token_id)
+    assert scored.sum(1).tolist() == ends.tolist()
     mine = -(out.confidence.log() * valid).sum(1)
-    torch.testing.assert_close(mine, nll.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine, ce.sum(1).float(), rtol=1e-4, atol=1e-4)
+    assert (mine <= full.float() + 1e-4).all()  # renormalised over fewer ids: more likely

@@ -220,3 +220,24 @@ def test_compute_dcd_loss_masks_the_whole_noisy_copy_and_trains_the_text_model(m
     ):
         grad = text[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_compute_dcd_loss_with_flex_attention_equals_dense():
+    """attention="flex" (the RAD layout's BlockMask, eager flex on CPU, forward only) gives
+    the dense mask's loss and parts."""
+    torch.manual_seed(0)
+    model = make_model()
+    pixel_values, response, valid = make_batch(model, num=3)
+    assert (~valid).any()
+    steps, ids, probs = _fake_records(response, valid, K=4, V=model.vocab_size)
+    with torch.no_grad():
+        dense, dense_parts = compute_dcd_loss(
+            model, pixel_values, response, valid, steps, ids, probs
+        )
+        flex, flex_parts = compute_dcd_loss(
+            model, pixel_values, response, valid, steps, ids, probs, attention="flex"
+        )
+    assert dense.item() > 0
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    for key, value in dense_parts.items():
+        torch.testing.assert_close(flex_parts[key], value, atol=1e-5, rtol=1e-5)

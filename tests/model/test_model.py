@@ -6,6 +6,7 @@ from helpers.tiny_dvlm import make_batch, make_model, make_tokenizer
 
 from echo_ray.diffusion.losses import build_layout, compute_rad_loss
 from echo_ray.model.dvlm import PatchProjection
+from echo_ray.model.hf import ATTN_IMPLEMENTATION
 from echo_ray.text.tokenizer import (
     EOS_TOKEN,
     IMAGE_PAD_TOKEN,
@@ -39,7 +40,7 @@ def test_tiny_model_uses_the_tokenizer_ids_without_resizing(model, tokenizer):
     assert hf.vision_start_token_id == vocab[VISION_START_TOKEN]
     assert hf.vision_end_token_id == vocab[VISION_END_TOKEN]
     assert hf.video_token_id == vocab[VIDEO_PAD_TOKEN]
-    assert model.backbone.config._attn_implementation == "sdpa"
+    assert model.backbone.config._attn_implementation == ATTN_IMPLEMENTATION
     assert not hf.tie_word_embeddings
     # docs/ARCHITECTURE.md section 5.8's size: a few million parameters, 16 image tokens.
     assert 2e6 < sum(p.numel() for p in model.parameters()) < 8e6

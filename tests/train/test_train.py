@@ -107,6 +107,14 @@ def test_rad_without_init_is_refused(tmp_path):
         train("rad", str(tmp_path), str(tmp_path / "r"), _config())
 
 
+@pytest.mark.parametrize("stage", ["rad", "dcd"])
+def test_flex_attention_for_block_diffusion_on_cpu_is_refused_before_ray(tmp_path, stage):
+    # torch has no flex-attention backward on CPU; AR's "flex" is causal SDPA, which has one
+    with pytest.raises(ConfigError, match="train.use_gpu=true"):
+        train(stage, str(tmp_path), str(tmp_path / "r"), _config("train.attention=flex"),
+              init=str(tmp_path))
+
+
 def test_train_config_validates_strategy_and_sizes():
     with pytest.raises(ConfigError, match="train.strategy"):
         _config("train.strategy=fsdp")
@@ -165,12 +173,17 @@ def test_two_worker_ar_run_checkpoints_a_loadable_model(ar_run, shards):
     assert "val_loss" in steps[2] and "val_loss" in steps[4]
     # the three planted rows were counted, and training went on
     assert steps[4]["bad_rows"] >= 1
+    # Every report is longer than model.max_response_len=32 tokens (68 and more): each usable
+    # row a step consumed (2 workers x 2 rows) is counted as cut, cumulatively, as bad_rows.
+    for step, row in steps.items():
+        assert row["truncated_rows"] + row["bad_rows"] == 4 * step
     assert result.metrics["step"] == 4
     checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
     assert checkpoints == ["checkpoint_0000002", "checkpoint_0000004"]
     assert (run / "checkpoint_0000004" / "train_state.pt").is_file()
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["stage"] == "ar" and summary["metrics"]["step"] == 4
+    assert summary["metrics"]["truncated_rows"] == steps[4]["truncated_rows"] > 0
 
     # the exported model is the last checkpoint's, and the product loads it
     model, config = load_checkpoint(run / MODEL_DIR)
@@ -214,6 +227,7 @@ def test_a_failed_worker_resumes_from_the_checkpoint_with_the_same_data(ar_run, 
     clean = _steps(clean_run)
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(clean[step]["loss"], rel=1e-5)
+        assert resumed[step]["truncated_rows"] == clean[step]["truncated_rows"]
     a = load_file(run / MODEL_DIR / "model.safetensors")
     b = load_file(clean_run / MODEL_DIR / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -234,6 +248,23 @@ def test_rad_starts_from_the_ar_run_with_the_vision_tower_frozen(ar_run, shards,
     assert config.train.freeze_vision is True  # the value the run used, recorded
     assert config.train.stage == "rad"  # servers offer the modes of the stage (decode.modes)
     assert config.model.image_size == 56  # the AR checkpoint's model section
+
+
+def test_rad_trains_the_vision_tower_when_the_config_says_so_with_checkpointing(
+    ar_run, shards, tmp_path
+):
+    ar, _ = ar_run
+    run = tmp_path / "rad_unfrozen"
+    result = train("rad", str(shards[0]), str(run), _config(
+        "train.max_steps=1", "train.freeze_vision=false", "train.gradient_checkpointing=true"),
+        init=str(ar))
+    assert result.metrics["step"] == 1 and math.isfinite(result.metrics["loss"])
+    before = load_file(ar / MODEL_DIR / "model.safetensors")
+    after = load_file(run / MODEL_DIR / "model.safetensors")
+    visual = [k for k in after if "visual" in k]
+    assert any(not torch.equal(before[k], after[k]) for k in visual)  # not overridden
+    _, config = load_checkpoint(run / MODEL_DIR)
+    assert config.train.freeze_vision is False and config.train.gradient_checkpointing
 
 
 # ---------------------------------------------------------------------- ray job submit
@@ -312,12 +343,69 @@ def test_jobs_train_runs_through_ray_job_submit(ray_head, shards, tmp_path):
 # ---------------------------------------------------------------------- DeepSpeed, GPU
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+NEEDS_DEEPSPEED = pytest.mark.skipif(
     not os.environ.get("ECHO_RAY_TEST_DEEPSPEED"),
     reason="DeepSpeed JIT-compiles its CPU comm op on first use (about 70 s); "
     "set ECHO_RAY_TEST_DEEPSPEED=1 to run",
 )
+
+
+@pytest.mark.slow
+@NEEDS_DEEPSPEED
+def test_zero3_builds_and_loads_the_model_partitioned(tmp_path, monkeypatch):
+    """One process group of one rank (gloo): what each ZeRO-3 worker does before
+    `deepspeed.initialize`."""
+    import torch.distributed as dist
+    from helpers.tiny_dvlm import make_model
+
+    from echo_ray.config.schema import TrainConfig
+    from echo_ray.model.checkpoint import save_checkpoint
+    from echo_ray.model.hf import load_pretrained
+    from echo_ray.train.worker import _initial_model
+    from echo_ray.train.zero import deepspeed_config, partitioned_loading
+
+    for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    port = _free_ports(1)[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        import deepspeed
+
+        ds_config = deepspeed_config(TrainConfig(zero_stage=3, batch_size=1), bf16=False)
+        reference = make_model()
+        config = reference.config
+        (tmp_path / "tokenizer").mkdir()
+        reference.tokenizer.save_pretrained(tmp_path / "tokenizer")
+        files = {p.name: p.read_text() for p in (tmp_path / "tokenizer").iterdir()}
+        (tmp_path / "build").mkdir()
+        built = _initial_model({"init": None, "tokenizer_files": files}, config,
+                               tmp_path / "build", ds_config)
+        save_checkpoint(reference, tmp_path / "checkpoint")
+        with partitioned_loading(ds_config):
+            loaded = load_pretrained(tmp_path / "checkpoint", config)
+        for model in (built, loaded):  # every parameter is a partition, none held whole
+            params = list(model.parameters())
+            assert all(hasattr(p, "ds_id") for p in params)
+            assert sum(p.numel() for p in params) == 0
+            assert sum(p.ds_numel for p in params) == sum(
+                p.numel() for p in reference.parameters())
+        with deepspeed.zero.GatheredParameters(list(loaded.parameters())):
+            weights = {k: v.clone() for k, v in loaded.state_dict().items()}
+        assert all(torch.equal(weights[k], v) for k, v in reference.state_dict().items())
+        # built at random as transformers initialises it (N(0, 0.02)), not torch's defaults
+        embedding = built.backbone.get_input_embeddings().weight
+        with deepspeed.zero.GatheredParameters([embedding]):
+            std = float(embedding.detach().std())
+        expected = float(reference.backbone.get_input_embeddings().weight.std())
+        assert std == pytest.approx(expected, rel=0.1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@NEEDS_DEEPSPEED
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_zero_trains_and_resumes_on_cpu(shards, tmp_path, zero_stage):
     run = tmp_path / f"zero{zero_stage}"
@@ -328,7 +416,17 @@ def test_deepspeed_zero_trains_and_resumes_on_cpu(shards, tmp_path, zero_stage):
     ckpt = run / "checkpoint_0000004"
     assert len(list((ckpt / "deepspeed").rglob("*optim_states.pt"))) == 2  # one per rank
     model, _ = load_checkpoint(run / MODEL_DIR)  # a consolidated HF model directory
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # it holds the trained weights: those of the ZeRO shards (fp32 training: the masters)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    prefix = "model.backbone."  # the engine wraps the Objective
+    trained = {k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)}
+    saved = model.backbone.state_dict()
+    assert trained and set(trained) <= set(saved)
+    for name, value in trained.items():
+        assert torch.equal(saved[name], value), name
 
 
 @pytest.mark.gpu
