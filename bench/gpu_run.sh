@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA device and torch + transformers but no
-# Ray: the CUDA tests, then the training-memory bench (AR and RAD steps at Qwen2.5-VL-3B and
+# Ray: the CUDA tests (and the AutoProcessor test, which needs torchvision), then the training-memory bench (AR and RAD steps at Qwen2.5-VL-3B and
 # -7B shapes on Qwen's vocabulary: DDP, ZeRO-2, ZeRO-3, with and without gradient
 # checkpointing) and the decode bench (AR vs one-step fused at batch 1, 8, 32, 64). Each part
 # runs under its own time limit; logs, and each bench's JSON line, go to $OUT (default
@@ -37,8 +37,12 @@ transformers.__version__, torch.cuda.get_device_name())"
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
-        | tee "$out/tests.log"
+      # the CUDA tests (decoders, flex attention vs dense), and the one test that needs
+      # torchvision (AutoProcessor opens a saved folder), which the CPU torch lacks
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        tests/model/test_attention.py tests/diffusion/test_losses.py \
+        tests/model/test_checkpoint.py -m "gpu or not gpu" -k "cuda or gpu or auto_processor" \
+        2>&1 | tee "$out/tests.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     train)
       bench train_memory 270 python3 bench/train_memory.py --sizes 3b,7b --steps 2 ;;

@@ -200,3 +200,13 @@ def cached_qwen_hf_folder(tmp_path_factory, *, variant: str = "3b",
         _CACHE[key] = qwen_hf_folder(folder, variant=variant, image_size=image_size,
                                      tokenizer_template=tokenizer_template)
     return _CACHE[key]
+
+
+if __name__ == "__main__":  # python tests/helpers/qwen_folder.py OUT [3b|7b]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python tests/helpers/qwen_folder.py OUT_FOLDER [3b|7b]")
+    out = qwen_hf_folder(sys.argv[1], variant=sys.argv[2] if len(sys.argv) == 3 else "3b",
+                         image_size=None)
+    print(f"wrote a tiny Qwen2.5-VL folder on Qwen's vocabulary: {out}")
