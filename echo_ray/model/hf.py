@@ -181,10 +181,8 @@ def add_mask_token(
     checkpoint, the report tokenizer) keeps its trained row.
     """
     added = MASK_TOKEN not in tokenizer.get_vocab()
-    base_ids = sorted(
-        set(range(len(tokenizer))) - set(tokenizer.added_tokens_decoder)
-        - set(tokenizer.all_special_ids)
-    )
+    base_len = len(tokenizer)  # before <|mask|> is added
+    specials = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
     if added:
         tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
     elif tokenizer.mask_token != MASK_TOKEN:
@@ -196,6 +194,7 @@ def add_mask_token(
         backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         logger.info("resized embeddings %d -> %d for %s", old, len(tokenizer), MASK_TOKEN)
     if added or resized:
+        base_ids = [i for i in range(base_len) if i not in specials]
         rows = list(range(old, len(tokenizer)))
         if tokenizer.mask_token_id < old:
             rows.append(tokenizer.mask_token_id)
