@@ -74,6 +74,8 @@ def _pool_flags(replicas: str) -> tuple[Flag, ...]:
         Flag("--cpus-per-actor", "pool.cpus_per_actor"),
         Flag("--gpus-per-actor", "pool.gpus_per_actor"),
         Flag("--threads", "pool.threads"),
+        Flag("--decode-cpus", "pool.decode_cpus"),
+        Flag("--decode-in-actors", "pool.decode_in_actors"),
     )
 
 

@@ -364,9 +364,17 @@ class PoolConfig:
     """GPUs per actor (1 on a GPU cluster; 0 runs on the CPU)."""
     threads: int = 0
     """torch threads per actor (0: one per CPU of the actor, at least 1)."""
+    decode_cpus: int = 0
+    """CPU tasks that read and decode DICOM files (header reads, frontal view choice,
+    VOI/resize to the model's grid) in parallel ahead of the model actors, one CPU each;
+    the actors receive preprocessed images only (0: one task per CPU of the cluster)."""
+    decode_in_actors: bool = False
+    """Each model actor reads and decodes its own files, serially with the model (the design
+    before the CPU decode stage; kept for comparison, `bench/archive.py`)."""
 
     def validate(self) -> None:
         _require(self.actors >= 1, "pool.actors must be >= 1")
+        _require(self.decode_cpus >= 0, "pool.decode_cpus must be >= 0")
         _require(self.cpus_per_actor > 0, "pool.cpus_per_actor must be > 0")
         _require(self.gpus_per_actor >= 0, "pool.gpus_per_actor must be >= 0")
         _require(self.threads >= 0, "pool.threads must be >= 0")

@@ -10,6 +10,12 @@ are never reported on their own (a study with only laterals is a `no_frontal_vie
 Headers are read first (cheap, no pixels); the best candidate is decoded, and when its
 pixels are broken the next candidate is tried.
 
+Two halves, so the DICOM work can run on CPU processes apart from the model
+(docs/ARCHITECTURE.md section 1.3): `prepare_study` (numpy + pydicom, no torch: read the
+headers, choose the view, decode and resize it to the model's grid) gives a
+`PreparedStudy`; `report_prepared` runs the model on a batch of them. `report_studies` is
+both in one process.
+
 A study result is the `ReportGenerator` report dict plus:
 
     study_id          the caller's key (the archive's folder or UID, the request's id)
@@ -28,7 +34,7 @@ num_files, file_errors}` with `error` one of `STUDY_ERROR_REASONS`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -73,6 +79,12 @@ class PreparedStudy:
     error: str | None = None
     message: str | None = None
     study_instance_uid: str | None = None
+    view: np.ndarray | None = None
+
+    def shipped(self) -> PreparedStudy:
+        """This study without the chosen file's bytes: what a decode stage hands the model
+        (the model's `image` and, when asked for, the reader's `view`, not the DICOM)."""
+        return replace(self, source_data=None)
 
     def error_row(self) -> dict:
         return {
@@ -92,6 +104,7 @@ def prepare_study(
     study_id: str | None = None,
     modalities=None,
     include_phi: bool = False,
+    with_view: bool = False,
 ) -> PreparedStudy:
     """Read a study's files and decode the one to report on (see the module docstring).
 
@@ -99,6 +112,7 @@ def prepare_study(
         files: (name, bytes) per file; the name only labels errors and `source_file`.
         size: the model's image side.
         modalities: accepted DICOM Modality values (None: any), as `decode_dicom`.
+        with_view: also decode the reader's `view` of the chosen file (`view_image`).
     """
     study = PreparedStudy(study_id=study_id, num_files=len(files))
     if not files:
@@ -138,6 +152,8 @@ def prepare_study(
             continue
         study.image, study.meta, study.source_file = image.pixels, image.meta, name
         study.source_data = data
+        if with_view:
+            study.view = view_image(data, modalities=modalities)
         return study
     if laterals and not candidates:
         study.error = "no_frontal_view"
@@ -168,9 +184,8 @@ def report_studies(
     with_view: bool = False,
     on_text=None,
 ) -> list[dict]:
-    """One result per study, in order: a report dict or an error row (module docstring).
-
-    Every study with a usable image is decoded in one `generator.generate` call (one batch).
+    """One result per study, in order: a report dict or an error row (module docstring):
+    `prepare_study` on each, then `report_prepared` on all of them, in this process.
 
     Args:
         generator: a `predictor.ReportGenerator`.
@@ -191,10 +206,37 @@ def report_studies(
             study_id=sid,
             modalities=generator.modalities,
             include_phi=generator.include_phi,
+            with_view=with_view,
         )
         for files, sid in zip(studies, ids, strict=True)
     ]
+    return report_prepared(generator, prepared, decoding=decoding, with_image=with_image,
+                           on_text=on_text)
+
+
+def report_prepared(
+    generator,
+    prepared: Sequence[PreparedStudy],
+    *,
+    decoding: str | None = None,
+    with_image: bool = False,
+    on_text=None,
+) -> list[dict]:
+    """The model half: one result per prepared study, in order. Every study with an image
+    is decoded in one `generator.generate` call (one batch); a study prepared with an error
+    gives its error row. A study's `view`, when it was prepared with one, is added as
+    "view".
+
+    Raises:
+        ValueError: an image is not the generator's `(S, S)` grid (prepared for another
+            model).
+    """
+    size = generator.model.config.image_size
     good = [p for p in prepared if p.error is None]
+    for p in good:
+        if p.image.shape != (size, size):
+            raise ValueError(f"study {p.study_id}: image {p.image.shape} prepared for another "
+                             f"model; this one reads ({size}, {size})")
     reports = iter(
         generator.generate(
             [p.image for p in good], [p.meta for p in good], decoding=decoding, on_text=on_text
@@ -218,8 +260,8 @@ def report_studies(
         )
         if with_image:
             results[-1]["image"] = p.image
-        if with_view:
-            results[-1]["view"] = view_image(p.source_data, modalities=generator.modalities)
+        if p.view is not None:
+            results[-1]["view"] = p.view
     return results
 
 

@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from echo_ray.config.overrides import from_dict
+from echo_ray.config.schema import ModelConfig
+from echo_ray.data.storage import Location
 from echo_ray.text.tokenizer import IMAGE_PAD_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
 
 CONFIG_FILE = "echo_config.json"  # an echo-ray checkpoint's run config (model/checkpoint.py)
@@ -136,3 +139,17 @@ def preprocessor_config(
         "temporal_patch_size": temporal_patch_size,
         "merge_size": merge_size,
     }
+
+
+def model_image_size(model: Location, plain_model: ModelConfig | None = None) -> int:
+    """The image side (pixels) a model directory reads, without loading it: what the CPU
+    decode stages ahead of the model actors resize to (docs/ARCHITECTURE.md section 1.3).
+
+    An echo-ray checkpoint's `echo_config.json` says it; a plain Hugging Face folder is
+    loaded with `plain_model` (as `load_checkpoint`), default the model section's default.
+    Works on S3 (`model` is a `Location`).
+    """
+    saved = model.join(CONFIG_FILE)
+    if saved.exists():
+        return from_dict(json.loads(saved.read_text())).model.image_size
+    return (plain_model if plain_model is not None else ModelConfig()).image_size
