@@ -67,6 +67,7 @@ def _deploy(checkpoint: str, *, batch: int, replicas: tuple[int, int], args) -> 
     app = build_app({
         "checkpoint": checkpoint, "max_batch_size": batch, "batch_wait_timeout_s": args.wait_s,
         "min_replicas": replicas[0], "max_replicas": replicas[1], "num_cpus": 1.0,
+        "decoder_num_cpus": 0.5, "decoder_max_replicas": 2,
         "threads": args.threads, "max_ongoing_requests": max(32, 2 * batch),
         "target_ongoing_requests": args.target, "max_new_tokens": args.max_new_tokens,
     })

@@ -65,6 +65,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="Ray cluster to join (else $RAY_ADDRESS, set inside `ray job submit`; "
                         "else a new local Ray)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="the local paths given are the same shared filesystem (NFS, EFS, ...) "
+                        "on every Ray node; without it a multi-node cluster takes s3:// paths "
+                        "only, so no output lands on one worker's disk")
 
 
 def _pool_flags(replicas: str) -> tuple[Flag, ...]:
@@ -157,6 +161,9 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--max-replicas", "serve.max_replicas"),
         Flag("--cpus-per-replica", "serve.num_cpus"),
         Flag("--gpus-per-replica", "serve.num_gpus"),
+        Flag("--decoder-min-replicas", "serve.decoder_min_replicas"),
+        Flag("--decoder-max-replicas", "serve.decoder_max_replicas"),
+        Flag("--cpus-per-decoder", "serve.decoder_num_cpus"),
         Flag("--threads", "serve.threads"),
         Flag("--max-upload-mb", "serve.max_upload_mb"),
         Flag("--max-files", "serve.max_files"),
@@ -222,7 +229,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
     manifest = prepare_shards(
         args.archive, args.out, command_config("prepare", args), s3_endpoint=args.s3_endpoint,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, shared_storage=args.shared_storage,
     )
     print(summarize_manifest(manifest))
     return manifest
@@ -255,7 +262,7 @@ def train(args: argparse.Namespace):
     return run_training(
         args.stage, args.data, args.out, command_config("train", args), init=args.init,
         overrides=tuple(args.overrides), s3_endpoint=args.s3_endpoint,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, shared_storage=args.shared_storage,
     )
 
 
@@ -277,7 +284,8 @@ def trajectories(args: argparse.Namespace) -> dict:
 
     return generate_trajectories(args.teacher, args.data, args.out,
                                  command_config("trajectories", args),
-                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
+                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address,
+                                 shared_storage=args.shared_storage)
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -301,7 +309,8 @@ def evaluate(args: argparse.Namespace):
 
     evaluation = run_evaluation(args.data, args.out, _systems(args),
                                 command_config("evaluate", args),
-                                s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
+                                s3_endpoint=args.s3_endpoint, ray_address=args.ray_address,
+                                shared_storage=args.shared_storage)
     print(evaluation.table())
     return evaluation
 
@@ -327,7 +336,8 @@ def report(args: argparse.Namespace) -> dict:
 
     summary = report_archive(args.checkpoint, args.archive, args.out,
                              command_config("report", args),
-                             s3_endpoint=args.s3_endpoint, ray_address=args.ray_address)
+                             s3_endpoint=args.s3_endpoint, ray_address=args.ray_address,
+                             shared_storage=args.shared_storage)
     print(format_summary(summary))
     return summary
 
@@ -357,7 +367,7 @@ def serve_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     from ray import serve
 
-    from echo_ray.runtime.cluster import init_ray
+    from echo_ray.runtime.cluster import init_ray, require_shared_storage
     from echo_ray.serving.app import build_app
 
     try:
@@ -366,6 +376,8 @@ def serve_cmd(args: argparse.Namespace) -> None:
         print(f"echo-ray serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     init_ray(args.ray_address)
+    require_shared_storage({"--checkpoint": args.checkpoint}, shared=args.shared_storage,
+                           what="serve")
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -699,6 +711,7 @@ def job_entry(command: str) -> Callable[[Sequence[str] | None], object]:
 
 def _dispatch(command: str, args: argparse.Namespace) -> object:
     from echo_ray.data.storage import PathError
+    from echo_ray.runtime.cluster import SharedStorageError
 
     try:
         _preflight(command, args)
@@ -706,7 +719,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> object:
     except ConfigError as e:
         print(f"echo-ray {command}: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (PathError, FileNotFoundError, NotADirectoryError) as e:
+    except (PathError, SharedStorageError, FileNotFoundError, NotADirectoryError) as e:
         print(f"echo-ray {command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

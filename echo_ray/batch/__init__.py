@@ -4,6 +4,7 @@
 - ledger.py: the part files (schema, which studies are done, the file stamps of error
   rows) and their consolidation into reports.parquet / reports.jsonl / fhir.ndjson /
   errors.parquet / errors.csv
+- decoder.py: the CPU decode stage: a unit's files read, its studies prepared for the model
 - actor.py: `ArchiveActor`, the model actor that reports a unit and writes its part file
 - job.py: `report_archive` (the run from discovery to summary.json) and `format_summary`
 

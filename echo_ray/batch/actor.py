@@ -1,11 +1,19 @@
 """The model actor of the archive job: one `ReportGenerator`; a work unit in, the unit's part
-file written, its counts out. Step 3 of `echo_ray.batch.job`."""
+file written, its counts out. Step 3 of `echo_ray.batch.job`.
+
+A unit arrives prepared by the CPU decode stage (`decoder.decode_units`: a `prepared`
+column) and the actor only runs the model (`studies.report_prepared`); with
+`pool.decode_in_actors` it arrives as file lists and the actor reads and prepares its files
+itself, serially with the model (the design before the decode stage, kept for
+comparison). Either way the part file is written once, whole, when every study of the unit
+has a report or an error row.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import pickle
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +22,30 @@ from typing import Any
 
 import pyarrow as pa
 
-from echo_ray.batch.discovery import file_key, read_with_retries
+from echo_ray.batch.decoder import (
+    UNEXPECTED,
+    UnitStudy,
+    log,
+    prepared_batches,
+)
+from echo_ray.batch.discovery import file_key
 from echo_ray.batch.ledger import PART_SCHEMA, fhir_resource
 from echo_ray.config.schema import DecodingConfig, PoolConfig, ReportConfig
-from echo_ray.data.dicom import DicomError, patient_id
 from echo_ray.data.storage import Location, model_name
 from echo_ray.decode.replica import ModelReplica
+from echo_ray.runtime.cluster import peak_rss_kib
+
+# One row per unit back to the driver.
+RESULT_SCHEMA = pa.schema([
+    ("unit", pa.string()), ("actor", pa.string()), ("studies", pa.int64()),
+    ("reports", pa.int64()), ("errors", pa.int64()), ("images", pa.int64()),
+    ("errors_by_reason", pa.string()),
+    ("seconds", pa.float64()),  # in the actor: the model (and, in-actor, reads and decode)
+    ("actor_rss_kib", pa.int64()),
+    ("actor_start_s", pa.float64()),  # the actor's start-up (the same in its every row)
+    ("decode_s", pa.float64()),  # in the decode task (0 in-actor)
+    ("decode_rss_kib", pa.int64()),
+])
 
 
 class ArchiveActor:
@@ -28,40 +54,97 @@ class ArchiveActor:
     def __init__(self, *, model: Location, src: Location, parts: Location, run_id: str,
                  options: ReportConfig, decoding: DecodingConfig, pool: PoolConfig,
                  modalities: tuple[str, ...]) -> None:
+        started = time.perf_counter()
         replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
                                use_gpu=pool.gpus_per_actor > 0, name="report")
+        self.modalities = tuple(modalities) or None
         self.generator = replica.generator(
             model, decoding, model_id=model_name(model.uri), include_phi=options.include_phi,
-            modalities=tuple(modalities) or None,
+            modalities=self.modalities,
             warm_up=min(options.batch_size, 2),  # not in the first unit's timing
         )
+        self.size = self.generator.model.config.image_size
         self.src, self.parts, self.options, self.run_id = src, parts, options, run_id
-        self.io = ThreadPoolExecutor(options.io_threads)
+        self.io = ThreadPoolExecutor(options.io_threads) if pool.decode_in_actors else None
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
+        self.start_s = time.perf_counter() - started  # torch, the model, its warm-up
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = [self.report_unit(unit, json.loads(studies)) for unit, studies in
-               zip(batch.column("unit").to_pylist(), batch.column("studies").to_pylist(),
-                   strict=True)]
-        return pa.Table.from_pylist(out)
+        units = batch.column("unit").to_pylist()
+        studies = [json.loads(s) for s in batch.column("studies").to_pylist()]
+        if "prepared" in batch.column_names:  # from the decode stage
+            out = [self.report_unit(unit, s, pickle.loads(p), decode_s=d, decode_rss=r)
+                   for unit, s, p, d, r in zip(
+                       units, studies, batch.column("prepared").to_pylist(),
+                       batch.column("decode_s").to_pylist(),
+                       batch.column("decode_rss_kib").to_pylist(), strict=True)]
+        else:
+            out = [self.read_and_report_unit(unit, s)
+                   for unit, s in zip(units, studies, strict=True)]
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
-    def report_unit(self, unit: str, studies: list[dict]) -> dict[str, Any]:
+    def read_and_report_unit(self, unit: str, studies: list[dict]) -> dict[str, Any]:
+        """`pool.decode_in_actors`: the unit's files read (parallel reads, the next batch
+        prefetched while the model runs) and prepared here, batch by batch."""
+        start = time.perf_counter()
+        results = []
+        for batch in prepared_batches(self.io, self.src, studies,
+                                      batch_size=self.options.batch_size, size=self.size,
+                                      options=self.options, modalities=self.modalities):
+            results += self._report(batch)
+        return self._finish(unit, studies, results, start)
+
+    def report_unit(self, unit: str, studies: list[dict], prepared: list[UnitStudy], *,
+                    decode_s: float = 0.0, decode_rss: int = 0) -> dict[str, Any]:
+        """A unit prepared by the decode stage: the model on it, batch by batch."""
         start = time.perf_counter()
         size = self.options.batch_size
-        chunks = [studies[i:i + size] for i in range(0, len(studies), size)]
-        rows = []
-        pending = self._submit_reads(chunks[0])
-        for i, chunk in enumerate(chunks):
-            current = pending
-            if i + 1 < len(chunks):  # prefetch: the next batch is read while this one runs
-                pending = self._submit_reads(chunks[i + 1])
-            rows += self._report(chunk, current)
+        results = []
+        for i in range(0, len(prepared), size):
+            results += self._report(prepared[i:i + size])
+        return self._finish(unit, studies, results, start, decode_s=decode_s,
+                            decode_rss=decode_rss)
+
+    def _report(self, batch: list[UnitStudy]) -> list[tuple[dict, UnitStudy]]:
+        """(result, study) per study: `report_prepared` on the batch; should it raise,
+        study by study, so one study that breaks the code becomes one error row instead of
+        failing its whole unit."""
+        from echo_ray.decode.studies import report_prepared
+
+        studies = [s.prepared for s in batch]
+        try:
+            return list(zip(report_prepared(self.generator, studies), batch, strict=True))
+        except Exception:  # noqa: BLE001 - retried one by one just below
+            pass
+        results = []
+        for study in batch:
+            try:
+                (result,) = report_prepared(self.generator, [study.prepared])
+            except Exception as err:  # noqa: BLE001 - one error row, the batch goes on
+                key = study.prepared.study_id
+                log(f"study {key}: {type(err).__name__} while reporting")
+                result = {"study_id": key, "error": UNEXPECTED,
+                          "message": f"reporting raised {type(err).__name__}",
+                          "num_files": study.prepared.num_files,
+                          "file_errors": study.prepared.file_errors}
+            results.append((result, study))
+        return results
+
+    def _finish(self, unit: str, studies: list[dict], results: list[tuple[dict, UnitStudy]],
+                start: float, *, decode_s: float = 0.0, decode_rss: int = 0) -> dict[str, Any]:
+        """The unit's part file, written in one atomic write now that every study has its
+        report or error row; the unit's counts."""
         reported_at = datetime.now(UTC)
-        for row in rows:
-            subject = row.pop("_subject", None)
-            row.update(unit=unit, run_id=self.run_id, reported_at=reported_at.isoformat())
+        rows = []
+        for study, (result, prepared) in zip(studies, results, strict=True):
+            row = {name: result.get(name) for name in PART_SCHEMA.names}
+            row.update(files=study["names"], file_keys=[file_key(p) for p in study["paths"]],
+                       file_sizes=study.get("sizes"), file_mtimes_ns=study.get("mtimes_ns"),
+                       unit=unit, run_id=self.run_id, reported_at=reported_at.isoformat())
             if self.options.fhir and row["error"] is None:
-                row["fhir"] = json.dumps(fhir_resource(row, reported_at, subject=subject))
+                row["fhir"] = json.dumps(fhir_resource(row, reported_at,
+                                                       subject=prepared.subject))
+            rows.append(row)
         self.parts.join(f"{unit}.parquet").write_parquet(
             pa.Table.from_pylist(rows, schema=PART_SCHEMA))
         reasons = Counter(r["error"] for r in rows if r["error"] is not None)
@@ -70,84 +153,7 @@ class ArchiveActor:
             "reports": sum(r["error"] is None for r in rows), "errors": sum(reasons.values()),
             "images": sum(len(s["paths"]) for s in studies),
             "errors_by_reason": json.dumps(reasons), "seconds": time.perf_counter() - start,
+            "actor_rss_kib": peak_rss_kib(),
+            "actor_start_s": self.start_s,
+            "decode_s": decode_s, "decode_rss_kib": decode_rss,
         }
-
-    def _submit_reads(self, chunk: list[dict]) -> list[list]:
-        return [[(name, self.io.submit(read_with_retries, self.src.join(path)))
-                 for path, name in zip(s["paths"], s["names"], strict=True)] for s in chunk]
-
-    def _report(self, chunk: list[dict], reads: list[list]) -> list[dict]:
-        from echo_ray.decode.studies import report_studies
-
-        files, read_errors = [], []
-        for study_reads in reads:
-            good, errors = [], []
-            for name, future in study_reads:
-                try:
-                    good.append((name, future.result()))
-                except OSError as err:
-                    errors.append({"file": name, "error": "read_failed",
-                                   "message": f"could not read the file: {type(err).__name__}"})
-            files.append(good)
-            read_errors.append(errors)
-        todo = [i for i, f in enumerate(files) if f]  # studies with something to report on
-        results: list[dict | None] = [None] * len(chunk)
-        for i, result in zip(todo, self._report_studies(
-                report_studies, [files[i] for i in todo], [chunk[i]["key"] for i in todo]),
-                strict=True):
-            results[i] = result
-        rows = []
-        for study, result, errors, good in zip(chunk, results, read_errors, files, strict=True):
-            if result is None:  # every file failed to read
-                result = {"study_id": study["key"], "error": "read_failed",
-                          "message": errors[0]["message"], "num_files": len(study["paths"]),
-                          "file_errors": []}
-            result["file_errors"] = [*result.get("file_errors", []), *errors]
-            result["num_files"] = len(study["paths"])
-            row = {name: result.get(name) for name in PART_SCHEMA.names}
-            row.update(files=study["names"], file_keys=[file_key(p) for p in study["paths"]],
-                       file_sizes=study.get("sizes"), file_mtimes_ns=study.get("mtimes_ns"),
-                       _subject=self._subject(result, good))
-            rows.append(row)
-        return rows
-
-    def _subject(self, result: dict, files: list[tuple[str, bytes]]) -> str | None:
-        """The FHIR subject reference of a report (`report.fhir_patient_ref`): the reported
-        file's PatientID, read for this alone (it goes into no other column)."""
-        template = self.options.fhir_patient_ref
-        if not (self.options.fhir and template) or result.get("error"):
-            return None
-        from echo_ray.interop.fhir import patient_reference
-
-        if self.options.include_phi:
-            return patient_reference(template, result.get("patient_id"))
-        data = dict(files).get(result.get("source_file"))
-        try:
-            return patient_reference(template, patient_id(data)) if data else None
-        except DicomError:
-            return None
-
-    def _report_studies(self, report_studies, files: list, keys: list[str]) -> list[dict]:
-        """report_studies on the batch; should it raise, study by study, so one study that
-        breaks the code becomes one error row instead of failing its whole unit."""
-        if not files:
-            return []
-        try:
-            return report_studies(self.generator, files, study_ids=keys)
-        except Exception:  # noqa: BLE001 - retried one by one just below
-            pass
-        results = []
-        for study_files, key in zip(files, keys, strict=True):
-            try:
-                results += report_studies(self.generator, [study_files], study_ids=[key])
-            except Exception as err:  # noqa: BLE001 - one error row, the batch goes on
-                log(f"study {key}: {type(err).__name__} while reporting")
-                results.append({"study_id": key, "error": "unexpected_error",
-                                "message": f"reporting raised {type(err).__name__}",
-                                "file_errors": []})
-        return results
-
-
-def log(message: str) -> None:
-    """A progress line of the job, on the driver's or an actor's stdout."""
-    print(f"[echo-ray report] {message}", file=sys.__stdout__, flush=True)

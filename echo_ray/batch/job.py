@@ -29,14 +29,20 @@ How a run goes:
    row (size or modification time, which every row records per file) or it got a new
    file: a file caught mid-copy (`truncated`) and completed by the next export is
    reported. Unchanged studies are never redone.
-3. Units (`discovery.plan_units`, `actor.py`): the pending keys, sorted, cut into chunks of
-   `unit_size`; a unit's part file is named by a hash of its keys. A Ray Data actor pool
-   (one `ReportGenerator` per actor, `num_gpus` per actor on a cluster) reads each unit's
-   files (parallel reads, the next batch prefetched while the model runs), reports the
-   studies in batches of `batch_size` through `studies.report_studies` (frontal view choice,
-   error rows), and writes the unit's part file in one atomic write (local: temporary file +
-   rename; S3: one PUT). A job killed mid-write leaves at most a temporary file, which is
-   ignored.
+3. Units (`discovery.plan_units`, `decoder.py`, `actor.py`): the pending keys, sorted, cut
+   into chunks of `unit_size`; a unit's part file is named by a hash of its keys. A Ray
+   Data pipeline, one unit per block: CPU tasks (`decoder.decode_units`, `pool.decode_cpus`
+   at once, one CPU each) read each unit's files (parallel reads) and prepare every study
+   (`studies.prepare_study`: frontal view choice, DICOM decode, resize to the model's grid,
+   error rows); a pool of model actors (`ArchiveActor`, one `ReportGenerator` each,
+   `num_gpus` per actor on a cluster) receives the prepared images, never DICOM bytes,
+   runs the model on batches of `batch_size` (`studies.report_prepared`) and, once every
+   study of the unit has a report or an error row, writes the unit's part file in one
+   atomic write (local: temporary file + rename; S3: one PUT). A job killed mid-write
+   leaves at most a temporary file, which is ignored. Ray Data's streaming executor holds
+   the decode stage back when the actors fall behind, so memory stays bounded. With
+   `pool.decode_in_actors` the actors read and prepare their units themselves, serially
+   with the model (the design before the decode stage, kept for comparison).
 4. Consolidation (driver, `ledger.consolidate`): every part is read, each study kept once
    (should two parts hold the same study, after two runs overlapped or after
    `--retry-errors` reported a failed study again, the latest row wins and the older one is
@@ -60,12 +66,19 @@ from typing import Any
 import ray
 
 from echo_ray import __version__
-from echo_ray.batch.actor import ArchiveActor, log
+from echo_ray.batch.actor import ArchiveActor
+from echo_ray.batch.decoder import decode_units, log
 from echo_ray.batch.discovery import discover_studies, plan_units
 from echo_ray.batch.ledger import PARTS_DIR, consolidate, read_ledger, remove_temporary_parts
 from echo_ray.config.schema import EchoConfig
 from echo_ray.data.storage import resolve, resolve_model_dir
-from echo_ray.runtime.cluster import init_ray
+from echo_ray.model.folder import model_image_size
+from echo_ray.runtime.cluster import (
+    decode_tasks,
+    init_ray,
+    peak_rss_kib,
+    require_shared_storage,
+)
 
 FORMAT = "echo-ray-archive-report/1"
 SUMMARY_FILE = "summary.json"
@@ -80,12 +93,16 @@ def report_archive(
     *,
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
+    shared_storage: bool = False,
 ) -> dict[str, Any]:
     """Report every study of `archive` not yet in `out`; consolidate `out` (module docstring).
 
     Args:
         config: its `report`, `decoding`, `pool` and `data.modalities` settings are used
             (default: the tiny preset's).
+        shared_storage: local paths are one filesystem shared by every Ray node; without
+            it a multi-node cluster refuses them before any work
+            (`runtime.cluster.require_shared_storage`).
 
     Returns:
         The summary (also written to `out`/summary.json).
@@ -99,8 +116,6 @@ def report_archive(
     model = resolve_model_dir(checkpoint, s3_endpoint=s3_endpoint, what="--checkpoint")
     parts = dst.join(PARTS_DIR)
     summary_loc = dst.join(SUMMARY_FILE)
-    if summary_loc.exists():
-        dst.fs.delete_file(summary_loc.path)  # written again, last, when complete
     ledger = read_ledger(parts, retry_errors=options.retry_errors)
     done = ledger.done
     same_fs = type(src.fs) is type(dst.fs)
@@ -120,9 +135,17 @@ def report_archive(
         + (f", {found.before_since} older than {options.since} skipped"
            if options.since else ""))
     this_run = {"studies": 0, "reports": 0, "errors": 0, "images": 0, "units": len(units),
-                "errors_by_reason": {}, "actor_busy_s": {}}
-    if units:
+                "errors_by_reason": {}, "actor_busy_s": {}, "actor_start_s": {},
+                "actor_busy_fraction": None,
+                "decode_cpus": 0, "decode_task_s": 0.0, "decode_images_per_s": None,
+                "steady_studies_per_s": None}
+    if units:  # a run with nothing to report starts no Ray
         init_ray(ray_address)
+        require_shared_storage({"--checkpoint": checkpoint, "--archive": archive, "--out": out},
+                               shared=shared_storage, what="report")
+    if summary_loc.exists():
+        dst.fs.delete_file(summary_loc.path)  # written again, last, when complete
+    if units:
         this_run.update(_run_units(units, src, parts, model, config, run_id))
     summary = consolidate(dst, include_phi=options.include_phi, fhir=options.fhir)
     wall = time.perf_counter() - start
@@ -130,6 +153,12 @@ def report_archive(
     this_run["studies_per_s"] = round(this_run["studies"] / wall, 3) if units else None
     busy = max(this_run["actor_busy_s"].values(), default=0.0)
     this_run["busy_studies_per_s"] = round(this_run["studies"] / busy, 3) if busy else None
+    # The slowest stage's time: the busiest actor's, or the decode tasks' summed seconds
+    # spread over the tasks that ran at once.
+    stage = max(busy, this_run.get("decode_task_s", 0.0) / (this_run.get("decode_cpus") or 1))
+    this_run["warm_studies_per_s"] = round(this_run["studies"] / stage, 3) if stage else None
+    this_run.setdefault("peak_rss_mb", {"actor": None, "decode": None})
+    this_run["peak_rss_mb"]["driver"] = round(peak_rss_kib() / 1024, 1)
     summary.update(
         format=FORMAT, echo_ray_version=__version__, run_id=run_id, source=src.uri,
         out=dst.uri, checkpoint=model.uri, layout=found.layout, dicom_files=found.dicom_files,
@@ -156,21 +185,43 @@ def options_record(config: EchoConfig) -> dict[str, Any]:
         "max_new_tokens": d.max_new_tokens, "batch_size": r.batch_size,
         "unit_size": r.unit_size, "actors": p.actors, "cpus_per_actor": p.cpus_per_actor,
         "gpus_per_actor": p.gpus_per_actor, "threads": p.threads, "io_threads": r.io_threads,
+        "decode_cpus": p.decode_cpus, "decode_in_actors": p.decode_in_actors,
         "since": r.since, "fhir": r.fhir, "fhir_patient_ref": r.fhir_patient_ref,
         "include_phi": r.include_phi, "retry_errors": r.retry_errors,
     }
 
 
 def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
-    """The units through a Ray Data pool of `ArchiveActor`s, a progress line every
-    `_PROGRESS_EVERY_S`; returns this run's counts."""
+    """The units through Ray Data: CPU decode tasks (`decoder.decode_units`, `decode_cpus`
+    at once, one CPU each) ahead of a pool of `ArchiveActor`s that only run the model, or,
+    with `pool.decode_in_actors`, the actors alone. A progress line every
+    `_PROGRESS_EVERY_S`; returns this run's counts and figures."""
     pool = config.pool
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     # Ray Data's progress bars are for terminals; the progress lines below print either way.
     ctx.enable_progress_bars = sys.stdout.isatty()
+    # Each stage's concurrency is bounded here (decode_cpus tasks, pool.actors actors), so
+    # no per-stage reservation: with it, while the actors start, Ray Data holds the decode
+    # stage to its reserved share of a small cluster (one task of two on 4 logical CPUs).
+    ctx.op_resource_reservation_enabled = False
     items = [{"unit": u["unit"], "studies": u["studies"]} for u in units]
+    # One unit per block: a unit is the decode stage's task and the actors' batch, so
+    # back-pressure (Ray Data's streaming executor) holds at most a few units in memory.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    modalities = tuple(config.data.modalities) or None
+    decode_cpus = 0
+    if not pool.decode_in_actors:
+        decode_cpus = decode_tasks(pool.decode_cpus, most=len(units))
+        ds = ds.map_batches(
+            decode_units,
+            fn_kwargs={"src": src, "size": model_image_size(model), "options": config.report,
+                       "modalities": modalities},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=decode_cpus),
+        )
     ds = ds.map_batches(
         ArchiveActor,
         fn_constructor_kwargs={"model": model, "src": src, "parts": parts, "run_id": run_id,
@@ -185,14 +236,24 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
     total = sum(u["num_studies"] for u in units)
     reasons: Counter = Counter()
     busy: Counter = Counter()
+    start_s: dict[str, float] = {}
     counts = Counter()
+    decode_s = 0.0
+    rss = {"actor": 0, "decode": 0}
     t0 = last = time.perf_counter()
+    first = (0.0, 0)  # (seconds, studies) when the first unit came back
     for row in ds.iter_rows():
         counts.update(units=1, studies=row["studies"], reports=row["reports"],
                       errors=row["errors"], images=row["images"])
         reasons.update(json.loads(row["errors_by_reason"]))
         busy[row["actor"]] += row["seconds"]
+        start_s[row["actor"]] = row["actor_start_s"]
+        decode_s += row["decode_s"]
+        rss["actor"] = max(rss["actor"], row["actor_rss_kib"])
+        rss["decode"] = max(rss["decode"], row["decode_rss_kib"])
         now = time.perf_counter()
+        if counts["units"] == 1:  # the steady state starts once the first unit is back
+            first = (now - t0, counts["studies"])
         if now - last >= _PROGRESS_EVERY_S or counts["units"] in (1, len(units)):
             last = now
             rate = counts["studies"] / (now - t0)
@@ -200,11 +261,25 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
             log(f"{counts['units']}/{len(units)} units, {counts['studies']}/{total} studies "
                 f"({counts['errors']} errors), {rate:.2f} studies/s, "
                 f"{now - t0:.0f} s, about {eta:.0f} s to go")
+    pipeline = time.perf_counter() - t0
+    # Studies/s from the first unit's arrival to the last's: start-up (actor processes, the
+    # model, the first unit's decode) left out, every stage as busy as the slowest lets it.
+    steady = ((counts["studies"] - first[1]) / (pipeline - first[0])
+              if len(units) > 1 and pipeline > first[0] else None)
     return {"studies": counts["studies"], "reports": counts["reports"],
             "errors": counts["errors"], "images": counts["images"],
             "errors_by_reason": dict(sorted(reasons.items())),
             "actor_busy_s": {k: round(v, 2) for k, v in sorted(busy.items())},
-            "pipeline_s": round(time.perf_counter() - t0, 2)}
+            "actor_busy_fraction": round(max(busy.values()) / pipeline, 3),
+            "actor_start_s": {k: round(v, 2) for k, v in sorted(start_s.items())},
+            "pipeline_s": round(pipeline, 2),
+            "steady_studies_per_s": round(steady, 3) if steady else None,
+            "decode_cpus": decode_cpus,
+            "decode_task_s": round(decode_s, 2),
+            "decode_images_per_s": (round(counts["images"] / decode_s, 2)
+                                    if decode_s else None),
+            "peak_rss_mb": {"actor": round(rss["actor"] / 1024, 1),
+                            "decode": round(rss["decode"] / 1024, 1) if decode_cpus else None}}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -218,7 +293,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"unit(s): {run['reports']} reports, {run['errors']} errors "
         f"{json.dumps(run['errors_by_reason'], sort_keys=True)}",
         f"speed         {run['wall_time_s']} s wall"
-        + (f", {rate:.2f} studies/s end to end" if rate else ""),
+        + (f", {rate:.2f} studies/s end to end" if rate else "")
+        + (f"; {run['decode_cpus']} decode task(s) at once" if run.get("decode_cpus") else "")
+        + (f"; model actors busy {run['actor_busy_fraction']:.0%} of the time"
+           if run.get("actor_busy_fraction") is not None else ""),
+        "peak memory   " + ", ".join(
+            f"{label} {run['peak_rss_mb'][name]:.0f} MB" for name, label in (
+                ("driver", "driver"), ("decode", "decode task"), ("actor", "model actor"))
+            if run.get("peak_rss_mb", {}).get(name) is not None),
         f"output        {summary['out']}: {summary['studies']} studies, {summary['reports']} "
         f"reports, {summary['errors']} errors "
         f"{json.dumps(summary['errors_by_reason'], sort_keys=True)}",

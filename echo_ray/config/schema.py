@@ -546,6 +546,16 @@ class ServeConfig:
     """torch threads per model replica."""
     ingress_replicas: int = 1
     """Replicas of the HTTP ingress (parsing, auth, limits; no model)."""
+    decoder_min_replicas: int = 1
+    """DICOM decoder replicas (`StudyDecoder`: reads a study's files and resizes the chosen
+    view to the model's grid, on CPU, before the model replicas) at least (autoscaling)."""
+    decoder_max_replicas: int = 4
+    """DICOM decoder replicas at most (autoscaling): a 2,560 px compressed radiograph takes
+    up to ~0.8 s of one core to decode, so allow about one per core the model can keep busy."""
+    decoder_target_ongoing_requests: float = 1.0
+    """Autoscaling target per decoder replica: studies decoding at once (1: one per CPU)."""
+    decoder_num_cpus: float = 1.0
+    """Logical CPUs per decoder replica."""
     max_upload_mb: float = 64.0
     """413 above this request body size, in MB."""
     max_files: int = 8
@@ -575,8 +585,13 @@ class ServeConfig:
         for name in ("max_batch_size", "max_files", "max_ongoing_requests", "ingress_replicas",
                      "threads"):
             _require(getattr(self, name) >= 1, f"serve.{name} must be >= 1")
+        _require(
+            1 <= self.decoder_min_replicas <= self.decoder_max_replicas,
+            "serve: need 1 <= decoder_min_replicas <= decoder_max_replicas",
+        )
         for name in ("max_upload_mb", "request_timeout_s", "num_cpus",
-                     "target_ongoing_requests"):
+                     "target_ongoing_requests", "decoder_num_cpus",
+                     "decoder_target_ongoing_requests"):
             _require(getattr(self, name) > 0, f"serve.{name} must be > 0")
         _require(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
         _require(self.num_gpus >= 0, "serve.num_gpus must be >= 0")

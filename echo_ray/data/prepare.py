@@ -50,7 +50,7 @@ from echo_ray.data.shards import (
     TOKENIZER_DIR,
 )
 from echo_ray.data.storage import Location, resolve
-from echo_ray.runtime.cluster import init_ray
+from echo_ray.runtime.cluster import init_ray, require_shared_storage
 from echo_ray.text.labeler import label_report
 from echo_ray.text.labels import CHEXPERT_LABELS
 from echo_ray.text.normalizer import normalize_report
@@ -212,6 +212,7 @@ def prepare_shards(
     *,
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
+    shared_storage: bool = False,
 ) -> dict[str, Any]:
     """Turn a DICOM archive into Parquet shards, an errors table, a tokenizer and a manifest.
 
@@ -221,9 +222,15 @@ def prepare_shards(
         config: data and tokenizer settings (the `tiny` preset by default).
         s3_endpoint: S3 endpoint URL for both sides (else AWS_ENDPOINT_URL).
         ray_address: Ray cluster to use (else the current session or a local one).
+        shared_storage: local `archive` and `out` paths are one filesystem shared by every
+            Ray node; without it a multi-node cluster refuses them before anything is read
+            or written (`runtime.cluster.require_shared_storage`).
 
     Returns:
         The manifest (also written to `out/manifest.json`).
+
+    Raises:
+        SharedStorageError: a local path on a multi-node cluster, not declared shared.
     """
     config = (config or EchoConfig.from_name("tiny")).validate()
     dcfg = config.data
@@ -232,6 +239,10 @@ def prepare_shards(
     dst = resolve(out, s3_endpoint=s3_endpoint)
     if not src.exists():
         raise FileNotFoundError(f"archive {src.uri} does not exist")
+    # Ray tasks read the archive and write the shards, on any node: check before any work.
+    init_ray(ray_address)
+    require_shared_storage({"--archive": archive, "--out": out}, shared=shared_storage,
+                           what="prepare")
 
     items, info = discover_archive(src)
     _log(f"found {info['num_dicom_files']} DICOM files ({info['layout']} layout) in {src.uri}")
@@ -242,7 +253,6 @@ def prepare_shards(
     for stale in (dst.join(SHARDS_DIR), dst.join(TOKENIZER_DIR)):
         stale.delete_dir()
 
-    init_ray(ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic rows and shard contents
 

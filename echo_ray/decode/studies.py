@@ -37,8 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pyarrow as pa
 
 from echo_ray.data.dicom import DICOM_ERROR_REASONS, DicomError, decode_dicom, read_header
+from echo_ray.runtime.cluster import peak_rss_kib
 
 # ViewPosition values (DICOM PS3.3 C.8.11.5) and their spelled-out variants that are
 # lateral projections: decubitus and cross-table views included.
@@ -278,3 +280,47 @@ def view_image(data: bytes, *, size: int = VIEW_SIZE, modalities=None) -> np.nda
         return pixels
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     return np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.BOX), np.float32)
+
+
+def decode_images(batch: pa.Table, *, size: int, modalities=None,
+                  include_phi: bool = False) -> pa.Table:
+    """The CPU decode stage of evaluation and trajectories (a Ray Data task; numpy and
+    pydicom, no torch): each row's `dicom` decoded to the model's `(size, size)` grid, as
+    `ReportGenerator.decode_dicoms` does (docs/ARCHITECTURE.md section 1.3).
+
+    Returns:
+        The batch without its `dicom` column, plus `image` (float32 `(size, size)` as bytes,
+        `image_from_bytes`; null when the file does not decode), `decode_error` /
+        `decode_message` (the `DicomError`'s reason and message) and `decode_rss_kb` (this
+        process's peak RSS, KiB).
+    """
+    images, reasons, messages = [], [], []
+    for blob in batch.column("dicom").to_pylist():
+        try:
+            image = decode_dicom(blob, size=size, modalities=modalities, include_phi=include_phi)
+        except DicomError as err:
+            images.append(None)
+            reasons.append(err.reason)
+            messages.append(str(err))
+            continue
+        images.append(np.ascontiguousarray(image.pixels, np.float32).tobytes())
+        reasons.append(None)
+        messages.append(None)
+    return (batch.drop_columns(["dicom"])
+            .append_column("image", pa.array(images, pa.binary()))
+            .append_column("decode_error", pa.array(reasons, pa.string()))
+            .append_column("decode_message", pa.array(messages, pa.string()))
+            .append_column("decode_rss_kb",
+                           pa.array([peak_rss_kib()] * batch.num_rows, pa.int64())))
+
+
+def image_from_bytes(blob: bytes, size: int) -> np.ndarray:
+    """An image of `decode_images` back as float32 `(size, size)` (read-only, no copy).
+
+    Raises:
+        ValueError: the bytes are not a `(size, size)` image (decoded for another model).
+    """
+    if len(blob) != 4 * size * size:
+        raise ValueError(f"an image of {len(blob)} bytes was decoded for another model; "
+                         f"this one reads float32 ({size}, {size})")
+    return np.frombuffer(blob, np.float32).reshape(size, size)

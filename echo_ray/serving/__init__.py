@@ -2,7 +2,9 @@
 
 - options.py: the app's `args` read into the config tree (`AppArgs`), the API keys, and
   `served_modes` (the decoding modes a server offers)
-- model.py: `ReportModel`, the batched, autoscaled model replicas (+ the preview PNGs)
+- decoder.py: `StudyDecoder`, the autoscaled CPU replicas that decode a study's DICOM files
+  to the model's grid (and encode the preview PNGs) before the model sees it
+- model.py: `ReportModel`, the batched, autoscaled model replicas (prepared studies only)
 - ingress.py: `ReportAPI`, the FastAPI ingress: auth, limits, uploads, routes, errors,
   `/docs` with local Swagger UI files
 - schemas.py: the API's bodies as pydantic models (the OpenAPI schema's)
@@ -10,6 +12,7 @@
 - review_page.html: the upload-and-review page served at `/`
 
 May import config, runtime, text, data, model, diffusion, decode and interop. Nothing here
-works at import time, and ingress.py (with options.py, schemas.py and page.py) imports
-neither torch nor transformers: the ingress replica only parses and routes.
+works at import time, and ingress.py and decoder.py (with options.py, schemas.py and page.py)
+import neither torch nor transformers: the ingress replica only parses and routes, the
+decoder replicas only read DICOM (numpy, pydicom, Pillow).
 """

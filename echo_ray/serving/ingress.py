@@ -1,11 +1,14 @@
 """`ReportAPI`, the FastAPI ingress of the Serve app: auth, limits, parsing, routes, errors.
 
 It parses uploads and formats responses, and never touches the model: no torch, no
-transformers in this process. Every error, FastAPI's own (404, 405, a bad query) included,
-is `{"error", "message", "request_id"}` (`schemas.ErrorBody`), and `request_id` is the
-request's `x-request-id`: the one Serve's proxy takes from the client or makes, and returns
-as the response's `x-request-id` header. `/docs` is Swagger UI from the `fastapi-swagger`
-package, served here: the page loads nothing from outside the server.
+transformers in this process. A study's files go to `StudyDecoder` (the CPU deployment that
+decodes them); a study it cannot prepare is a 422 here, and only a prepared one (the image
+at the model's grid, no DICOM bytes) goes on to `ReportModel`. Every error, FastAPI's own
+(404, 405, a bad query) included, is `{"error", "message", "request_id"}`
+(`schemas.ErrorBody`), and `request_id` is the request's `x-request-id`: the one Serve's
+proxy takes from the client or makes, and returns as the response's `x-request-id` header.
+`/docs` is Swagger UI from the `fastapi-swagger` package, served here: the page loads
+nothing from outside the server.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures of a Serve
@@ -229,15 +232,16 @@ def _asset(name: str) -> bytes:
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class ReportAPI:
-    """HTTP in front of `ReportModel`: auth, limits, parsing, response formats."""
+    """HTTP in front of `StudyDecoder` and `ReportModel`: auth, limits, parsing, response
+    formats."""
 
-    def __init__(self, model, options: dict, key_digests: list[str]) -> None:
-        self.model = model
+    def __init__(self, model, decoder, options: dict, key_digests: list[str]) -> None:
+        self.model, self.decoder = model, decoder
         args = AppArgs.parse(options)
         self.options = args.serve
         self.key_digests = key_digests
         self.max_bytes = int(self.options.max_upload_mb * 1024 * 1024)
-        self._served: tuple[list[str], str] | None = None  # the model's (modes, default)
+        self._info: dict | None = None  # the model's info(): modes, default, image_size
         self._page: str | None = None
 
     # -- open routes
@@ -393,17 +397,21 @@ class ReportAPI:
         raise _HTTPError(401, "unauthorized", "a valid API key is required (Authorization: "
                          "Bearer <key>)")
 
-    async def _modes(self) -> tuple[list[str], str]:
-        """The decoding modes the model replicas serve (default first) and the default,
-        asked once: every replica loads the same checkpoint with the same args."""
-        if self._served is None:
+    async def _model_info(self) -> dict:
+        """The model replicas' `info()`, asked once: every replica loads the same checkpoint
+        with the same args (decoding modes, default first; the image size they read)."""
+        if self._info is None:
             try:
-                info = await asyncio.wait_for(self.model.info.remote(), timeout=30)
+                self._info = await asyncio.wait_for(self.model.info.remote(), timeout=30)
             except TimeoutError:
                 raise _HTTPError(503, "unavailable", "no model replica answers yet; retry "
                                  "shortly") from None
-            self._served = (list(info["modes"]), info["default_decoding"])
-        return self._served
+        return self._info
+
+    async def _modes(self) -> tuple[list[str], str]:
+        """The decoding modes the model replicas serve (default first) and the default."""
+        info = await self._model_info()
+        return list(info["modes"]), info["default_decoding"]
 
     async def _review_page(self, request: Request, request_id: str) -> HTMLResponse:
         if self._page is None:
@@ -432,16 +440,17 @@ class ReportAPI:
             raise _HTTPError(400, "unsupported_mode", f"mode {decoding!r} is not served by "
                              f"this model; choose one of {modes}")
         files, names = await self._read_files(request)
+        read = time.perf_counter()  # request_timeout_s counts from here: decode + model
+        decoded = await self._decode(files, preview, read)
         if stream:
-            return await self._stream(files, names, decoding, preview, request_id, start)
+            return await self._stream(decoded, names, decoding, request_id, start, read)
         try:
-            result = await asyncio.wait_for(
-                self.model.report.remote(files, decoding, preview),
-                timeout=self.options.request_timeout_s,
-            )
+            result = await asyncio.wait_for(self.model.report.remote(decoded.study, decoding),
+                                            timeout=self._time_left(read))
         except TimeoutError:
             raise self._timeout() from None
         self._check(result)
+        result.update(decoded.pngs)
         body = self._body(result, names, request_id, start)
         logger.info("request %s: report, %d files, %s, batch %d, %.0f ms", request_id,
                     len(files), decoding, result["batch_size"], body["latency_ms"])
@@ -449,13 +458,27 @@ class ReportAPI:
             return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
         return JSONResponse(body)
 
-    async def _stream(self, files, names: dict[str, str], decoding: str, preview: bool,
-                      request_id: str, start: float) -> Response:
-        """Server-sent events; a bad study is still a plain 4xx (checked before streaming)."""
-        events = self.model.options(stream=True).stream.remote(files, decoding, preview)
+    async def _decode(self, files: list[tuple[str, bytes]], preview: bool, read: float):
+        """The study prepared by `StudyDecoder` (`decoder.DecodedStudy`); a study that cannot
+        be reported is a 422 here, before the model is asked."""
+        info = await self._model_info()
         try:
-            first = await asyncio.wait_for(events.__anext__(),
-                                           timeout=self.options.request_timeout_s)
+            decoded = await asyncio.wait_for(
+                self.decoder.prepare.remote(files, info["image_size"], preview),
+                timeout=self._time_left(read),
+            )
+        except TimeoutError:
+            raise self._timeout() from None
+        if decoded.study.error is not None:
+            self._check(decoded.study.error_row())
+        return decoded
+
+    async def _stream(self, decoded, names: dict[str, str], decoding: str, request_id: str,
+                      start: float, read: float) -> Response:
+        """Server-sent events of a prepared study (a bad one was a plain 4xx already)."""
+        events = self.model.options(stream=True).stream.remote(decoded.study, decoding)
+        try:
+            first = await asyncio.wait_for(events.__anext__(), timeout=self._time_left(read))
         except TimeoutError:
             events.cancel()
             raise self._timeout() from None
@@ -466,7 +489,8 @@ class ReportAPI:
             event = first
             while True:
                 if event["event"] == "report":
-                    event = {"event": "report", **self._body(event, names, request_id, start)}
+                    event = {"event": "report", **self._body({**event, **decoded.pngs}, names,
+                                                             request_id, start)}
                 yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
                 if event["event"] == "report":
                     return
@@ -510,6 +534,11 @@ class ReportAPI:
             batch_size=result["batch_size"],
         )
         return body
+
+    def _time_left(self, since: float) -> float:
+        """Seconds left of this request's `request_timeout_s`, which counts from `since`
+        (the upload read) over decode and model together."""
+        return max(0.0, self.options.request_timeout_s - (time.perf_counter() - since))
 
     def _timeout(self) -> _HTTPError:
         return _HTTPError(504, "timeout", f"no report within "

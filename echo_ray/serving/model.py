@@ -1,20 +1,21 @@
 """`ReportModel`, the model replicas of the Serve app.
 
 A `ReportGenerator` behind `@serve.batch`, so concurrent studies share one forward per block;
-torch and the model load in the replica's constructor, never at import. A replica serves the
+torch and the model load in the replica's constructor, never at import. A replica takes
+prepared studies only (`decode.studies.PreparedStudy`, image at the model's grid, no DICOM
+bytes: `StudyDecoder` reads the files) and runs `report_prepared` on them. It serves the
 decoding modes `options.served_modes` gives (the checkpoint's unless the app names them);
-`info()` tells the ingress which.
+`info()` tells the ingress which, and the image size the decoder prepares for.
 """
 
 import asyncio
-import base64
-import io
 import logging
 
 from ray import serve
 
 from echo_ray.config.schema import DECODING_MODES
 from echo_ray.data.storage import model_name
+from echo_ray.decode.studies import PreparedStudy
 from echo_ray.serving.options import AppArgs, served_modes
 
 logger = logging.getLogger("echo_ray.serve")
@@ -38,7 +39,7 @@ class ReportModel:
         self.generator = replica.generator(  # warmed up: not in the first request's latency
             loc, config.decoding, include_phi=opts.include_phi,
             model_id=opts.model_id or model_name(args.checkpoint),
-            modalities=tuple(config.data.modalities) or None,
+            modalities=args.modalities,
         )
         self.options = opts
         self.trained_modes = list(getattr(self.generator, "trained_modes", DECODING_MODES))
@@ -47,6 +48,7 @@ class ReportModel:
             logger.warning("decoding %s is not served (modes %s): the default is %s",
                            config.decoding.mode, self.modes, self.default_decoding)
         self.replica = serve.get_replica_context().replica_tag
+        self.studies = 0
         self._set_batching(opts.max_batch_size, opts.batch_wait_timeout_s)
 
     def reconfigure(self, config: dict) -> None:
@@ -77,14 +79,17 @@ class ReportModel:
             "replica": self.replica,
         }
 
-    async def report(self, files: list[tuple[str, bytes]], decoding: str, preview: bool):
-        return await self._report_batch((files, decoding, preview))
+    async def report(self, study: PreparedStudy, decoding: str) -> dict:
+        """The report of one prepared study (batched with concurrent ones)."""
+        return await self._report_batch((_checked(study), decoding))
 
-    async def stream(self, files: list[tuple[str, bytes]], decoding: str, preview: bool = False):
-        """One study alone (no batching), streamed: {"event": "block", "text"} per final
-        block, then {"event": "report", ...the report or error dict}."""
-        from echo_ray.decode.studies import report_studies
+    async def stream(self, study: PreparedStudy, decoding: str):
+        """One prepared study alone (no batching), streamed: {"event": "block", "text"} per
+        final block, then {"event": "report", ...the report or error dict}."""
+        from echo_ray.decode.studies import report_prepared
 
+        study = _checked(study)
+        self.studies += 1
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -94,8 +99,8 @@ class ReportModel:
         async def decode() -> None:
             try:
                 out = await asyncio.to_thread(
-                    report_studies, self.generator, [files], decoding=decoding,
-                    on_text=on_text, with_image=preview, with_view=preview,
+                    report_prepared, self.generator, [study], decoding=decoding,
+                    on_text=on_text,
                 )
                 queue.put_nowait(("report", out[0]))
             except Exception as exc:  # surfaces in the stream's consumer
@@ -112,52 +117,47 @@ class ReportModel:
             await task
             if kind == "failed":
                 raise value
-            yield {"event": "report", **_with_pngs(value, preview), "batch_size": 1,
+            yield {"event": "report", **_with_used_file(value), "batch_size": 1,
                    "replica": self.replica}
             return
 
+    def stats(self) -> dict:
+        """This replica's count of studies it was given to report (since it started)."""
+        return {"studies": self.studies, "replica": self.replica}
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _report_batch(self, requests: list[tuple]) -> list[dict]:
-        from echo_ray.decode.studies import report_studies
+        from echo_ray.decode.studies import report_prepared
 
+        self.studies += len(requests)
         results: list[dict | None] = [None] * len(requests)
         by_mode: dict[str, list[int]] = {}
-        for i, (_, decoding, _) in enumerate(requests):
+        for i, (_, decoding) in enumerate(requests):
             by_mode.setdefault(decoding, []).append(i)
         for decoding, idx in by_mode.items():
-            studies = [requests[i][0] for i in idx]
-            preview = any(requests[i][2] for i in idx)  # images only when one is shown
             out = await asyncio.to_thread(
-                report_studies, self.generator, studies, decoding=decoding,
-                with_image=preview, with_view=preview,
+                report_prepared, self.generator, [requests[i][0] for i in idx],
+                decoding=decoding,
             )
             for i, result in zip(idx, out, strict=True):
-                result = _with_pngs(result, requests[i][2])
-                result["batch_size"] = len(idx)
-                result["replica"] = self.replica
-                results[i] = result
+                results[i] = {**_with_used_file(result), "batch_size": len(idx),
+                              "replica": self.replica}
         return results
 
 
-def _with_pngs(result: dict, preview: bool) -> dict:
-    """`result` without its image arrays; with `preview`, the model's input as `image_png`
-    and the reader's view of the file as `view_png`, and `used_file` (the reported file's
-    name, "fileK") in every report."""
-    image, view = result.pop("image", None), result.pop("view", None)
-    if result.get("error"):
-        return result
-    result["used_file"] = result.get("source_file")
-    if preview and image is not None:
-        result["image_png"] = _png_base64(image)
-    if preview and view is not None:
-        result["view_png"] = _png_base64(view)
+def _checked(study) -> PreparedStudy:
+    """`study` if it is what a model replica takes: a `PreparedStudy` without its DICOM
+    bytes (`shipped()`, as `StudyDecoder` sends it)."""
+    if not isinstance(study, PreparedStudy) or study.source_data is not None:
+        raise TypeError(f"ReportModel takes a PreparedStudy without its DICOM bytes "
+                        f"(StudyDecoder's), not {type(study).__name__}"
+                        f"{' with source_data' if isinstance(study, PreparedStudy) else ''}")
+    return study
+
+
+def _with_used_file(result: dict) -> dict:
+    """A report names its file as `used_file` ("fileK", the K-th uploaded); error rows
+    stay as they are."""
+    if not result.get("error"):
+        result["used_file"] = result.get("source_file")
     return result
-
-
-def _png_base64(image) -> str:
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()

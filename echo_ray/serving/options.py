@@ -48,6 +48,12 @@ class AppArgs:
     def serve(self) -> ServeConfig:
         return self.config.serve
 
+    @property
+    def modalities(self) -> tuple[str, ...] | None:
+        """The DICOM Modality values studies may have (`data.modalities`; None: any): the
+        decoder checks them, the model replica's generator is built with them."""
+        return tuple(self.config.data.modalities) or None
+
     @classmethod
     def parse(cls, args: Mapping[str, Any]) -> "AppArgs":
         """Read and check `args`; errors (a `ValueError`) name the key."""

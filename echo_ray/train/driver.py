@@ -28,6 +28,9 @@
   every rank still takes the same steps; they are counted (`bad_rows`) and logged. Rows
   whose report is longer than `model.max_response_len - 1` tokens are cut (the response
   ends with `<eos>`) and counted (`truncated_rows`), never silently.
+- Placement: `train_summary.json` records `worker_nodes`, the Ray node id of each rank. On
+  a multi-node cluster every path must be s3:// or declared shared (`shared_storage`):
+  workers on other nodes read `data` and `init` and write `out`.
 - Memory: `train.gradient_checkpointing` recomputes activations in the backward pass;
   DeepSpeed with bf16 trains bf16 weights (its optimizer keeps the fp32 masters); ZeRO-3
   builds or loads the model partitioned and saves it from rank 0 (worker.py).
@@ -55,8 +58,8 @@ from echo_ray.data.shards import MANIFEST, TOKENIZER_DIR
 from echo_ray.data.storage import RUN_MODEL_DIR as MODEL_DIR
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
 from echo_ray.model.checkpoint import CONFIG_FILE
-from echo_ray.runtime.cluster import init_ray
-from echo_ray.train.worker import DEEPSPEED_DIR, TRAIN_STATE, train_worker
+from echo_ray.runtime.cluster import init_ray, require_shared_storage
+from echo_ray.train.worker import DEEPSPEED_DIR, TRAIN_STATE, WORKER_NODES, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class TrainResult:
     """The Ray Train checkpoint the model was exported from."""
     metrics: dict[str, Any]
     """Rank 0's metrics at the last checkpoint."""
+    worker_nodes: list[str] = dataclasses.field(default_factory=list)
+    """The Ray node id of each worker, by rank, in the last worker group (where it ran)."""
 
 
 def train(
@@ -88,6 +93,7 @@ def train(
     overrides: tuple[str, ...] = (),
     s3_endpoint: str | None = None,
     ray_address: str | None = None,
+    shared_storage: bool = False,
 ) -> TrainResult:
     """Train `stage` on the shards at `data`; checkpoints and the final model go to `out`.
 
@@ -102,6 +108,12 @@ def train(
             checkpoint, its saved model section is used (then `overrides` on `model.*`).
         overrides: the `key=value` strings `config` was built with (re-applied to the model
             section of an `init` checkpoint).
+        shared_storage: local `data`, `out` and `init` paths are one filesystem shared by
+            every Ray node; without it a multi-node cluster refuses them before training
+            (`runtime.cluster.require_shared_storage`).
+
+    Raises:
+        SharedStorageError: a local path on a multi-node cluster, not declared shared.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {STAGES}")
@@ -140,6 +152,8 @@ def train(
     tokenizer_json = tokenizer_src.join(TOKENIZER_FILE).read_text()
 
     init_ray(ray_address, dashboard=True)
+    require_shared_storage({"--data": data, "--out": out, "--init": init},
+                           shared=shared_storage, what="train")
     ray.data.DataContext.get_current().enable_progress_bars = False
     _log(stage, f"data {shards.uri} -> run {run.uri} ({tcfg.num_workers} workers, "
          f"{tcfg.strategy}, {'GPU' if tcfg.use_gpu else 'CPU'}, {tcfg.max_steps} steps)")
@@ -195,6 +209,7 @@ def train(
     model_dir.delete_dir()
     ckpt.copy_to(model_dir, exclude=(TRAIN_STATE, DEEPSPEED_DIR))
     metrics = dict(result.metrics or {})
+    worker_nodes = [str(n) for n in metrics.pop(WORKER_NODES, None) or ()]
     summary = {
         "stage": stage,
         "run": run.uri,
@@ -203,6 +218,7 @@ def train(
         "init": init_loc.uri if init_loc is not None else None,
         "data": shards.uri,
         "metrics": metrics,
+        "worker_nodes": worker_nodes,
         "wall_time_s": round(time.time() - start, 1),
         "config": config.run_dict(),
     }
@@ -213,8 +229,10 @@ def train(
          f"{metrics.get('loss', float('nan')):.4f}, validation loss "
          f"{'n/a' if val is None else f'{val:.4f}'}"
          + (f", {cut} rows cut at model.max_response_len" if cut else "")
+         + f"; {len(worker_nodes)} workers on {len(set(worker_nodes))} node(s)"
          + f"; model -> {model_dir.uri}")
-    return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics)
+    return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics,
+                       worker_nodes=worker_nodes)
 
 
 def _check_trajectories(data: Location) -> None:

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 DEEPSPEED_DIR = "deepspeed"
 METRICS_FILE = "metrics.jsonl"
+# Reported to Ray Train beside rank 0's metrics (not in metrics.jsonl): the Ray node id of
+# each rank, by rank; the driver writes it to train_summary.json.
+WORKER_NODES = "worker_nodes"
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -258,6 +261,7 @@ class _Loop:
             _MetricsLog(self.run_dir.join(METRICS_FILE), self.resumed_from) if rank == 0 else None
         )
         self.last_val: float | None = state.get("val_loss")
+        self.worker_nodes = self._gather(ray.get_runtime_context().get_node_id())
 
     # ---- data
 
@@ -420,10 +424,11 @@ class _Loop:
                       f"{self.epoch} loss {metrics['loss']:.4f}{val} lr {metrics['lr']:.2e} "
                       f"{metrics['tokens_per_s']:.0f} tok/s bad rows {self.bad_rows}{cut}",
                       file=sys.__stdout__, flush=True)
+        reported = {**metrics, WORKER_NODES: self.worker_nodes}
         if final or (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0):
-            self._checkpoint(metrics)
+            self._checkpoint(reported)
         elif tcfg.report_every and self.step % tcfg.report_every == 0:
-            ray.train.report(metrics)
+            ray.train.report(reported)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64,
@@ -431,6 +436,14 @@ class _Loop:
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(t)
         return t.tolist()
+
+    def _gather(self, value: str) -> list[str]:
+        """`value` of every rank, by rank (every rank takes part)."""
+        if self.world == 1 or not dist.is_initialized():
+            return [value]
+        values: list[str | None] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return [str(v) for v in values]
 
     @torch.no_grad()
     def _evaluate(self) -> float | None:

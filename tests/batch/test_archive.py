@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 import posixpath
 import shutil
 import signal
@@ -24,8 +25,11 @@ import torch
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import make_model
 
+import echo_ray.batch.decoder as decoder_module
 import echo_ray.batch.discovery as discovery_module
-from echo_ray.batch.discovery import discover_studies, file_key
+from echo_ray.batch.actor import ArchiveActor
+from echo_ray.batch.decoder import decode_units
+from echo_ray.batch.discovery import discover_studies, file_key, plan_units
 from echo_ray.batch.job import format_summary, report_archive
 from echo_ray.batch.ledger import (
     ERRORS_CSV,
@@ -38,12 +42,19 @@ from echo_ray.batch.ledger import (
 )
 from echo_ray.cli import main as cli_main
 from echo_ray.config.overrides import apply_overrides
-from echo_ray.config.schema import ConfigError, EchoConfig
+from echo_ray.config.schema import (
+    ConfigError,
+    DecodingConfig,
+    EchoConfig,
+    PoolConfig,
+    ReportConfig,
+)
 from echo_ray.data.dicom import read_header
 from echo_ray.data.storage import resolve
 from echo_ray.decode.predictor import ReportGenerator
 from echo_ray.decode.studies import report_studies
 from echo_ray.model.checkpoint import save_checkpoint
+from echo_ray.model.folder import model_image_size
 from echo_ray.synth.archive import synthesize_archive
 from echo_ray.synth.dicom_writer import write_dicom
 
@@ -383,6 +394,98 @@ def test_empty_archive_gives_empty_outputs(checkpoint, tmp_path):
     assert "0 studies" in format_summary(summary)
 
 
+def _decode_unit(root: Path, studies: list[dict], size: int = 16,
+                 options: ReportConfig | None = None) -> list:
+    """`decode_units` on one unit of `studies` (discovery's entries), in this process."""
+    table = pa.Table.from_pylist([{"unit": "part-x", "studies": json.dumps(studies)}])
+    (row,) = decode_units(table, src=resolve(str(root)), size=size,
+                          options=options or ReportConfig(), modalities=None).to_pylist()
+    assert row["unit"] == "part-x" and row["decode_s"] > 0 and row["decode_rss_kib"] > 0
+    # No DICOM file's bytes: the magic and the first File Meta tag (0002,xxxx) of each.
+    assert b"DICM\x02\x00" not in row["prepared"]
+    return pickle.loads(row["prepared"])
+
+
+def _entries(root: Path) -> list[dict]:
+    return json.loads(plan_units(discover_studies(resolve(str(root))).studies, 1000)[0][
+        "studies"])
+
+
+def test_decode_stage_ships_prepared_images_and_keeps_every_bad_input_rule(archive,
+                                                                            monkeypatch):
+    root, expected = archive
+    entries = _entries(root)
+    prepared = _decode_unit(root, entries)
+    assert [s.prepared.study_id for s in prepared] == [e["key"] for e in entries]
+    for study, entry in zip(prepared, entries, strict=True):
+        p = study.prepared
+        assert p.error == expected[entry["key"]], entry["key"]
+        assert p.source_data is None and p.num_files == len(entry["paths"])
+        if p.error is None:
+            assert p.image.dtype == np.float32 and p.image.shape == (16, 16)
+    # Files that cannot be read: a file error of a study that has another, an error row of
+    # a study that has none; a study whose preparing raises: one `unexpected_error` row.
+    a = next(e for e in entries if e["key"] == UID_A)
+    gone = {"key": "s-gone", "paths": ["extra/gone.dcm"], "names": ["extra/gone.dcm"]}
+    half = {**a, "paths": [*a["paths"], "extra/gone.dcm"],
+            "names": [*a["names"], "extra/gone.dcm"]}
+    real = decoder_module.prepare_study
+
+    def prepare(files, **kw):
+        if kw["study_id"] == "s-boom":
+            raise RuntimeError("a library's surprise")
+        return real(files, **kw)
+
+    monkeypatch.setattr(decoder_module, "prepare_study", prepare)
+    gone_row, half_row, boom_row = (s.prepared for s in _decode_unit(
+        root, [gone, half, {**a, "key": "s-boom"}]))
+    assert (gone_row.error, gone_row.num_files) == ("read_failed", 1)
+    assert gone_row.error_row()["file_errors"] == [{
+        "file": "extra/gone.dcm", "error": "read_failed",
+        "message": "could not read the file: FileNotFoundError"}]
+    assert half_row.error is None and half_row.source_file == "extra/a_pa.dcm"
+    assert half_row.num_files == 3 and [e["error"] for e in half_row.file_errors] == [
+        "read_failed"]
+    assert (boom_row.error, boom_row.message) == ("unexpected_error",
+                                                  "reporting raised RuntimeError")
+
+
+def test_decode_stage_reads_the_fhir_subject_and_no_other_identifier(archive):
+    root, _ = archive
+    a = next(e for e in _entries(root) if e["key"] == UID_A)
+    options = ReportConfig(fhir=True, fhir_patient_ref="Patient/{patient_id}")
+    (study,) = _decode_unit(root, [a], options=options)
+    assert study.subject == "Patient/PHI-123456"
+    assert "PHI-123456" not in json.dumps(study.prepared.meta)
+    (study,) = _decode_unit(root, [a])
+    assert study.subject is None
+
+
+def test_a_batch_that_raises_in_the_model_is_reported_study_by_study(archive, checkpoint,
+                                                                     tmp_path):
+    root, _ = archive
+    entries = [e for e in _entries(root) if e["key"] in (UID_A, UID_B)]
+    prepared = _decode_unit(root, entries, size=model_image_size(resolve(str(checkpoint))))
+    prepared[1].prepared.image = prepared[1].prepared.image[:-1]  # not the model's grid
+    parts = tmp_path / PARTS_DIR
+    threads = torch.get_num_threads()
+    try:
+        actor = ArchiveActor(model=resolve(str(checkpoint)), src=resolve(str(root)),
+                             parts=resolve(str(parts)), run_id="r1",
+                             options=ReportConfig(batch_size=2, unit_size=2),
+                             decoding=DecodingConfig(), pool=PoolConfig(threads=1),
+                             modalities=())
+        out = actor.report_unit("part-x", entries, prepared)
+    finally:
+        torch.set_num_threads(threads)
+    assert (out["studies"], out["reports"], out["errors"]) == (2, 1, 1)
+    rows = pq.read_table(parts / "part-x.parquet").to_pylist()
+    assert [(r["study_id"], r["error"]) for r in rows] == [
+        (UID_A, None), (UID_B, "unexpected_error")]
+    assert rows[1]["message"] == "reporting raised ValueError" and rows[1]["num_files"] == 3
+    assert [e["file"] for e in rows[1]["file_errors"]] == ["extra/b1.dcm"]
+
+
 # --- the job (Ray) -----------------------------------------------------------------------------
 
 
@@ -453,6 +556,50 @@ def test_fhir_and_no_patient_identifiers(archive, reported):
     blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
     for value in phi:
         assert not any(value.encode() in b for b in blobs), value
+
+
+_VARYING = ("run_id", "reported_at", "latency_ms")  # of the run or the clock, not the study
+
+
+def _part_rows(out: Path) -> list[dict]:
+    rows = []
+    for part in sorted((out / PARTS_DIR).glob("*.parquet")):
+        for row in pq.read_table(part).to_pylist():
+            for name in _VARYING:
+                row.pop(name)
+            if row["fhir"]:
+                fhir = json.loads(row["fhir"])
+                del fhir["id"], fhir["issued"]  # the run's id, the time
+                row["fhir"] = fhir
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["study_id"])
+
+
+@pytest.mark.ray
+def test_decode_stage_gives_the_rows_of_decoding_in_the_actors(
+        ray_cluster, checkpoint, archive, reported, tmp_path):
+    root, expected = archive
+    out, summary = reported
+    in_actor = report_archive(str(checkpoint), str(root), str(tmp_path / "in-actor"),
+                              _options("report.fhir=true", "pool.decode_in_actors=true"))
+    _assert_exactly_once(tmp_path / "in-actor", expected)
+    assert _part_rows(tmp_path / "in-actor") == _part_rows(out)  # reports and error rows
+    assert sorted(p.name for p in (tmp_path / "in-actor" / PARTS_DIR).iterdir()) == sorted(
+        p.name for p in (out / PARTS_DIR).iterdir())  # the same units
+    # The figures: decode tasks (one per CPU of the session's 4-CPU cluster, at most one
+    # per unit), the actors' busy fraction, peak memory of every process kind.
+    run, old = summary["this_run"], in_actor["this_run"]
+    assert run["decode_cpus"] == min(4, run["units"]) and old["decode_cpus"] == 0
+    assert summary["options"]["decode_in_actors"] is False
+    assert in_actor["options"]["decode_in_actors"] is True
+    for this in (run, old):
+        assert 0 < this["actor_busy_fraction"] <= 1
+        assert this["peak_rss_mb"]["driver"] > 0 and this["peak_rss_mb"]["actor"] > 0
+        assert this["warm_studies_per_s"] > 0
+    assert run["peak_rss_mb"]["decode"] > 0 and old["peak_rss_mb"]["decode"] is None
+    assert run["decode_task_s"] > 0 and run["decode_images_per_s"] == pytest.approx(
+        run["images"] / run["decode_task_s"], rel=0.05)
+    assert old["decode_images_per_s"] is None
 
 
 @pytest.mark.ray

@@ -11,16 +11,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from helpers.prepared_shards import edit_first_shard, prepare_test_shards
 
 from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import ConfigError, EchoConfig, ModelConfig
 from echo_ray.data.dicom import decode_dicom
+from echo_ray.data.shards import shard_files
+from echo_ray.data.storage import resolve
 from echo_ray.decode.sampler import generate
 from echo_ray.diffusion.losses import compute_rad_loss
 from echo_ray.diffusion.noise import pad_responses
-from echo_ray.distill.rollout import STATS_KEY, generate_trajectories
+from echo_ray.distill.rollout import STATS_KEY, actor_input, generate_trajectories
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import load_tokenizer
@@ -89,12 +92,14 @@ def teacher(shards, tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("teacher") / "model", config)
 
 
+ROLLOUT = ["trajectories.top_k=4", "trajectories.batch_size=4", "trajectories.min_repeats=0",
+           "pool.cpus_per_actor=0.5", "pool.threads=1"]
+
+
 @pytest.fixture(scope="module")
 def rolled_out(shards, teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("trajectories")
-    options = apply_overrides(EchoConfig(), [
-        "trajectories.top_k=4", "trajectories.batch_size=4", "trajectories.min_repeats=0",
-        "pool.cpus_per_actor=0.5", "pool.threads=1"])
+    options = apply_overrides(EchoConfig(), ROLLOUT)
     manifest = generate_trajectories(str(teacher), str(shards[0]), str(out), options)
     return out, manifest
 
@@ -122,6 +127,60 @@ def test_every_selected_image_is_a_rollout_or_a_counted_drop(shards, rolled_out)
     masses = [m for r in rows for m in r["mass"]]
     assert manifest["top_k_mass_mean"] == pytest.approx(sum(masses) / len(masses), rel=1e-5)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+    # The output rows carry their DICOM bytes (training decodes them), read back from the
+    # input shards: the teachers never held them.
+    dicoms = {r["dicom_id"]: r["dicom"] for r in selected}
+    assert all(r["dicom"] == dicoms[r["dicom_id"]] for r in rows)
+    # How the rollout ran: one CPU decode task per CPU of the cluster, apart from the actors.
+    assert manifest["decode_cpus"] == int(ray.cluster_resources()["CPU"])
+    assert manifest["rollout_wall_s"] > 0 and 0.0 < manifest["actor_busy_fraction"] <= 1.0
+    assert all(manifest["peak_rss_mb"][p] > 0 for p in ("driver", "decode", "actor"))
+
+
+def test_the_decode_stage_gives_the_same_trajectories_as_teachers_that_decode(
+    shards, teacher, rolled_out, tmp_path
+):
+    """`pool.decode_in_actors` (each teacher decodes its own DICOM bytes) writes the very
+    same shards as the CPU decode stage: rows, tokens, records, DICOM bytes, counts."""
+    options = apply_overrides(EchoConfig(), [*ROLLOUT, "pool.decode_in_actors=true"])
+    manifest = generate_trajectories(str(teacher), str(shards[0]), str(tmp_path), options)
+    staged = sorted((rolled_out[0] / "shards").glob("*.parquet"))
+    assert [p.name for p in staged] == sorted(p.name for p in (tmp_path / "shards").glob("*"))
+    for path in staged:
+        assert pq.read_table(tmp_path / "shards" / path.name).equals(pq.read_table(path),
+                                                                     check_metadata=True)
+    assert manifest["dropped"] == rolled_out[1]["dropped"]
+    assert manifest["dropped"]["decode_error"] == 1  # the broken DICOM, dropped as before
+    assert manifest["decode_cpus"] is None and manifest["peak_rss_mb"]["decode"] is None
+    assert 0.0 < manifest["actor_busy_fraction"] <= 1.0
+    assert manifest["options"]["decode_in_actors"] is True
+
+
+def test_the_teachers_receive_decoded_images_never_dicom_bytes(shards, teacher):
+    """What streams into the teachers: the teacher's (S, S) float32 images, exactly
+    `decode_dicom`'s, the broken file marked as a decode_error drop; no `dicom` column."""
+    src = resolve(str(shards[0]))
+    config = apply_overrides(EchoConfig(), ROLLOUT)
+    rows = actor_input(shard_files(src), src, config, resolve(str(teacher)),
+                       decode_cpus=2).take_all()
+    selected = {r["dicom_id"]: r["dicom"] for r in _selected(shards[0])}
+    assert sorted(r["dicom_id"] for r in rows) == sorted(selected)
+    assert "dicom" not in rows[0] and "image" in rows[0]
+    for row in rows:
+        if row["dicom_id"] == shards[1]:
+            assert row["image"] is None and row["decode_error"] == "not_dicom"
+            continue
+        assert row["decode_error"] is None
+        image = np.frombuffer(row["image"], np.float32).reshape(56, 56)  # the teacher's side
+        assert np.array_equal(image, decode_dicom(selected[row["dicom_id"]], size=56).pixels)
+
+
+def test_the_decode_stage_imports_no_torch():
+    """The CPU decode tasks load the job's module (their function is pickled by reference):
+    it must not pull torch into every decode worker."""
+    code = ("import sys, echo_ray.distill.rollout; "
+            "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_trajectory_records_are_consistent(teacher, rolled_out):
@@ -166,9 +225,7 @@ def test_rerun_after_the_job_died_redoes_only_the_unfinished_shards(
     assert len(done) == 3 < total
     assert not (out / "manifest.json").exists()  # a dead job never looks complete
 
-    options = apply_overrides(EchoConfig(), [
-        "trajectories.top_k=4", "trajectories.batch_size=4", "trajectories.min_repeats=0",
-        "pool.cpus_per_actor=0.5", "pool.threads=1"])
+    options = apply_overrides(EchoConfig(), ROLLOUT)
     manifest = generate_trajectories(str(teacher), str(shards[0]), str(out), options)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
     assert len(after) == total

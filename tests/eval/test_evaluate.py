@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from helpers.prepared_shards import edit_first_shard, prepare_test_shards
 from PIL import Image
@@ -15,6 +19,10 @@ from PIL import Image
 from echo_ray.cli import main, run
 from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import EchoConfig, EvaluateConfig, ModelConfig
+from echo_ray.data.dicom import decode_dicom
+from echo_ray.data.shards import shard_files
+from echo_ray.data.storage import resolve
+from echo_ray.eval.job import actor_input
 from echo_ray.eval.label_metrics import label_f1, labels_from_vectors
 from echo_ray.eval.scoring import RESULT_KEYS, TrainingReference, score_systems
 from echo_ray.eval.systems import System
@@ -74,6 +82,21 @@ def evaluated(archive_shards, checkpoints, tmp_path_factory):
     return out, evaluation.results, broken, num_test
 
 
+@pytest.fixture(scope="module")
+def decoded_in_actors(archive_shards, checkpoints, tmp_path_factory):
+    """The one-step system again, its actors decoding the DICOM bytes themselves
+    (`--decode-in-actors`), fluency under the same AR checkpoint as `evaluated`."""
+    shards = archive_shards[0]
+    out = tmp_path_factory.mktemp("eval-in-actors")
+    evaluation = run("evaluate", [
+        "--data", str(shards), "--out", str(out),
+        "--system", f"onestep={checkpoints['rad']}:one-step-fused",
+        "--fluency-model", str(checkpoints["ar"]), "--decode-in-actors",
+        "--batch-size", "4", "--cpus-per-actor", "0.5", "--threads", "1",
+    ])
+    return out, evaluation.results
+
+
 def test_evaluate_writes_results_table_plot_and_reports(evaluated):
     out, results, broken, num_test = evaluated
     on_disk = json.loads((out / RESULTS_FILE).read_text())
@@ -91,6 +114,11 @@ def test_evaluate_writes_results_table_plot_and_reports(evaluated):
         assert math.isfinite(figures["fluency_ppl"]) and figures["fluency_ppl"] > 1.0
         assert figures["tokens_per_s"] > 0 and figures["ms_per_report"] > 0
         assert figures["ratescore"] is None  # no weights here: skipped, see the notes
+        # How the pass ran: DICOM decoded by one CPU task per CPU of the cluster, apart from
+        # the model actors.
+        assert figures["decode_cpus"] == int(ray.cluster_resources()["CPU"])
+        assert figures["pass_wall_s"] > 0 and 0.0 < figures["actor_busy_fraction"] <= 1.0
+        assert all(figures["peak_rss_mb"][p] > 0 for p in ("driver", "decode", "actor"))
     assert on_disk["ar"]["tokens_per_forward"] <= 1.0 + 1e-9  # one token per forward at most
     # One-step fused decoding writes a whole block per forward: far fewer forwards.
     assert on_disk["onestep"]["forwards_per_report"] < on_disk["ar"]["forwards_per_report"]
@@ -197,3 +225,55 @@ def test_system_spec_accepts_the_short_mode_names():
         "echo", "s3://bucket/runs/dcd", "one-step-fused"
     )
     assert System.parse("t=runs/rad:onestep").mode == "one-step"
+
+
+def test_the_decode_stage_gives_the_same_reports_as_actors_that_decode(
+    evaluated, decoded_in_actors
+):
+    """The CPU decode stage changes where DICOM is decoded, not what the model reads: the
+    same rows, reports, labels, fluency and batches (the same images per batch), the broken
+    DICOM the same error row."""
+    staged = pq.read_table(evaluated[0] / REPORTS_FILE)
+    staged = staged.filter(pc.equal(staged.column("system"), "onestep"))
+    in_actors = pq.read_table(decoded_in_actors[0] / REPORTS_FILE)
+    timing = {"batch_id", "batch_latency_ms"}  # a fresh id and a clock per batch
+    keep = [n for n in staged.column_names if n not in timing]
+    assert staged.select(keep).to_pylist() == in_actors.select(keep).to_pylist()
+    errors = [r for r in in_actors.to_pylist() if r["error"] is not None]
+    assert [(r["dicom_id"], r["error"]) for r in errors] == [(evaluated[2], "not_dicom")]
+    figures = decoded_in_actors[1]["onestep"]
+    assert figures["decode_cpus"] is None and figures["peak_rss_mb"]["decode"] is None
+    assert 0.0 < figures["actor_busy_fraction"] <= 1.0
+    for key in ("num_reports", "num_errors", "ce_f1_micro14", "fluency_ppl", "rouge_l"):
+        assert figures[key] == evaluated[1]["onestep"][key]
+
+
+def test_the_model_actors_receive_decoded_images_never_dicom_bytes(archive_shards,
+                                                                   checkpoints):
+    """What streams into the actors: the model's (S, S) float32 images, exactly
+    `decode_dicom`'s, and the decode errors; no `dicom` column."""
+    shards, broken, num_test = archive_shards
+    src = resolve(str(shards))
+    config = apply_overrides(EchoConfig(), ["evaluate.batch_size=4"])
+    rows = actor_input(shard_files(src), src, config, resolve(str(checkpoints["rad"])),
+                       decode_cpus=1).take_all()
+    assert len(rows) == num_test
+    assert "dicom" not in rows[0] and "image" in rows[0]
+    dicoms = {r["dicom_id"]: r["dicom"] for r in pq.read_table(shards / "shards").to_pylist()}
+    for row in rows:
+        if row["dicom_id"] == broken:
+            assert row["image"] is None and row["decode_error"] == "not_dicom"
+            assert row["decode_message"]
+            continue
+        assert row["decode_error"] is None
+        expected = decode_dicom(dicoms[row["dicom_id"]], size=56).pixels  # the model's side
+        image = np.frombuffer(row["image"], np.float32).reshape(56, 56)
+        assert np.array_equal(image, expected)
+
+
+def test_the_decode_stage_imports_no_torch():
+    """The CPU decode tasks load the job's module (their function is pickled by reference):
+    it must not pull torch into every decode worker."""
+    code = ("import sys, echo_ray.eval.job; "
+            "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -20,9 +20,10 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import trained_model
 from PIL import Image
 
-from echo_ray.config.schema import EchoConfig
+from echo_ray.config.schema import RADIOGRAPH_MODALITIES, EchoConfig
 from echo_ray.data.storage import model_name
 from echo_ray.decode.modes import trained_modes
+from echo_ray.decode.studies import prepare_study
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.serving.app import build_app
 from echo_ray.serving.options import AppArgs, app_args, load_api_keys, served_modes
@@ -36,6 +37,8 @@ KEY = "test-key-1"
 FILE_KEY = "file-key-2"
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 ACCESSION = "ACC-7781"
+# Every app here: one decoder replica on a quarter CPU (the module's apps fit 4 logical CPUs).
+DECODER = {"decoder_num_cpus": 0.25, "decoder_max_replicas": 1}
 
 
 def _dicom(seed: int, view: str | None = "PA", study: str = STUDY, **attrs) -> bytes:
@@ -72,7 +75,7 @@ def server(ray_cluster, checkpoint, tmp_path_factory, monkeypatch_module):
     app = build_app({
         "checkpoint": checkpoint, "api_keys_file": str(keys_file), "num_cpus": 0.25,
         "max_new_tokens": 16, "max_replicas": 1, "max_upload_mb": 0.25, "max_files": 3,
-        "batch_wait_timeout_s": 0.5, "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.5, "max_batch_size": 8, **DECODER,
     })
     serve.run(app, name="echo-ray", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -141,14 +144,55 @@ def test_keys_come_from_the_environment_and_a_file(monkeypatch, tmp_path):
 
 
 def test_the_ingress_module_does_not_import_torch():
-    """The ingress replica imports these modules only to parse and route: no torch, no
-    transformers (hundreds of MB per ingress process); the model replicas import them."""
+    """The ingress replica imports these modules only to parse and route, the decoder
+    replicas to read DICOM: no torch, no transformers (hundreds of MB per process); the
+    model replicas import them."""
     code = (
-        "import sys, echo_ray.serving.ingress, echo_ray.serving.app; "
+        "import sys, echo_ray.serving.ingress, echo_ray.serving.decoder, "
+        "echo_ray.serving.app; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _deployments(app) -> dict:
+    """A built (not yet run) Serve app's deployments by name: the ingress and every
+    deployment bound into it."""
+    from ray.serve.deployment import Application
+
+    found, todo = {}, [app]
+    while todo:
+        deployment = todo.pop()._bound_deployment
+        found[deployment.name] = deployment
+        args = (*deployment.init_args, *deployment.init_kwargs.values())
+        todo += [a for a in args if isinstance(a, Application)]
+    return found
+
+
+def test_the_decoder_is_a_cpu_deployment_that_scales_on_its_own(checkpoint):
+    """DICOM decode runs in `StudyDecoder` replicas ahead of the model: CPU only, with an
+    autoscaling config of its own (serve.decoder_*), not the model's."""
+    app = build_app({"checkpoint": checkpoint, "insecure": True, "min_replicas": 1,
+                     "max_replicas": 3, "target_ongoing_requests": 8,
+                     "decoder_min_replicas": 2, "decoder_max_replicas": 6,
+                     "decoder_num_cpus": 0.5})
+    deployments = _deployments(app)
+    assert set(deployments) == {"ReportAPI", "StudyDecoder", "ReportModel"}
+    decoder, model = deployments["StudyDecoder"], deployments["ReportModel"]
+    scaling = decoder._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 6)
+    assert scaling.target_ongoing_requests == 1.0  # one study per decoder CPU
+    assert scaling.look_back_period_s > 10  # Serve's metrics interval
+    assert decoder.ray_actor_options["num_cpus"] == 0.5
+    assert not decoder.ray_actor_options.get("num_gpus")
+    assert decoder.max_ongoing_requests >= scaling.target_ongoing_requests
+    assert decoder._deployment_config.user_config is None
+    model_scaling = model._deployment_config.autoscaling_config
+    assert (model_scaling.max_replicas, model_scaling.target_ongoing_requests) == (3, 8)
+    # the ingress is bound to both: it asks the decoder first, then the model
+    bound = [a._bound_deployment.name for a in deployments["ReportAPI"].init_args[:2]]
+    assert bound == ["ReportModel", "StudyDecoder"]
 
 
 def test_model_id_is_the_run_name():
@@ -344,6 +388,12 @@ def test_decoding_mode_per_request_and_preview(server):
                    for k in ("image_png", "view_png"))
     assert image.size == (112, 112)  # the model's input (the tiny preset's image size)
     assert view.size == (80, 96) and view.mode == "L"  # the file's own 96 x 80 pixels
+    # the image the model read, pixel for pixel (8-bit), and the reader's view of the file
+    read = prepare_study([("file1", _dicom(4))], size=112, modalities=RADIOGRAPH_MODALITIES,
+                         with_view=True)
+    for png, expected in ((image, read.image), (view, read.view)):
+        assert np.array_equal(np.asarray(png),
+                              (np.clip(expected, 0, 1) * 255).round().astype(np.uint8))
     bad = _post(server, _dicom(4), params={"mode": "beam"})
     assert bad.status_code == 400 and bad.json()["error"] == "unsupported_mode"
     assert "one-step-fused" in bad.json()["message"]  # it names the modes served
@@ -421,7 +471,7 @@ def test_a_server_offers_the_modes_its_checkpoint_was_trained_for(server, tmp_pa
         folder = tmp_path_factory.mktemp(stage) / "model"
         return str(save_checkpoint(trained_model(), folder, config))
 
-    common = {"num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1}
+    common = {"num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1, **DECODER}
     serve.run(build_app({**common, "checkpoint": checkpoint_of("rad")}), name="rad",
               route_prefix="/rad")
     serve.run(build_app({**common, "checkpoint": checkpoint_of("ar"),
@@ -478,6 +528,44 @@ def test_streaming_sends_the_report_block_by_block(server):
     assert bad.status_code == 422 and bad.json()["error"] == "not_dicom"
 
 
+def test_the_model_replica_gets_prepared_studies_only(server):
+    """The decoder reads the DICOM files: a study it cannot prepare is a 4xx and never
+    reaches the model replica, a good one reaches it as a `PreparedStudy` without its DICOM
+    bytes, and the replica refuses DICOM bytes outright."""
+    from ray import serve
+
+    model = serve.get_deployment_handle("ReportModel", app_name="echo-ray")
+
+    def studies() -> int:  # the studies the (one) model replica was given
+        return model.stats.remote().result()["studies"]
+
+    before = studies()
+    bad = [
+        ({"data": b"\x00" * 400}, "not_dicom"),
+        ({"data": _truncated()}, "truncated"),
+        ({"data": _dicom(8, "LL")}, "no_frontal_view"),
+        ({"data": _dicom(17, Modality="CT")}, "non_radiograph_modality"),
+        ({"files": [("f", ("a", _dicom(9))), ("f", ("b", _dicom(10, study="1.2.3")))],
+          "content_type": None}, "mixed_studies"),
+        ({"data": b"\x00" * 400, "params": {"stream": "true"}}, "not_dicom"),
+        ({"data": _dicom(8, "LL"), "Accept": "application/fhir+json"}, "no_frontal_view"),
+    ]
+    for kwargs, error in bad:
+        r = _post(server, **kwargs)
+        assert (r.status_code, r.json()["error"]) == (422, error), r.text
+    assert studies() == before  # not one of them reached the model
+    assert _post(server, _dicom(16)).status_code == 200
+    assert studies() == before + 1
+    read = prepare_study([("file1", _dicom(16))], size=112)
+    assert read.source_data is not None
+    for given in ([("file1", _dicom(16))], read):  # DICOM bytes, in any form: refused
+        with pytest.raises(Exception, match="PreparedStudy without its DICOM bytes"):
+            model.report.remote(given, "one-step-fused").result()
+    assert studies() == before + 1
+    assert model.report.remote(read.shipped(), "one-step-fused").result()["used_file"] == \
+        "file1"
+
+
 def _truncated() -> bytes:
     data = _dicom(6)
     return data[: len(data) - 5000]
@@ -524,7 +612,7 @@ def test_timeout_phi_on_request_and_the_insecure_dev_mode(server, checkpoint, mo
 
     monkeypatch.delenv("ECHO_RAY_API_KEYS")
     common = {"checkpoint": checkpoint, "num_cpus": 0.25, "max_new_tokens": 16,
-              "max_replicas": 1, "insecure": True}
+              "max_replicas": 1, "insecure": True, **DECODER}
     # a lone request waits 2 s for its batch to fill: longer than the 0.5 s allowed
     serve.run(build_app({**common, "batch_wait_timeout_s": 2.0, "request_timeout_s": 0.5}),
               name="slow", route_prefix="/slow")
@@ -565,7 +653,8 @@ def test_a_model_in_s3_is_served(server, checkpoint, s3_endpoint):
             key = f"runs/dcd/model/{path.relative_to(checkpoint).as_posix()}"
             s3.upload_file(str(path), "models", key)
     serve.run(build_app({"checkpoint": "s3://models/runs/dcd", "s3_endpoint": s3_endpoint,
-                         "num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1}),
+                         "num_cpus": 0.25, "max_new_tokens": 16, "max_replicas": 1,
+                         **DECODER}),
               name="s3", route_prefix="/s3")
     try:
         remote, local = _post(f"{server}/s3", _dicom(21)), _post(server, _dicom(21))
@@ -736,10 +825,14 @@ def test_serve_config_and_cluster_yaml_are_valid_for_ray():
     assert app.import_path == "echo_ray.serving.app:build_app"
     AppArgs.parse(app.args)  # every arg is a known option
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"ReportModel", "ReportAPI"}
+    assert set(deployments) == {"ReportModel", "StudyDecoder", "ReportAPI"}
     model = deployments["ReportModel"]
     assert model.user_config["max_batch_size"] <= model.max_ongoing_requests
     assert model.autoscaling_config["min_replicas"] <= model.autoscaling_config["max_replicas"]
+    decoder = deployments["StudyDecoder"]  # CPU only, scaled on its own
+    assert decoder.autoscaling_config["min_replicas"] <= decoder.autoscaling_config[
+        "max_replicas"]
+    assert decoder.ray_actor_options.num_cpus >= 1 and not decoder.ray_actor_options.num_gpus
 
     cluster = prepare_config(yaml.safe_load((root / "cluster.yaml").read_text()))
     validate_config(cluster)
