@@ -23,9 +23,6 @@ Figures per configuration:
 - studies/s warm: studies / the slowest stage's time: the actor's seconds inside its units,
   or the decode tasks' summed seconds / the tasks at once (start-up left out, the stages
   assumed to overlap, as they do in a long run);
-- studies/s steady: the studies after the first unit / the time from the first unit's
-  arrival to the last's (the driver's clock): the pipeline's throughput once every stage is
-  running, what a night of 100,000 studies sees; start-up left out for both designs alike;
 - actor start s: the actor's start-up (torch, the model, its warm-up); on this CPU-only
   machine it takes cores from the decode tasks, which "warm" then counts against them;
 - actor busy fraction: the actor's seconds inside its units / the pipeline's wall time;
@@ -46,7 +43,7 @@ the cores skews the comparison (more of this job's processes get more of a share
 
 Prints a table, then one JSON line with every figure.
 
-    python bench/archive.py --image-size 2560 [--studies 48] [--archive DIR]
+    python bench/archive.py --image-size 2560 [--studies 48] [--archive DIR] [--copies 4]
     python bench/archive.py --image-size 256 --studies 128
 """
 
@@ -116,7 +113,6 @@ def _row(name: str, repeat: int, run: dict) -> dict:
         "decode_cpus": run["decode_cpus"], "decode_task_s": run["decode_task_s"],
         "studies_per_s_end_to_end": run["studies_per_s"],
         "studies_per_s_warm": run["warm_studies_per_s"],
-        "studies_per_s_steady": run["steady_studies_per_s"],
         "actor_busy_fraction": run["actor_busy_fraction"],
         "decode_images_per_s_per_task": run["decode_images_per_s"],
         "decode_images_per_s_total": (round(run["images"] / run["pipeline_s"], 2)
@@ -149,6 +145,20 @@ def effective_cores(archive: Path, num_files: int = 8) -> float:
         alone = pool.submit(_decode_files, paths).result()
         together = max(pool.map(_decode_files, [paths, paths]))
     return round(2 * alone / together, 2)
+
+
+def replicate(archive: Path, out: Path, copies: int) -> Path:
+    """`copies` x the MIMIC-layout studies of `archive` in `out`: copy k of study folder
+    `sN` is `sN` + k (hard links to the same files). The bulk job keys MIMIC studies by
+    their folder, so each copy is a study of its own, with the same pixels to decode."""
+    shutil.rmtree(out, ignore_errors=True)
+    for path in sorted((archive / "files").rglob("*.dcm")):
+        rel = path.relative_to(archive / "files")
+        for k in range(copies):
+            dst = out / "files" / rel.parent.parent / f"{rel.parent.name}{k}" / rel.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, dst)
+    return out
 
 
 def decode_per_syntax(archive: Path, size: int) -> dict[str, dict]:
@@ -188,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="studies/s a GPU actor must be fed (the decode-cores column)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each configuration, alternating (the median run is shown)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="report N copies of the archive's studies (hard links under new study "
+                        "folders): a longer run spreads the actor's start-up, as a night does")
     p.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
     args = p.parse_args(argv)
 
@@ -204,10 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
         synth = synthesize_archive(archive, num_studies=args.studies, seed=11,
                                    image_size=args.image_size, workers=os.cpu_count() or 1)
         images, studies, image_size = synth["num_images"], args.studies, args.image_size
+    syntax_archive = archive
+    if args.copies > 1:
+        archive = replicate(archive, work / f"archive-x{args.copies}", args.copies)
+        images, studies = images * args.copies, studies * args.copies
     checkpoint = Path(args.checkpoint) if args.checkpoint else _random_checkpoint(
         args.preset, work / "model", 2000)
 
-    syntaxes = decode_per_syntax(archive, args.decode_size)  # one core, before Ray starts
+    syntaxes = decode_per_syntax(syntax_archive, args.decode_size)  # one core, before Ray starts
     for row in syntaxes.values():
         row["cores_for_target"] = round(args.target * row["ms_per_image"] / 1000, 2)
 
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"report.unit_size={args.unit_size}", "pool.actors=1",
               "pool.cpus_per_actor=1", f"pool.threads={args.threads}",
               f"pool.decode_cpus={args.decode_cpus}"]
-    cores = effective_cores(archive)
+    cores = effective_cores(syntax_archive)
     rows, load = [], {"before": os.getloadavg()[0]}
     for repeat in range(args.repeats):  # the configurations alternate: the same load
         for name, overrides in CONFIGS.items():
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [_median([r for r in runs if r["config"] == name]) for name in CONFIGS]
     by = {r["config"]: r for r in rows}
     speedup = {kind: (round(new / old, 2) if new and old else None)
-               for kind in ("end_to_end", "warm", "steady")
+               for kind in ("end_to_end", "warm")
                for new, old in [(by["decode-stage"][f"studies_per_s_{kind}"],
                                  by["in-actor"][f"studies_per_s_{kind}"])]}
 
@@ -246,20 +263,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch {args.batch_size}, 1 model actor ({args.threads} torch thread), "
           f"{os.cpu_count()} cores")
     print(f"{'config':<13}{'decode':>7}{'wall s':>8}{'start s':>8}{'st/s e2e':>10}"
-          f"{'st/s warm':>11}{'st/s steady':>13}{'busy':>6}{'img/s task':>11}{'img/s all':>10}"
+          f"{'st/s warm':>11}{'busy':>6}{'img/s task':>11}{'img/s all':>10}"
           f"{'RSS MB driver/decode/actor':>28}")
     for r in rows:
         rss = r["peak_rss_mb"]
         print(f"{r['config']:<13}{r['decode_cpus']:>7}{r['wall_s']:>8.1f}"
               f"{r['actor_start_s']:>8.1f}{r['studies_per_s_end_to_end']:>10.2f}{r['studies_per_s_warm']:>11.2f}"
-              f"{cell(r['studies_per_s_steady'], '.2f'):>13}"
               f"{r['actor_busy_fraction']:>6.2f}"
               f"{cell(r['decode_images_per_s_per_task'], '.1f'):>11}"
               f"{cell(r['decode_images_per_s_total'], '.1f'):>10}"
               f"{cell(rss['driver'], '.0f'):>12}/{cell(rss['decode'], '.0f')}"
               f"/{cell(rss['actor'], '.0f')}")
     print(f"speed-up decode-stage / in-actor: {speedup['end_to_end']:.2f}x end to end, "
-          f"{speedup['warm']:.2f}x warm, {cell(speedup['steady'], '.2f')}x steady")
+          f"{speedup['warm']:.2f}x warm")
     print(f"two decode processes got {cores:.2f} cores' worth just before the runs (2.00: "
           f"two free cores); load average (1 min) {load['before']:.1f} before the runs, "
           f"{load['after']:.1f} after (other work on the machine shows here)"
@@ -275,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(checkpoint) if args.checkpoint else f"random {args.preset}",
         "decoding": args.decoding,
         "studies": studies,
+        "copies": args.copies,
         "images": images,
         "image_size": image_size,
         "unit_size": args.unit_size,

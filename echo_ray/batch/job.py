@@ -137,8 +137,7 @@ def report_archive(
     this_run = {"studies": 0, "reports": 0, "errors": 0, "images": 0, "units": len(units),
                 "errors_by_reason": {}, "actor_busy_s": {}, "actor_start_s": {},
                 "actor_busy_fraction": None,
-                "decode_cpus": 0, "decode_task_s": 0.0, "decode_images_per_s": None,
-                "steady_studies_per_s": None}
+                "decode_cpus": 0, "decode_task_s": 0.0, "decode_images_per_s": None}
     if units:  # a run with nothing to report starts no Ray
         init_ray(ray_address)
         require_shared_storage({"--checkpoint": checkpoint, "--archive": archive, "--out": out},
@@ -241,7 +240,6 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
     decode_s = 0.0
     rss = {"actor": 0, "decode": 0}
     t0 = last = time.perf_counter()
-    first = (0.0, 0)  # (seconds, studies) when the first unit came back
     for row in ds.iter_rows():
         counts.update(units=1, studies=row["studies"], reports=row["reports"],
                       errors=row["errors"], images=row["images"])
@@ -252,8 +250,6 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
         rss["actor"] = max(rss["actor"], row["actor_rss_kib"])
         rss["decode"] = max(rss["decode"], row["decode_rss_kib"])
         now = time.perf_counter()
-        if counts["units"] == 1:  # the steady state starts once the first unit is back
-            first = (now - t0, counts["studies"])
         if now - last >= _PROGRESS_EVERY_S or counts["units"] in (1, len(units)):
             last = now
             rate = counts["studies"] / (now - t0)
@@ -262,10 +258,6 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
                 f"({counts['errors']} errors), {rate:.2f} studies/s, "
                 f"{now - t0:.0f} s, about {eta:.0f} s to go")
     pipeline = time.perf_counter() - t0
-    # Studies/s from the first unit's arrival to the last's: start-up (actor processes, the
-    # model, the first unit's decode) left out, every stage as busy as the slowest lets it.
-    steady = ((counts["studies"] - first[1]) / (pipeline - first[0])
-              if len(units) > 1 and pipeline > first[0] else None)
     return {"studies": counts["studies"], "reports": counts["reports"],
             "errors": counts["errors"], "images": counts["images"],
             "errors_by_reason": dict(sorted(reasons.items())),
@@ -273,7 +265,6 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
             "actor_busy_fraction": round(max(busy.values()) / pipeline, 3),
             "actor_start_s": {k: round(v, 2) for k, v in sorted(start_s.items())},
             "pipeline_s": round(pipeline, 2),
-            "steady_studies_per_s": round(steady, 3) if steady else None,
             "decode_cpus": decode_cpus,
             "decode_task_s": round(decode_s, 2),
             "decode_images_per_s": (round(counts["images"] / decode_s, 2)
