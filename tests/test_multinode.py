@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.processes import stop_process_group
 
 from echo_ray.runtime import cluster as runtime_cluster
 from echo_ray.runtime.cluster import SharedStorageError, require_shared_storage
@@ -365,9 +366,4 @@ def test_serve_places_the_model_replica_on_a_worker_node(cluster, archive, ar_ru
         assert replicas, sorted(a.class_name for a in actors)
         assert {a.node_id for a in replicas} <= set(cluster.workers)  # not the driver's head
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers.prepared_shards import edit_first_shard, prepare_test_shards
+from helpers.processes import stop_process_group
 from safetensors.torch import load_file
 
 from echo_ray.cli import main, run
@@ -318,11 +318,7 @@ def ray_head(tmp_path):
             pytest.fail("ray head did not come up")
         yield address, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
