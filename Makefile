@@ -36,14 +36,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
-# The review page's browser test drives Debian's chromium: installed here when this runs as
-# root with apt (CI, containers); elsewhere `sudo apt-get install chromium`, or the test skips.
+# Debian packages some tests drive: chromium (the review page's browser test), Orthanc with
+# its DICOMweb plugin and dcmtk (the PACS tests: a real Orthanc on loopback ports, storescu,
+# dsrdump). Installed here when this runs as root with apt (CI, containers); elsewhere
+# `sudo apt-get install chromium orthanc orthanc-dicomweb dcmtk`, or those tests skip.
+# Installing Orthanc starts no server here (no systemd); the tests start their own.
+TEST_DEBS := chromium orthanc orthanc-dicomweb dcmtk
+TEST_BINS := chromium /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so storescu
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && { apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null \
-	  && apt-get install -y -q chromium >/dev/null; }; }; } \
-	  || echo "note: chromium not installed; the review page's browser test will be skipped"
+	@missing=0; for b in $(TEST_BINS); do command -v $$b >/dev/null || [ -e $$b ] || missing=1; done; \
+	[ $$missing = 0 ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q $(TEST_DEBS) >/dev/null 2>&1 || { apt-get update -q >/dev/null \
+	  && apt-get install -y -q $(TEST_DEBS) >/dev/null 2>&1; }; }; } \
+	  || echo "note: $(TEST_DEBS) not all installed; the browser and PACS tests will be skipped"
 	touch $@
 
 clean:

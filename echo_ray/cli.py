@@ -142,7 +142,22 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--include-phi", "report.include_phi"),
         Flag("--retry-errors", "report.retry_errors"),
         Flag("--io-threads", "report.io_threads"),
+        Flag("--sr", "report.sr"),
+        Flag("--store-sr", "report.store_sr"),
+        Flag("--sr-destination", "report.sr_destination", metavar="URI"),
         *_pool_flags("model replicas"),
+    ),
+    "listen": (
+        Flag("--ae-title", "listen.ae_title"),
+        Flag("--host", "listen.host"),
+        Flag("--port", "listen.port"),
+        Flag("--allowed-callers", "listen.allowed_callers"),
+        Flag("--quiet-s", "listen.quiet_s"),
+        Flag("--destination", "listen.destination", metavar="URI"),
+        Flag("--batch-size", "listen.batch_size"),
+        Flag("--decoding", "decoding.mode"),
+        Flag("--max-new-tokens", "decoding.max_new_tokens"),
+        Flag("--threads", "pool.threads"),
     ),
     "serve": (
         Flag("--host", "serve.host"),
@@ -322,7 +337,11 @@ def report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="the model: a run folder or checkpoint directory (local or s3://)")
     p.add_argument("--archive", required=True,
-                   help="MIMIC-style tree or flat folder of DICOM files (folder or s3://)")
+                   help="MIMIC-style tree or flat folder of DICOM files (folder or s3://), or "
+                        "a PACS: dicomweb://HOST:PORT/PATH (QIDO-RS + WADO-RS; dicomwebs:// "
+                        "for https; credentials from $ECHO_RAY_DICOMWEB_USER and "
+                        "$ECHO_RAY_DICOMWEB_PASSWORD, $ECHO_RAY_DICOMWEB_TOKEN or the file "
+                        "$ECHO_RAY_DICOMWEB_CREDENTIALS, never on the command line)")
     p.add_argument("--out", required=True,
                    help="output folder (or s3://); rerunning with it continues a killed run "
                         "and reports only the studies not reported yet (the nightly use)")
@@ -340,6 +359,29 @@ def report(args: argparse.Namespace) -> dict:
                              shared_storage=args.shared_storage)
     print(format_summary(summary))
     return summary
+
+
+# --- listen ------------------------------------------------------------------------------------
+
+
+def listen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="the model directory (a run's model/, local or s3://)")
+    p.add_argument("--spool", required=True,
+                   help="local folder for received files, the node's ledger and the SRs it "
+                        "wrote; the same folder after a restart continues where it stopped")
+    add_flags(p, FLAGS["listen"])
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="S3 endpoint for an s3:// --checkpoint (else $AWS_ENDPOINT_URL)")
+    _add_config_args(p)
+
+
+def listen(args: argparse.Namespace) -> None:
+    """Run the DICOM node until SIGINT / SIGTERM."""
+    from echo_ray.listener.node import run_listener
+
+    run_listener(args.checkpoint, args.spool, command_config("listen", args),
+                 s3_endpoint=args.s3_endpoint)
 
 
 # --- serve -------------------------------------------------------------------------------------
@@ -625,11 +667,27 @@ def _preflight(command: str, args: argparse.Namespace) -> None:
         _check_dataset(args.data, "--data", ep)
         _check_output(args.out, "--out", ep, "evaluation")
     elif command == "report":
+        from echo_ray.interop.dicomweb import check_dicomweb_archive, is_dicomweb
+
         model = _check_model(args.checkpoint, "--checkpoint", ep)
         if model is not None:
             _check_trained_mode(args.checkpoint, model, config.decoding.mode)
-        _check_archive(args.archive, "--archive", ep)
+        if is_dicomweb(args.archive):
+            check_dicomweb_archive(args.archive)
+        else:
+            _check_archive(args.archive, "--archive", ep)
+        if config.report.store_sr and config.report.sr_destination is None \
+                and not is_dicomweb(args.archive):
+            raise ConfigError("--store-sr stores SRs back to a dicomweb:// --archive; with a "
+                              "folder or s3:// archive also pass --sr-destination "
+                              "(dicomweb://HOST:PORT/PATH or dimse://AE_TITLE@HOST:PORT)")
         _check_output(args.out, "--out", ep, "report")
+    elif command == "listen":
+        if not config.listen.allowed_callers:
+            raise ConfigError("--allowed-callers is required: the calling AE titles (e.g. "
+                              "ORTHANC,MODALITY1) this node accepts studies from; any other "
+                              "caller is refused")
+        _check_model(args.checkpoint, "--checkpoint", ep)
     elif command == "serve":
         _check_model(args.checkpoint, "--checkpoint", ep)
         if config.serve.api_keys_file:
@@ -657,6 +715,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]
                  "quality (CE F1, SemScore, ROUGE-L, BLEU-4, fluency) and speed of systems"),
     "report": (report, report_args,
                "report every study of an archive exactly once, resumably (Ray Data)"),
+    "listen": (listen, listen_args,
+               "a DICOM node (C-STORE SCP): reports each study routed to it, sends the SR on"),
     "serve": (serve_cmd, serve_args,
               "the HTTP report endpoint (Ray Serve): POST /v1/reports, review page at /"),
     "quickstart": (quickstart, quickstart_args, "run the whole pipeline on the embedded default"),

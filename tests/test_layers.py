@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("decode",),
     ("interop",),
     ("distill",),
-    ("train", "eval", "serving", "batch"),
+    ("train", "eval", "serving", "batch", "listener"),
     ("quickstart",),
     ("cli",),
 )

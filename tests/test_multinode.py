@@ -100,7 +100,7 @@ class _Cluster:
                 "--ray-address", self.address, "--s3-endpoint", self.s3_endpoint]
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
         return env
 
@@ -113,12 +113,20 @@ class _Cluster:
         return done
 
 
-def _ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """`ray start --block ...` in its own process group (stopped with killpg)."""
+def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block ...` in its own process group (stopped with killpg), its output
+    in `log` (shown when a node does not come up)."""
     ray_bin = Path(sys.executable).parent / "ray"
-    return subprocess.Popen([str(ray_bin), "start", "--block", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(ray_bin), "start", "--block", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _tails(nodes: list[subprocess.Popen]) -> str:
+    return "\n".join(f"--- {p.log.name} (exit {p.poll()}):\n"
+                     + p.log.read_text(errors="replace")[-3000:] for p in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +138,10 @@ def cluster(s3_endpoint):
     from ray._private.services import get_node_ip_address
     from ray.util.state import list_nodes
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # the AWS test credentials included
+    # the AWS test credentials included; no token auth (Ray 2.60 turns it on for a head when
+    # ~/.ray/auth_token exists, which another test's `ray start` may have written, and then
+    # this process's state API calls and the joining nodes are refused)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="raymn-", dir="/tmp")  # short: socket path limit
     gcs, dashboard = _free_port(), _free_port()
@@ -140,10 +151,10 @@ def cluster(s3_endpoint):
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
         f"--ray-client-server-port={_free_port()}", f"--object-store-memory={200 << 20}",
-    ], env)]
+    ], env, Path(temp_dir) / "head.log")]
 
     def alive() -> list:
-        assert all(p.poll() is None for p in nodes), [p.returncode for p in nodes]
+        assert all(p.poll() is None for p in nodes), _tails(nodes)
         try:
             return [n for n in list_nodes(address=url, raise_on_missing_output=False)
                     if n.state == "ALIVE"]
@@ -153,13 +164,16 @@ def cluster(s3_endpoint):
     def wait_for(count: int) -> list:
         deadline = time.time() + 180
         while len(up := alive()) < count:
-            assert time.time() < deadline, f"{len(up)} of {count} Ray nodes came up"
+            assert time.time() < deadline, (
+                f"{len(up)} of {count} Ray nodes came up\n{_tails(nodes)}")
             time.sleep(2)
         return up
 
-    try:
-        wait_for(1)  # the head, before the workers join it
-        for _ in range(2):
+    def start_worker(i: int) -> None:
+        """One worker node, joined before the next starts: a raylet gives up when the GCS
+        has not seen it within 30 s (hard-coded in Ray), which two nodes starting at once on
+        a loaded 2-core machine can miss; such a node is started again (twice at most)."""
+        for attempt in range(3):
             nodes.append(_ray_start([
                 f"--address={address}", "--num-cpus=3", f"--object-store-memory={200 << 20}",
                 # two nodes on one machine: no fixed default port may be shared
@@ -167,7 +181,19 @@ def cluster(s3_endpoint):
                     "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export",
                     "node-manager", "object-manager", "runtime-env-agent")),
                 "--min-worker-port=0", "--max-worker-port=0",
-            ], env))
+            ], env, Path(temp_dir) / f"worker{i}-{attempt}.log"))
+            try:
+                wait_for(2 + i)
+                return
+            except AssertionError:
+                if nodes[-1].poll() is None or attempt == 2:
+                    raise
+                nodes.pop()  # exited during its start-up: try again
+
+    try:
+        wait_for(1)  # the head, before the workers join it
+        for i in range(2):
+            start_worker(i)
         up = wait_for(3)
         yield _Cluster(address, url, next(n.node_id for n in up if n.is_head_node),
                        [n.node_id for n in up if not n.is_head_node], s3_endpoint)

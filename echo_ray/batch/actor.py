@@ -7,13 +7,25 @@ column) and the actor only runs the model (`studies.report_prepared`); with
 itself, serially with the model (the design before the decode stage, kept for
 comparison). Either way the part file is written once, whole, when every study of the unit
 has a report or an error row.
+
+With `report.sr` / `report.store_sr`, each report's DICOM Structured Report is built here
+(`interop.sr.build_sr`, from the report and the source header the decode stage kept), after
+the model and before the part file: written to `sr/<hash of the study key>.dcm` (atomic,
+like a part file) with `sr`, stored to the destination with `store_sr` (one STOW-RS request
+or DIMSE association per unit). The SR's UID is a function of the report
+(`interop.sr.sr_uids`), so a unit redone after a kill stores the same instance again, which
+a PACS keeps once. A failed build or store never fails the unit: the report row stands with
+`sr_error` saying why (and, for a failed store, `sr_stored` false: the next run with
+`store_sr` stores it, `job._store_earlier_srs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import posixpath
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +45,7 @@ from echo_ray.batch.ledger import PART_SCHEMA, fhir_resource
 from echo_ray.config.schema import DecodingConfig, PoolConfig, ReportConfig
 from echo_ray.data.storage import Location, model_name
 from echo_ray.decode.replica import ModelReplica
+from echo_ray.interop.dicomweb import DicomwebClient
 from echo_ray.runtime.cluster import peak_rss_kib
 
 # One row per unit back to the driver.
@@ -45,7 +58,16 @@ RESULT_SCHEMA = pa.schema([
     ("actor_start_s", pa.float64()),  # the actor's start-up (the same in its every row)
     ("decode_s", pa.float64()),  # in the decode task (0 in-actor)
     ("decode_rss_kib", pa.int64()),
+    ("srs_written", pa.int64()),  # sr/ files written (report.sr)
+    ("srs_stored", pa.int64()),  # SRs stored to the destination (report.store_sr)
+    ("sr_errors", pa.int64()),  # reports whose SR could not be built or stored
 ])
+SR_DIR = "sr"
+
+
+def sr_file_name(study_key: str) -> str:
+    """The file of a study's SR in `sr/`: a hash of the study key (no identifiers)."""
+    return hashlib.sha256(study_key.encode()).hexdigest()[:24] + ".dcm"
 
 
 class ArchiveActor:
@@ -53,7 +75,11 @@ class ArchiveActor:
 
     def __init__(self, *, model: Location, src: Location, parts: Location, run_id: str,
                  options: ReportConfig, decoding: DecodingConfig, pool: PoolConfig,
-                 modalities: tuple[str, ...]) -> None:
+                 modalities: tuple[str, ...], sr_dir: Location | None = None,
+                 sr_store: DicomwebClient | str | None = None) -> None:
+        """`sr_dir`: where `report.sr` writes SRs (default: `sr/` beside `parts`);
+        `sr_store`: where `report.store_sr` stores them (a client the driver built, with its
+        credentials, or a destination URI; `destinations.store_instances`)."""
         started = time.perf_counter()
         replica = ModelReplica(threads=pool.threads, cpus=pool.cpus_per_actor,
                                use_gpu=pool.gpus_per_actor > 0, name="report")
@@ -65,6 +91,9 @@ class ArchiveActor:
         )
         self.size = self.generator.model.config.image_size
         self.src, self.parts, self.options, self.run_id = src, parts, options, run_id
+        self.sr_dir = sr_dir or Location(parts.fs, posixpath.dirname(parts.path.rstrip("/")),
+                                         posixpath.dirname(parts.uri.rstrip("/"))).join(SR_DIR)
+        self.sr_store = sr_store
         self.io = ThreadPoolExecutor(options.io_threads) if pool.decode_in_actors else None
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
         self.start_s = time.perf_counter() - started  # torch, the model, its warm-up
@@ -145,6 +174,7 @@ class ArchiveActor:
                 row["fhir"] = json.dumps(fhir_resource(row, reported_at,
                                                        subject=prepared.subject))
             rows.append(row)
+        srs = self._structured_reports(rows, [r for _, r in results])
         self.parts.join(f"{unit}.parquet").write_parquet(
             pa.Table.from_pylist(rows, schema=PART_SCHEMA))
         reasons = Counter(r["error"] for r in rows if r["error"] is not None)
@@ -155,5 +185,53 @@ class ArchiveActor:
             "errors_by_reason": json.dumps(reasons), "seconds": time.perf_counter() - start,
             "actor_rss_kib": peak_rss_kib(),
             "actor_start_s": self.start_s,
-            "decode_s": decode_s, "decode_rss_kib": decode_rss,
+            "decode_s": decode_s, "decode_rss_kib": decode_rss, **srs,
         }
+
+    def _structured_reports(self, rows: list[dict], studies: list[UnitStudy]) -> dict[str, int]:
+        """Each report row's SR (module docstring): built, written with `report.sr`, stored
+        with `report.store_sr`; the row's `sr_*` columns set. Returns the unit's counts."""
+        counts = {"srs_written": 0, "srs_stored": 0, "sr_errors": 0}
+        if not (self.options.sr or self.options.store_sr):
+            return counts
+        from echo_ray.interop.sr import build_sr, sr_bytes
+
+        built = []  # (row, Part 10 bytes)
+        for row, study in zip(rows, studies, strict=True):
+            header = study.prepared.source_header
+            if row["error"] is not None:
+                continue
+            try:
+                if header is None:
+                    raise ValueError("the source header was not kept")
+                ds = build_sr(row, header)
+                blob = sr_bytes(ds)
+            except Exception as err:  # noqa: BLE001 - the report stands, the SR is noted
+                # sr_stored stays null: there is nothing a later run could store
+                row["sr_error"] = f"the SR could not be built: {type(err).__name__}: {err}"
+                counts["sr_errors"] += 1
+                continue
+            row["sr_sop_instance_uid"] = str(ds.SOPInstanceUID)
+            built.append((row, blob))
+            if self.options.sr:
+                self.sr_dir.join(sr_file_name(row["study_id"])).write_bytes(blob)
+                counts["srs_written"] += 1
+        if self.options.store_sr and built:
+            error = self._store([blob for _, blob in built])
+            for row, _ in built:
+                row.update(sr_stored=error is None, sr_error=error)
+            counts["srs_stored" if error is None else "sr_errors"] += len(built)
+        return counts
+
+    def _store(self, blobs: list[bytes]) -> str | None:
+        """Store the unit's SRs; None, or why they could not be stored (one line)."""
+        from echo_ray.interop.destinations import DestinationError, store_instances
+
+        if self.sr_store is None:
+            return "the SR could not be stored: no destination (sr_store) was given"
+        try:
+            store_instances(self.sr_store, blobs)
+        except DestinationError as err:
+            log(f"{len(blobs)} SR(s) not stored: {err}")
+            return f"the SR could not be stored: {err}"
+        return None

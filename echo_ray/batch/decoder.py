@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from echo_ray.batch.discovery import read_with_retries
+from echo_ray.batch.sources import ArchiveSource, as_source
 from echo_ray.config.schema import ReportConfig
 from echo_ray.data.dicom import DicomError, patient_id
 from echo_ray.data.storage import Location
@@ -41,16 +41,17 @@ class UnitStudy:
     subject: str | None = None  # the FHIR subject reference (`report.fhir_patient_ref`)
 
 
-def submit_reads(io: ThreadPoolExecutor, src: Location,
+def submit_reads(io: ThreadPoolExecutor, src: Location | ArchiveSource,
                  studies: Sequence[dict]) -> list[list[tuple[str, Future]]]:
-    """Every file of `studies` (the unit's JSON entries) read on `io`: per study, (name,
-    future of the bytes)."""
-    return [[(name, io.submit(read_with_retries, src.join(path)))
+    """Every file of `studies` (the unit's JSON entries) read on `io` from the archive
+    (`sources`: a folder, S3 or DICOMweb): per study, (name, future of the bytes)."""
+    source = as_source(src)
+    return [[(name, io.submit(source.read, path))
              for path, name in zip(s["paths"], s["names"], strict=True)] for s in studies]
 
 
-def prepared_batches(io: ThreadPoolExecutor, src: Location, studies: Sequence[dict], *,
-                     batch_size: int, size: int, options: ReportConfig,
+def prepared_batches(io: ThreadPoolExecutor, src: Location | ArchiveSource,
+                     studies: Sequence[dict], *, batch_size: int, size: int, options: ReportConfig,
                      modalities: tuple[str, ...] | None) -> Iterator[list[UnitStudy]]:
     """The unit's studies prepared `batch_size` at a time (`prepare_unit_studies`), the next
     batch's files read on `io` while this one is prepared: at most two batches of DICOM
@@ -74,7 +75,9 @@ def prepare_unit_studies(studies: Sequence[dict], reads: list[list[tuple[str, Fu
     whose files could be read is a `read_failed` error row; a study whose preparation raised
     is an `unexpected_error` row (logged by key only). The chosen file's bytes are dropped
     (`PreparedStudy.shipped`); the FHIR subject is read from them first when
-    `options.fhir_patient_ref` asks for it.
+    `options.fhir_patient_ref` asks for it. With `report.sr` or `report.store_sr` the
+    chosen file's header is kept (`PreparedStudy.source_header`, for the SR; it holds
+    patient identifiers and goes into no column or log line).
     """
     out = []
     for study, study_reads in zip(studies, reads, strict=True):
@@ -92,7 +95,8 @@ def prepare_unit_studies(studies: Sequence[dict], reads: list[list[tuple[str, Fu
         else:
             try:
                 prepared = prepare_study(good, size=size, study_id=key, modalities=modalities,
-                                         include_phi=options.include_phi)
+                                         include_phi=options.include_phi,
+                                         keep_header=options.sr or options.store_sr)
             except Exception as err:  # noqa: BLE001 - one error row, the unit goes on
                 log(f"study {key}: {type(err).__name__} while reporting")
                 prepared = PreparedStudy(study_id=key, num_files=len(good), error=UNEXPECTED,
@@ -119,8 +123,8 @@ def _subject(prepared: PreparedStudy, options: ReportConfig) -> str | None:
         return None
 
 
-def decode_units(batch: pa.Table, *, src: Location, size: int, options: ReportConfig,
-                 modalities: tuple[str, ...] | None) -> pa.Table:
+def decode_units(batch: pa.Table, *, src: Location | ArchiveSource, size: int,
+                 options: ReportConfig, modalities: tuple[str, ...] | None) -> pa.Table:
     """The Ray Data task: units in (`unit`, `studies` JSON), one row per unit out with its
     studies prepared (`prepared`: the pickled `UnitStudy` list, images float32 `(size,
     size)`, never DICOM bytes) and the task's figures (`decode_s` this unit's seconds,

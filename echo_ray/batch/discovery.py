@@ -275,3 +275,65 @@ def plan_units(studies: Sequence[ArchiveStudy], unit_size: int) -> list[dict[str
             "num_studies": len(chunk),
         })
     return units
+
+
+def instance_path(path: str) -> tuple[str, str, str]:
+    """(study, series, SOP instance UID) of a DICOMweb archive path
+    (`studies/S/series/E/instances/I`, what `discover_dicomweb` lists)."""
+    parts = path.split("/")
+    if len(parts) != 6 or parts[0::2] != ["studies", "series", "instances"]:
+        raise ValueError(f"not a DICOMweb instance path: {path!r}")
+    return parts[1], parts[3], parts[5]
+
+
+def discover_dicomweb(
+    client,
+    *,
+    modalities: Sequence[str],
+    done: set[str] = frozenset(),
+    known_files: set[str] = frozenset(),
+    error_files: Mapping[str, FileStamp] | None = None,
+    since=None,
+    io_threads: int = 8,
+) -> Discovery:
+    """The studies of a DICOMweb archive (`interop.dicomweb.DicomwebClient`) to report, with
+    the exactly-once rules of `discover_studies`.
+
+    A study is its StudyInstanceUID; its files are the instances of its series of
+    `modalities` (QIDO-RS: the studies holding such a series, of StudyDate on or after
+    `since` when given, then each study's series and instances, `io_threads` studies at
+    once). A file's archive path is its WADO-RS path `studies/S/series/E/instances/I` (its
+    `file_key` is the hash of that), its name in the outputs `E/I.dcm`; sizes and
+    modification times are unknown (None): an instance never changes in a PACS, so an error
+    study is reopened only by a new instance (a lateral-only study whose PA arrived), and a
+    new instance of a reported study is a late file. `before_since` is 0: the server
+    filters on StudyDate.
+    """
+    error_files = error_files or {}
+    error_keys = {stamp.study for stamp in error_files.values()}
+    found = client.search_studies(modalities, since)
+    with ThreadPoolExecutor(io_threads) as pool:
+        listed = list(pool.map(lambda s: client.instances(s["study_uid"], modalities), found))
+    studies, late, changed, dicom_files = [], 0, 0, 0
+    for entry, instances in zip(found, listed, strict=True):
+        key = entry["study_uid"]
+        dicom_files += len(instances)
+        study = ArchiveStudy(key)
+        for i in instances:
+            path = f"studies/{key}/series/{i['series_uid']}/instances/{i['sop_uid']}"
+            study.paths.append(path)
+            study.names.append(f"{i['series_uid']}/{i['sop_uid']}.dcm")
+            study.sizes.append(None)
+            study.mtimes_ns.append(None)
+        new = sum(file_key(p) not in known_files for p in study.paths)
+        if key in done:
+            if key in error_keys and new:
+                changed += 1  # reopened: reported again with every instance
+            else:
+                late += new
+                continue
+        if study.paths:
+            studies.append(study)
+    layout = "dicomweb" if dicom_files else "empty"
+    return Discovery(sorted(studies, key=lambda s: s.key), layout, dicom_files, 0, late, 0,
+                     changed)

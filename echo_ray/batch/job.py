@@ -1,8 +1,9 @@
 """`echo-ray report`: every study of a DICOM archive reported exactly once, resumably.
 
 The overnight job (docs/ARCHITECTURE.md section 3.5). The archive is a MIMIC-CXR tree or a
-flat folder of DICOM files, on local disk or S3; the output folder (local or S3) is the job's
-only state:
+flat folder of DICOM files, on local disk or S3, or a PACS's DICOMweb root
+(`dicomweb://HOST:PORT/PATH`: studies found with QIDO-RS, instances read with WADO-RS;
+`sources.py`); the output folder (local or S3) is the job's only state:
 
     parts/part-<hash>.parquet   the ledger: one file per work unit, one row per study
                                 (a report or an error), written whole and atomically
@@ -11,6 +12,7 @@ only state:
     fhir.ndjson                 (--fhir) one FHIR R4 DiagnosticReport per report
     errors.parquet              one row per study that has no report (study, file, reason)
     errors.csv                  the same rows as CSV, the lists joined into text
+    sr/<hash>.dcm               (--sr) one DICOM Structured Report per report
     summary.json                the counts; written last (absent while a run is going)
 
 How a run goes:
@@ -19,8 +21,10 @@ How a run goes:
    (`files/pXX/pSUBJECT/sSTUDY/X.dcm`) puts its file in study `sSTUDY`; any other DICOM file
    is grouped by the StudyInstanceUID of its header (read with a prefix read, a few
    threads), and a file whose header cannot be read is a study of its own, `file:<path>`.
-   Side files (reports, CSV, ...) are skipped and counted. Study keys depend on the archive
-   only: stable across runs.
+   Side files (reports, CSV, ...) are skipped and counted. A DICOMweb archive is searched
+   instead: the studies with a CR/DX series (`data.modalities`), keyed by
+   StudyInstanceUID, `--since` a StudyDate filter of the search. Study keys depend on the
+   archive only: stable across runs.
 2. Ledger (`ledger.py`): the study keys in `parts/` are done. Only the other studies are
    reported, so a rerun after a crash continues where it stopped, and a rerun over a grown
    archive (the nightly use) reports only the new studies. A new file of a study that is
@@ -36,7 +40,8 @@ How a run goes:
    (`studies.prepare_study`: frontal view choice, DICOM decode, resize to the model's grid,
    error rows); a pool of model actors (`ArchiveActor`, one `ReportGenerator` each,
    `num_gpus` per actor on a cluster) receives the prepared images, never DICOM bytes,
-   runs the model on batches of `batch_size` (`studies.report_prepared`) and, once every
+   runs the model on batches of `batch_size` (`studies.report_prepared`), builds, writes
+   (`--sr`) and stores (`--store-sr`) each report's DICOM SR, and, once every
    study of the unit has a report or an error row, writes the unit's part file in one
    atomic write (local: temporary file + rename; S3: one PUT). A job killed mid-write
    leaves at most a temporary file, which is ignored. Ray Data's streaming executor holds
@@ -48,13 +53,25 @@ How a run goes:
    `--retry-errors` reported a failed study again, the latest row wins and the older one is
    counted), and the final files are written, each atomically, summary.json last.
 
+DICOM Structured Reports (`--sr`, `--store-sr`; `actor.py`): each report's SR is built in
+the actor from the report and the source image's header (kept by the decode stage for this
+alone), written to `sr/` and/or stored to `report.sr_destination` (default: the dicomweb://
+archive) before the unit's part file is written; the part rows record its UID
+(`sr_sop_instance_uid`), `sr_stored` and `sr_error`. An SR that could not be stored leaves
+its report in place; the next run with `--store-sr` stores it (`_store_earlier_srs`) and
+records that in a part file of its own. A study is reported once, so its SR is stored once;
+a unit redone after a kill stores the same SR (its UID is deterministic), which the PACS
+keeps once.
+
 No patient identifiers reach the outputs or the logs unless `include_phi`: MIMIC paths are
 shown from the study folder down (`s50414267/<dicom_id>.dcm`), the ledger holds hashes of
-paths, not paths.
+paths, not paths. The SRs in `sr/` are the exception: DICOM documents about a patient, they
+carry the source image's Patient and Study modules, as the PACS's copy does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -63,15 +80,25 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from echo_ray import __version__
-from echo_ray.batch.actor import ArchiveActor
+from echo_ray.batch.actor import SR_DIR, ArchiveActor, sr_file_name
 from echo_ray.batch.decoder import decode_units, log
-from echo_ray.batch.discovery import discover_studies, plan_units
-from echo_ray.batch.ledger import PARTS_DIR, consolidate, read_ledger, remove_temporary_parts
-from echo_ray.config.schema import EchoConfig
+from echo_ray.batch.discovery import plan_units
+from echo_ray.batch.ledger import (
+    PART_SCHEMA,
+    PARTS_DIR,
+    consolidate,
+    read_ledger,
+    remove_temporary_parts,
+    unstored_sr_rows,
+)
+from echo_ray.batch.sources import DicomwebSource, FolderSource, archive_source
+from echo_ray.config.schema import ConfigError, EchoConfig
 from echo_ray.data.storage import resolve, resolve_model_dir
+from echo_ray.interop.dicomweb import DicomwebClient, is_dicomweb
 from echo_ray.model.folder import model_image_size
 from echo_ray.runtime.cluster import (
     decode_tasks,
@@ -111,41 +138,48 @@ def report_archive(
     options = config.report
     start = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    src = resolve(archive, s3_endpoint=s3_endpoint)
+    src = archive_source(archive, s3_endpoint=s3_endpoint, modalities=config.data.modalities)
+    sr_store = _sr_store(archive, options)
     dst = resolve(out, s3_endpoint=s3_endpoint)
     model = resolve_model_dir(checkpoint, s3_endpoint=s3_endpoint, what="--checkpoint")
     parts = dst.join(PARTS_DIR)
     summary_loc = dst.join(SUMMARY_FILE)
     ledger = read_ledger(parts, retry_errors=options.retry_errors)
     done = ledger.done
-    same_fs = type(src.fs) is type(dst.fs)
-    found = discover_studies(
-        src, done=done, known_files=ledger.known_files, error_files=ledger.error_files,
-        since=options.since_timestamp(), include_phi=options.include_phi,
-        io_threads=options.io_threads, exclude=dst.path if same_fs else None,
-    )
+    folder = isinstance(src, FolderSource)
+    same_fs = folder and type(src.loc.fs) is type(dst.fs)
+    found = src.discover(ledger, options, exclude=dst.path if same_fs else None)
     units = plan_units(found.studies, options.unit_size)
-    log(f"{src.uri} ({found.layout} layout): {found.dicom_files} DICOM file(s), "
-        f"{found.side_files} side file(s) skipped; {len(done)} studies already in {dst.uri}, "
+    log(f"{src.uri} ({found.layout} layout): {found.dicom_files} DICOM file(s)"
+        + (f", {found.side_files} side file(s) skipped; " if folder else
+           f" in its {'/'.join(src.modalities)} series"
+           + (f" of studies dated {options.since} or later" if options.since else "") + "; ")
+        + f"{len(done)} studies already in {dst.uri}, "
         f"{len(found.studies)} to report in {len(units)} unit(s)"
         + (f", {found.changed_studies} of them error studies whose files changed"
            if found.changed_studies else "")
         + (f", {found.late_files} late file(s) of reported studies left alone"
            if found.late_files else "")
         + (f", {found.before_since} older than {options.since} skipped"
-           if options.since else ""))
+           if options.since and folder else ""))
     this_run = {"studies": 0, "reports": 0, "errors": 0, "images": 0, "units": len(units),
                 "errors_by_reason": {}, "actor_busy_s": {}, "actor_start_s": {},
                 "actor_busy_fraction": None,
-                "decode_cpus": 0, "decode_task_s": 0.0, "decode_images_per_s": None}
+                "decode_cpus": 0, "decode_task_s": 0.0, "decode_images_per_s": None,
+                "srs_written": 0, "srs_stored": 0, "sr_errors": 0,
+                "earlier_srs_stored": 0, "earlier_srs_failed": 0}
     if units:  # a run with nothing to report starts no Ray
         init_ray(ray_address)
-        require_shared_storage({"--checkpoint": checkpoint, "--archive": archive, "--out": out},
+        require_shared_storage({"--checkpoint": checkpoint,
+                                "--archive": archive if folder else None, "--out": out},
                                shared=shared_storage, what="report")
     if summary_loc.exists():
         dst.fs.delete_file(summary_loc.path)  # written again, last, when complete
+    if sr_store is not None:
+        this_run.update(_store_earlier_srs(dst, src, sr_store, run_id, options.unit_size))
     if units:
-        this_run.update(_run_units(units, src, parts, model, config, run_id))
+        this_run.update(_run_units(units, src, parts, model, config, run_id,
+                                   sr_dir=dst.join(SR_DIR), sr_store=sr_store))
     summary = consolidate(dst, include_phi=options.include_phi, fhir=options.fhir)
     wall = time.perf_counter() - start
     this_run["wall_time_s"] = round(wall, 2)
@@ -172,8 +206,76 @@ def report_archive(
     log(f"done in {wall:.1f} s: {this_run['studies']} studies this run "
         f"({this_run['reports']} reports, {this_run['errors']} errors); {dst.uri} holds "
         f"{summary['studies']} studies: {summary['reports']} reports, {summary['errors']} "
-        f"errors {json.dumps(summary['errors_by_reason'], sort_keys=True)}")
+        f"errors {json.dumps(summary['errors_by_reason'], sort_keys=True)}"
+        + (f"; SRs this run: {this_run['srs_written']} written, {this_run['srs_stored']} "
+           f"stored, {this_run['sr_errors']} failed" if options.sr or options.store_sr else ""))
     return summary
+
+
+def _store_earlier_srs(dst, src, sr_store, run_id: str, chunk: int) -> dict[str, int]:
+    """The SRs of earlier runs' reports that could not be stored (`sr_stored` false,
+    `ledger.unstored_sr_rows`), stored now, `chunk` per request: each read from `sr/` or,
+    for a DICOMweb archive, built again from its source instance's header (the same
+    deterministic UID). A stored chunk gets new ledger rows (the same reports, `sr_stored`
+    true) in a part file of its own, which supersede the old rows (consolidation's latest
+    row wins; counted in `duplicates_dropped`). Part files are never rewritten."""
+    from echo_ray.data.dicom import header_bytes
+    from echo_ray.interop.destinations import DestinationError, store_instances
+    from echo_ray.interop.sr import build_sr, sr_bytes
+
+    rows = unstored_sr_rows(dst.join(PARTS_DIR))
+    ready, failed = [], 0
+    for row in rows:
+        loc = dst.join(SR_DIR, sr_file_name(row["study_id"]))
+        try:
+            if loc.exists():
+                ready.append((row, loc.read_bytes()))
+            elif isinstance(src, DicomwebSource) and row["sop_instance_uid"]:
+                data = src.client.retrieve_instance(row["study_instance_uid"],
+                                                    row["series_instance_uid"],
+                                                    row["sop_instance_uid"])
+                ready.append((row, sr_bytes(build_sr(row, header_bytes(data)))))
+            else:
+                failed += 1  # neither an sr/ file nor a PACS to rebuild it from
+        except (OSError, ValueError) as err:  # DicomwebError is a ValueError
+            log(f"study {row['study_id']}: its SR could not be read or built again: "
+                f"{type(err).__name__}")
+            failed += 1
+    stored = 0
+    for start in range(0, len(ready), chunk):
+        batch = ready[start:start + chunk]
+        try:
+            store_instances(sr_store, [blob for _, blob in batch])
+        except DestinationError as err:
+            log(f"{len(batch)} SR(s) of earlier runs not stored: {err}")
+            failed += len(batch)
+            continue
+        now = datetime.now(UTC).isoformat()
+        keys = "\n".join([run_id, *(row["study_id"] for row, _ in batch)])
+        unit = f"part-sr-{hashlib.sha256(keys.encode()).hexdigest()[:16]}"
+        rows_out = [{**row, "sr_stored": True, "sr_error": None, "unit": unit,
+                     "run_id": run_id, "reported_at": now} for row, _ in batch]
+        dst.join(PARTS_DIR, f"{unit}.parquet").write_parquet(
+            pa.Table.from_pylist(rows_out, schema=PART_SCHEMA))
+        stored += len(batch)
+    if rows:
+        log(f"SRs of earlier runs that could not be stored: {stored} stored now, "
+            f"{failed} still not")
+    return {"earlier_srs_stored": stored, "earlier_srs_failed": failed}
+
+
+def _sr_store(archive: str, options) -> DicomwebClient | str | None:
+    """Where `report.store_sr` stores SRs: `report.sr_destination`, else the dicomweb://
+    archive. A DICOMweb destination is a client built here, on the driver, with the
+    credentials of this environment (shipped to the actors inside it)."""
+    if not options.store_sr:
+        return None
+    destination = options.sr_destination or (archive if is_dicomweb(archive) else None)
+    if destination is None:
+        raise ConfigError("report.store_sr stores SRs back to a dicomweb:// archive; with a "
+                          "folder or s3:// archive also set report.sr_destination "
+                          "(dicomweb://HOST:PORT/PATH or dimse://AE_TITLE@HOST:PORT)")
+    return DicomwebClient.from_uri(destination) if is_dicomweb(destination) else destination
 
 
 def options_record(config: EchoConfig) -> dict[str, Any]:
@@ -187,10 +289,12 @@ def options_record(config: EchoConfig) -> dict[str, Any]:
         "decode_cpus": p.decode_cpus, "decode_in_actors": p.decode_in_actors,
         "since": r.since, "fhir": r.fhir, "fhir_patient_ref": r.fhir_patient_ref,
         "include_phi": r.include_phi, "retry_errors": r.retry_errors,
+        "sr": r.sr, "store_sr": r.store_sr, "sr_destination": r.sr_destination,
     }
 
 
-def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
+def _run_units(units, src, parts, model, config, run_id, *, sr_dir=None,
+               sr_store=None) -> dict[str, Any]:
     """The units through Ray Data: CPU decode tasks (`decoder.decode_units`, `decode_cpus`
     at once, one CPU each) ahead of a pool of `ArchiveActor`s that only run the model, or,
     with `pool.decode_in_actors`, the actors alone. A progress line every
@@ -225,7 +329,8 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
         ArchiveActor,
         fn_constructor_kwargs={"model": model, "src": src, "parts": parts, "run_id": run_id,
                                "options": config.report, "decoding": config.decoding,
-                               "pool": pool, "modalities": config.data.modalities},
+                               "pool": pool, "modalities": config.data.modalities,
+                               "sr_dir": sr_dir, "sr_store": sr_store},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -247,6 +352,8 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
         busy[row["actor"]] += row["seconds"]
         start_s[row["actor"]] = row["actor_start_s"]
         decode_s += row["decode_s"]
+        counts.update(srs_written=row["srs_written"], srs_stored=row["srs_stored"],
+                      sr_errors=row["sr_errors"])
         rss["actor"] = max(rss["actor"], row["actor_rss_kib"])
         rss["decode"] = max(rss["decode"], row["decode_rss_kib"])
         now = time.perf_counter()
@@ -265,6 +372,8 @@ def _run_units(units, src, parts, model, config, run_id) -> dict[str, Any]:
             "actor_busy_fraction": round(max(busy.values()) / pipeline, 3),
             "actor_start_s": {k: round(v, 2) for k, v in sorted(start_s.items())},
             "pipeline_s": round(pipeline, 2),
+            "srs_written": counts["srs_written"], "srs_stored": counts["srs_stored"],
+            "sr_errors": counts["sr_errors"],
             "decode_cpus": decode_cpus,
             "decode_task_s": round(decode_s, 2),
             "decode_images_per_s": (round(counts["images"] / decode_s, 2)
@@ -279,7 +388,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     rate = run["studies_per_s"]
     return "\n".join([
         f"source        {summary['source']} ({summary['layout']} layout, "
-        f"{summary['dicom_files']} DICOM files, {summary['side_files']} side files skipped)",
+        f"{summary['dicom_files']} DICOM files"
+        + (f", {summary['side_files']} side files skipped)" if summary["layout"] != "dicomweb"
+           else ")"),
         f"this run      {run['studies']} studies ({run['images']} images) in {run['units']} "
         f"unit(s): {run['reports']} reports, {run['errors']} errors "
         f"{json.dumps(run['errors_by_reason'], sort_keys=True)}",
@@ -300,5 +411,13 @@ def format_summary(summary: dict[str, Any]) -> str:
            if summary["late_files"] else "")
         + (f"; files of {summary['changed_studies']} error row(s) changed: reported again"
            if summary.get("changed_studies") else ""),
+        *([f"DICOM SR      this run {run['srs_written']} written to sr/, {run['srs_stored']} "
+           f"stored, {run['sr_errors']} failed; the folder's reports have {summary['srs']} "
+           f"SRs ({summary['srs_stored']} stored, {summary['sr_errors']} with an SR error)"
+          + (f"; SRs of earlier runs: {run['earlier_srs_stored']} stored now, "
+             f"{run['earlier_srs_failed']} still not"
+             if run.get("earlier_srs_stored") or run.get("earlier_srs_failed") else "")]
+          if run.get("srs_written") or run.get("srs_stored") or run.get("sr_errors")
+          or summary.get("srs") else []),
     ])
 

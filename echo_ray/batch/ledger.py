@@ -75,6 +75,12 @@ PART_SCHEMA = pa.schema([
     ("file_sizes", pa.list_(pa.int64())),
     ("file_mtimes_ns", pa.list_(pa.int64())),
     ("fhir", pa.string()),  # the DiagnosticReport JSON (with fhir)
+    # The report's DICOM Structured Report (with sr or store_sr): its SOP Instance UID
+    # (deterministic: `interop.sr.sr_uids`), whether it was stored to the destination, and
+    # why it could not be built or stored (the report row stands either way).
+    ("sr_sop_instance_uid", pa.string()),
+    ("sr_stored", pa.bool_()),
+    ("sr_error", pa.string()),
     ("unit", pa.string()),
     ("run_id", pa.string()),
     ("reported_at", pa.string()),  # ISO 8601, UTC
@@ -158,6 +164,25 @@ def read_ledger(parts: Location, *, retry_errors: bool = False) -> Ledger:
     return Ledger(keys, files, stamps)
 
 
+def unstored_sr_rows(parts: Location) -> list[dict]:
+    """The current report rows whose SR was built but could not be stored (`sr_stored`
+    false): what a run with `report.store_sr` stores again. Rows reported without
+    `store_sr` (null) are not."""
+    if not parts.exists():
+        return []
+    table = _read_parts(parts, ["study_id", "unit", "reported_at", "error", "sr_stored"])
+    current, _ = _current_rows(table)
+    table = table.take(current)
+    wanted = pc.fill_null(pc.and_(table.column("error").is_null(),
+                                  pc.invert(table.column("sr_stored"))), False)
+    keys = table.filter(wanted).column("study_id")
+    if not len(keys):
+        return []
+    full = _read_parts(parts)
+    rows = full.take(_current_rows(full)[0])
+    return rows.filter(pc.is_in(rows.column("study_id"), value_set=keys)).to_pylist()
+
+
 def _current_errors(table: pa.Table) -> pa.Table:
     """The current rows (`_current_rows`) that are errors: only the studies with an error
     row are sorted, so a ledger of reports costs a filter."""
@@ -221,6 +246,11 @@ def consolidate(dst: Location, *, include_phi: bool, fhir: bool) -> dict[str, An
     error_rows = [_error_row(r) for r in errors.to_pylist()]
     dst.join(ERRORS_FILE).write_parquet(pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA))
     _write_errors_csv(dst.join(ERRORS_CSV), error_rows)
+    srs = reports.column("sr_sop_instance_uid").is_valid()
+    sr_counts = {"srs": pc.sum(srs).as_py() or 0,
+                 "srs_stored": pc.sum(pc.fill_null(reports.column("sr_stored"), False)).as_py()
+                 or 0,
+                 "sr_errors": pc.sum(reports.column("sr_error").is_valid()).as_py() or 0}
     file_errors = Counter()
     images = 0
     for part in (reports, errors):
@@ -235,6 +265,7 @@ def consolidate(dst: Location, *, include_phi: bool, fhir: bool) -> dict[str, An
         "errors_by_reason": dict(sorted(Counter(r["reason"] for r in error_rows).items())),
         "file_errors_by_reason": dict(sorted(file_errors.items())),
         "duplicates_dropped": duplicates,
+        **sr_counts,
         "files": [REPORTS_FILE, REPORTS_JSONL, *([FHIR_FILE] if fhir else []), ERRORS_FILE,
                   ERRORS_CSV],
     }

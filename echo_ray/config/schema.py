@@ -456,7 +456,8 @@ class ReportConfig:
     """Parallel file reads per actor (and for the driver's header reads)."""
     since: str | None = None
     """Only studies with a file modified on or after this date (YYYY-MM-DD, midnight UTC)
-    or ISO datetime."""
+    or ISO datetime; for a dicomweb:// archive, studies whose StudyDate is on or after its
+    date (a QIDO-RS filter)."""
     fhir: bool = False
     """Also write fhir.ndjson: one FHIR R4 DiagnosticReport per report."""
     include_phi: bool = False
@@ -472,8 +473,24 @@ class ReportConfig:
     "Patient/{patient_id}" filled with the reported file's PatientID (URL-encoded). The ID
     is read for the FHIR output only: fhir.ndjson (and the ledger's copy of it) then holds
     patient IDs, reports.parquet still does not unless --include-phi. None: no subject."""
+    sr: bool = False
+    """Also write a DICOM Structured Report per reported study to sr/ in the output folder
+    (preliminary, AI-generated, same patient and study as the source image)."""
+    store_sr: bool = False
+    """Store each study's Structured Report to report.sr_destination (or, unset, back to the
+    dicomweb:// archive it came from) before its ledger row is written."""
+    sr_destination: str | None = None
+    """Where --store-sr sends SRs: dicomweb://HOST:PORT/PATH (STOW-RS; dicomwebs:// for
+    https) or dimse://AE_TITLE@HOST:PORT (C-STORE). None: the --archive when it is
+    dicomweb://."""
 
     def validate(self) -> None:
+        if self.sr_destination is not None:
+            _require(self.store_sr, "report.sr_destination is used only with report.store_sr "
+                                    "(--store-sr): set both, or neither")
+            _require(self.sr_destination.split("://", 1)[0] in ("dicomweb", "dicomwebs", "dimse"),
+                     f"report.sr_destination {self.sr_destination!r}: expected "
+                     "dicomweb://HOST:PORT/PATH, dicomwebs://... or dimse://AE_TITLE@HOST:PORT")
         for name in ("batch_size", "unit_size", "io_threads"):
             _require(getattr(self, name) >= 1, f"report.{name} must be >= 1")
         if self.fhir_patient_ref is not None:
@@ -508,6 +525,41 @@ class ReportConfig:
                 "datetime"
             ) from None
         return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass
+class ListenConfig:
+    """`echo-ray listen`: a DICOM node (C-STORE and C-ECHO SCP) that reports each study
+    routed to it once it is complete and sends the Structured Report on."""
+
+    ae_title: str = "ECHO"
+    """This node's AE title."""
+    host: str = "0.0.0.0"
+    """Address to listen on (0.0.0.0: every interface, as a PACS must reach it)."""
+    port: int = 11112
+    """DICOM port."""
+    allowed_callers: tuple[str, ...] = ()
+    """Calling AE titles accepted; an association from any other is refused. Required."""
+    quiet_s: float = 10.0
+    """A study is complete when no file of it has arrived for this many seconds."""
+    destination: str | None = None
+    """Where each study's SR goes: dimse://AE_TITLE@HOST:PORT (C-STORE) or
+    dicomweb://HOST:PORT/PATH (STOW-RS). None: SRs are only written to the spool folder."""
+    batch_size: int = 4
+    """Complete studies per model call."""
+
+    def validate(self) -> None:
+        _require(1 <= len(self.ae_title) <= 16, "listen.ae_title must be 1 to 16 characters")
+        _require(0 < self.port < 65536, "listen.port must be a TCP port (1-65535)")
+        _require(self.quiet_s > 0, "listen.quiet_s must be > 0")
+        _require(self.batch_size >= 1, "listen.batch_size must be >= 1")
+        for caller in self.allowed_callers:
+            _require(1 <= len(caller) <= 16,
+                     f"listen.allowed_callers: {caller!r} is not an AE title (1-16 characters)")
+        if self.destination is not None:
+            _require(self.destination.split("://", 1)[0] in ("dicomweb", "dicomwebs", "dimse"),
+                     f"listen.destination {self.destination!r}: expected "
+                     "dimse://AE_TITLE@HOST:PORT or dicomweb://HOST:PORT/PATH")
 
 
 @dataclass
@@ -613,6 +665,7 @@ class EchoConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
 
     def validate(self) -> EchoConfig:
         for f in dataclasses.fields(self):

@@ -264,6 +264,31 @@ def _as_str(value: Any) -> str | None:
     return None if value is None else str(value).strip() or None
 
 
+def header_bytes(data: bytes) -> bytes:
+    """The file's dataset less its pixel data, as DICOM Part 10 bytes (explicit VR little
+    endian): what a Structured Report about the image needs (patient, study, series and
+    instance attributes), at a few KB instead of the whole image. Holds patient identifiers:
+    never logged, never written to the job outputs.
+
+    Raises:
+        DicomError: not_dicom or truncated.
+    """
+    import io
+
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = _parse(data, stop_before_pixels=True)
+    for tag in [t for t in ds.keys() if t.group == 0x7FE0 or t.group >> 8 == 0x60]:
+        del ds[tag]  # pixel data (float, double) and overlays: stop_before_pixels keeps none
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    # the encoding named: save_as refuses to turn a big endian file (explicit VR big endian,
+    # retired but still written) into little endian
+    dcmwrite(buffer, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def patient_id(data: bytes) -> str | None:
     """The PatientID of a DICOM file (None when absent), for an output an operator asked
     to carry it (the bulk job's FHIR `subject` reference); never logged.

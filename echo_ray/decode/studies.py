@@ -39,7 +39,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from echo_ray.data.dicom import DICOM_ERROR_REASONS, DicomError, decode_dicom, read_header
+from echo_ray.data.dicom import (
+    DICOM_ERROR_REASONS,
+    DicomError,
+    decode_dicom,
+    header_bytes,
+    read_header,
+)
 from echo_ray.runtime.cluster import peak_rss_kib
 
 # ViewPosition values (DICOM PS3.3 C.8.11.5) and their spelled-out variants that are
@@ -82,6 +88,9 @@ class PreparedStudy:
     message: str | None = None
     study_instance_uid: str | None = None
     view: np.ndarray | None = None
+    # With `keep_header`: the chosen file's header (`data.dicom.header_bytes`, no pixels),
+    # for a Structured Report about it. Holds patient identifiers: never logged or written.
+    source_header: bytes | None = None
 
     def shipped(self) -> PreparedStudy:
         """This study without the chosen file's bytes: what a decode stage hands the model
@@ -107,6 +116,7 @@ def prepare_study(
     modalities=None,
     include_phi: bool = False,
     with_view: bool = False,
+    keep_header: bool = False,
 ) -> PreparedStudy:
     """Read a study's files and decode the one to report on (see the module docstring).
 
@@ -115,6 +125,8 @@ def prepare_study(
         size: the model's image side.
         modalities: accepted DICOM Modality values (None: any), as `decode_dicom`.
         with_view: also decode the reader's `view` of the chosen file (`view_image`).
+        keep_header: keep the chosen file's header (`source_header`), which
+            `PreparedStudy.shipped` keeps: what a DICOM Structured Report needs.
     """
     study = PreparedStudy(study_id=study_id, num_files=len(files))
     if not files:
@@ -154,6 +166,8 @@ def prepare_study(
             continue
         study.image, study.meta, study.source_file = image.pixels, image.meta, name
         study.source_data = data
+        if keep_header:
+            study.source_header = header_bytes(data)
         if with_view:
             study.view = view_image(data, modalities=modalities)
         return study

@@ -95,9 +95,11 @@ _DESCRIPTION = """Draft chest X-ray reports from DICOM studies (echo-ray).
 Send one study per request: one or more DICOM files as `multipart/form-data` (any field
 name), or one file as an `application/dicom` body. Authenticate the `/v1` routes with
 `Authorization: Bearer <API key>` (Authorize, above). `Accept: application/fhir+json` returns
-an HL7 FHIR R4 DiagnosticReport; `POST /v1/reports/signoff` turns a reviewed draft into a
-final (or cancelled) one. Every error is `{"error": reason, "message", "request_id"}`, and
-`request_id` is also the `x-request-id` response header.
+an HL7 FHIR R4 DiagnosticReport, `Accept: application/dicom` a DICOM Structured Report (a
+preliminary, AI-generated Comprehensive SR in the study of the uploaded image);
+`POST /v1/reports/signoff` turns a reviewed draft into a final (or cancelled) one. Every
+error is `{"error": reason, "message", "request_id"}`, and `request_id` is also the
+`x-request-id` response header.
 """
 
 app = FastAPI(
@@ -150,6 +152,9 @@ _SIGNOFF_BODY = {
     "content": {JSON_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/SignoffRequest"}}},
 }
 _FHIR_OBJECT = {"type": "object", "description": "An HL7 FHIR R4 DiagnosticReport."}
+_DICOM_SR = _binary("A DICOM Part 10 file: the draft as a Comprehensive SR (preliminary, "
+                    "unverified, AI-generated), in the uploaded image's study and patient, "
+                    "referencing the reported image (`interop/sr.py`).")
 
 
 def _openapi() -> dict:
@@ -168,6 +173,13 @@ def _openapi() -> dict:
 app.openapi = _openapi
 
 # ----------------------------------------------------------- errors outside the routes
+
+
+def accepts(request: Request, media_type: str) -> bool:
+    """Whether the request's Accept header names `media_type` itself (parameters such as
+    `q` aside; `application/dicom+json` is not `application/dicom`)."""
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip().lower() == media_type for part in accept.split(","))
 
 
 def request_id_of(request: Request) -> str:
@@ -301,12 +313,16 @@ class ReportAPI:
         "(`view_png`) as base64 PNGs, `stream=true` (or `Accept: text/event-stream`) streams "
         "server-sent events: `block` events `{event, block, text}` with the report text so "
         "far after each block, then one `report` event with the response body. `Accept: "
-        "application/fhir+json` returns a FHIR R4 DiagnosticReport (status preliminary).",
+        "application/fhir+json` returns a FHIR R4 DiagnosticReport (status preliminary); "
+        "`Accept: application/dicom` returns the draft as a DICOM Structured Report (one "
+        "Part 10 file: a preliminary, AI-generated Comprehensive SR in the uploaded study, "
+        "not streamed). Errors stay JSON.",
         dependencies=_AUTH,
         openapi_extra={"requestBody": _REPORT_BODY},
         responses={
             200: {"model": ReportBody, "description": "The draft report.", "content": {
                 FHIR_MEDIA_TYPE: {"schema": _FHIR_OBJECT},
+                DICOM_MEDIA_TYPE: {"schema": _DICOM_SR},
                 SSE_MEDIA_TYPE: {"schema": {"type": "string", "description": "Server-sent "
                                             "events (stream=true)."}},
             }},
@@ -315,12 +331,16 @@ class ReportAPI:
             **_E401,
             **_error(413, "too_large", "", "`too_large` (over max_upload_mb) or "
                      "`too_many_files` (over max_files)."),
+            **_error(406, "not_acceptable", "a DICOM SR (`Accept: application/dicom`) is "
+                     "one file, not a stream: ask for it without stream=true."),
             **_error(415, "unsupported_media_type", "send multipart/form-data or "
                      "application/dicom."),
             **_error(422, "", "", "The study could not be reported: `error` is the DICOM or "
                      "study reason (not_dicom, truncated, no_frontal_view, mixed_studies, "
                      "no_files, ...) with `file_errors` and `num_files`; or "
-                     "`invalid_request` (a query parameter of the wrong type).",
+                     "`invalid_request` (a query parameter of the wrong type); or "
+                     "`cannot_build_sr` (`Accept: application/dicom` and a draft or header "
+                     "a DICOM SR cannot be made of, e.g. a draft without text).",
                      model=StudyErrorBody),
             **_E503,
             **_error(504, "timeout", "no report within request_timeout_s; try again."),
@@ -434,6 +454,11 @@ class ReportAPI:
         self, request: Request, request_id: str, mode: str | None, preview: bool, stream: bool
     ) -> Response:
         start = time.perf_counter()
+        dicom = accepts(request, DICOM_MEDIA_TYPE)
+        if dicom and stream:
+            raise _HTTPError(406, "not_acceptable", f"a DICOM SR ({DICOM_MEDIA_TYPE}) is one "
+                             "file, not a stream: ask for it without stream=true and without "
+                             f"{SSE_MEDIA_TYPE}")
         modes, default = await self._modes()
         decoding = mode or default
         if decoding not in modes:
@@ -441,7 +466,7 @@ class ReportAPI:
                              f"this model; choose one of {modes}")
         files, names = await self._read_files(request)
         read = time.perf_counter()  # request_timeout_s counts from here: decode + model
-        decoded = await self._decode(files, preview, read)
+        decoded = await self._decode(files, preview, read, keep_header=dicom)
         if stream:
             return await self._stream(decoded, names, decoding, request_id, start, read)
         try:
@@ -454,17 +479,21 @@ class ReportAPI:
         body = self._body(result, names, request_id, start)
         logger.info("request %s: report, %d files, %s, batch %d, %.0f ms", request_id,
                     len(files), decoding, result["batch_size"], body["latency_ms"])
+        if dicom:
+            return await self._structured_report(result, decoded.source_header)
         if FHIR_MEDIA_TYPE in request.headers.get("accept", ""):
             return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
         return JSONResponse(body)
 
-    async def _decode(self, files: list[tuple[str, bytes]], preview: bool, read: float):
-        """The study prepared by `StudyDecoder` (`decoder.DecodedStudy`); a study that cannot
-        be reported is a 422 here, before the model is asked."""
+    async def _decode(self, files: list[tuple[str, bytes]], preview: bool, read: float,
+                      keep_header: bool = False):
+        """The study prepared by `StudyDecoder` (`decoder.DecodedStudy`, with the reported
+        file's header when `keep_header`); a study that cannot be reported is a 422 here,
+        before the model is asked."""
         info = await self._model_info()
         try:
             decoded = await asyncio.wait_for(
-                self.decoder.prepare.remote(files, info["image_size"], preview),
+                self.decoder.prepare.remote(files, info["image_size"], preview, keep_header),
                 timeout=self._time_left(read),
             )
         except TimeoutError:
@@ -472,6 +501,22 @@ class ReportAPI:
         if decoded.study.error is not None:
             self._check(decoded.study.error_row())
         return decoded
+
+    async def _structured_report(self, result: dict, header: bytes | None) -> Response:
+        """The draft as a DICOM SR file (`interop.sr`), built in a thread (highdicom is
+        imported here, on the first such request). The SR carries the uploaded file's
+        patient and study, as any SR of the study must: it goes back to the caller that
+        sent them, never to a log."""
+        from echo_ray.interop.sr import build_sr, sr_bytes
+
+        try:
+            sr = await asyncio.to_thread(build_sr, result, header)
+        except ValueError as exc:  # its messages name no patient identifier
+            raise _HTTPError(422, "cannot_build_sr", f"no DICOM SR of this draft: {exc}",
+                             file_errors=result.get("file_errors", []),
+                             num_files=result.get("num_files")) from None
+        return Response(sr_bytes(sr), media_type=DICOM_MEDIA_TYPE, headers={
+            "Content-Disposition": f'attachment; filename="{sr.SOPInstanceUID}.dcm"'})
 
     async def _stream(self, decoded, names: dict[str, str], decoding: str, request_id: str,
                       start: float, read: float) -> Response:

@@ -32,8 +32,9 @@ class ErrorBody(BaseModel):
     model_config = _CLOSED
     error: str = Field(description="Reason code: unauthorized, not_found, "
                        "method_not_allowed, invalid_request, unsupported_mode, bad_multipart, "
-                       "too_large, too_many_files, unsupported_media_type, invalid_signoff, "
-                       "a DICOM or study reason (422), timeout, unavailable, internal.",
+                       "too_large, too_many_files, not_acceptable, unsupported_media_type, "
+                       "invalid_signoff, a DICOM or study reason (422), cannot_build_sr, "
+                       "timeout, unavailable, internal.",
                        examples=["unauthorized"])
     message: str = Field(description="What was wrong and what to do.")
     request_id: str = Field(description="The same as the `x-request-id` response header.")

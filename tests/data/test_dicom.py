@@ -663,3 +663,19 @@ def test_accession_number_and_study_date_are_read_and_never_logged(caplog, recwa
         "ACC2024053100042", "ACC-0123456789-LONG", "MRN-4711", "2024-05-31x")), logged
     bare = read_header(write_dicom(ramp(), attrs={"AccessionNumber": ""}))
     assert bare["accession_number"] is None
+
+
+@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
+def test_header_bytes_keep_every_attribute_but_the_pixels_in_explicit_little_endian(syntax):
+    data = write_dicom(ramp(), transfer_syntax=syntax,
+                       attrs={"PatientName": "Doe^Jane", "PatientID": "P123"})
+    source = pydicom.dcmread(io.BytesIO(data))
+    header = pydicom.dcmread(io.BytesIO(dicom.header_bytes(data)))
+    assert str(header.file_meta.TransferSyntaxUID) == pydicom.uid.ExplicitVRLittleEndian
+    assert "PixelData" not in header and "PixelData" in source
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                    "PatientName", "PatientID", "Rows", "Columns", "Modality"):
+        assert header[keyword].value == source[keyword].value, keyword
+    with pytest.raises(DicomError) as err:
+        dicom.header_bytes(b"not a dicom file" * 20)
+    assert err.value.reason == "not_dicom"

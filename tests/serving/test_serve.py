@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -195,6 +196,24 @@ def test_the_decoder_is_a_cpu_deployment_that_scales_on_its_own(checkpoint):
     assert bound == ["ReportModel", "StudyDecoder"]
 
 
+def test_the_decoder_hands_the_header_to_the_ingress_only_when_asked():
+    """The header of the reported file (for a DICOM SR) comes back beside the prepared
+    study, never inside it: the model replica gets no patient identifiers."""
+    from echo_ray.serving.decoder import StudyDecoder
+
+    decoder = StudyDecoder.func_or_class({"checkpoint": "x"})
+    files = [("file1", _dicom(2, "LL")), ("file2", _dicom(3))]
+    plain = decoder._prepare(files, 56, False, False)
+    kept = decoder._prepare(files, 56, True, True)
+    assert plain.source_header is None and plain.study.source_header is None
+    assert kept.study.source_header is None and kept.study.source_data is None
+    header = pydicom.dcmread(io.BytesIO(kept.source_header))
+    assert header.ViewPosition == "PA" and "PixelData" not in header  # the chosen file's
+    assert set(kept.pngs) == {"image_png", "view_png"}
+    bad = decoder._prepare([("file1", _dicom(8, "LL"))], 56, False, True)
+    assert bad.study.error == "no_frontal_view" and bad.source_header is None
+
+
 def test_model_id_is_the_run_name():
     assert model_name("/x/runs/dcd/model") == "dcd"
     assert model_name("s3://bucket/runs/echo/model/") == "echo"
@@ -281,8 +300,9 @@ def test_openapi_declares_bodies_auth_responses_and_errors(server):
         "binary"
     ok = report["responses"]["200"]["content"]
     assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/ReportBody"}
-    assert {"application/fhir+json", "text/event-stream"} <= set(ok)
-    errors = {"400", "401", "404", "405", "413", "415", "422", "503", "504"}
+    assert {"application/fhir+json", "application/dicom", "text/event-stream"} <= set(ok)
+    assert ok["application/dicom"]["schema"]["format"] == "binary"
+    errors = {"400", "401", "404", "405", "406", "413", "415", "422", "503", "504"}
     assert errors <= set(report["responses"])
     for code in errors:
         ref = report["responses"][code]["content"]["application/json"]["schema"]["$ref"]
@@ -407,6 +427,55 @@ def test_fhir_diagnostic_report(server):
     assert parsed.status == "preliminary" and parsed.code.coding[0].code == "18748-4"
     assert resource["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{STUDY}"
     assert "subject" not in resource and "Doe" not in r.text
+
+
+def _sr_items(ds) -> list:
+    """Every content item of an SR's tree, depth first."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        out += [item, *_sr_items(item)]
+    return out
+
+
+def test_dicom_structured_report(server):
+    """`Accept: application/dicom`: the draft as one DICOM SR file, in the uploaded file's
+    patient and study, about the uploaded image, with the JSON body's draft and UIDs; a
+    stream of it is refused before any work."""
+    from highdicom.sr import ComprehensiveSR
+
+    from echo_ray.interop.sr import sr_uids
+
+    upload = _dicom(5, SOPInstanceUID="1.2.826.0.1.3680043.8.498.75", PatientSex="F")
+    source = pydicom.dcmread(io.BytesIO(upload), stop_before_pixels=True)
+    r = _post(server, upload, Accept="application/dicom")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom" and r.content[128:132] == b"DICM"
+    sr = pydicom.dcmread(io.BytesIO(r.content))
+    ComprehensiveSR.from_dataset(sr)  # highdicom reads it back
+    assert sr.Modality == "SR" and sr.SOPInstanceUID in r.headers["content-disposition"]
+    for keyword in ("PatientName", "PatientID", "PatientSex", "StudyInstanceUID",
+                    "AccessionNumber", "StudyDate", "StudyTime"):
+        assert sr.get(keyword) == source.get(keyword), keyword
+    assert (sr.PreliminaryFlag, sr.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+    ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    body = _post(server, upload).json()  # the same study as JSON: the same draft
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == sr_uids(body)
+    text = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in _sr_items(sr)}
+    assert text["Device Observer Name"].TextValue == body["model_id"] == "run0"
+    assert text["Algorithm Version"].TextValue == body["model_version"]
+    findings = body["findings"].strip() or (body["report"].strip()
+                                            if not body["impression"].strip() else "")
+    if findings:
+        assert text["Finding"].TextValue == findings
+    if body["impression"].strip():
+        assert text["Impression"].TextValue == body["impression"].strip()
+    assert "Finding" in text or "Impression" in text
+    streamed = _post(server, upload, Accept="application/dicom", params={"stream": "true"})
+    assert streamed.status_code == 406 and streamed.json()["error"] == "not_acceptable"
+    assert "stream" in streamed.json()["message"]
+    ErrorBody.model_validate(streamed.json())
 
 
 def _signoff(url, body, key=KEY, content_type="application/json"):
@@ -549,6 +618,7 @@ def test_the_model_replica_gets_prepared_studies_only(server):
           "content_type": None}, "mixed_studies"),
         ({"data": b"\x00" * 400, "params": {"stream": "true"}}, "not_dicom"),
         ({"data": _dicom(8, "LL"), "Accept": "application/fhir+json"}, "no_frontal_view"),
+        ({"data": _dicom(8, "LL"), "Accept": "application/dicom"}, "no_frontal_view"),
     ]
     for kwargs, error in bad:
         r = _post(server, **kwargs)
