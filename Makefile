@@ -13,7 +13,7 @@ quickstart: install
 
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: install-test
 	$(BIN)/ruff check .

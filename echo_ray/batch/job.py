@@ -412,8 +412,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f"; files of {summary['changed_studies']} error row(s) changed: reported again"
            if summary.get("changed_studies") else ""),
         *([f"DICOM SR      this run {run['srs_written']} written to sr/, {run['srs_stored']} "
-           f"stored, {run['sr_errors']} failed; the folder's reports have {summary['srs']} "
-           f"SRs ({summary['srs_stored']} stored, {summary['sr_errors']} with an SR error)"
+           f"stored, {run['sr_errors']} failed; the folder holds {summary['srs']} "
+           f"SR(s) ({summary['srs_stored']} stored, {summary['sr_errors']} with an SR error)"
           + (f"; SRs of earlier runs: {run['earlier_srs_stored']} stored now, "
              f"{run['earlier_srs_failed']} still not"
              if run.get("earlier_srs_stored") or run.get("earlier_srs_failed") else "")]
