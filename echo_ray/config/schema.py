@@ -606,8 +606,9 @@ class ServeConfig:
     up to ~0.8 s of one core to decode, so allow about one per core the model can keep busy."""
     decoder_target_ongoing_requests: float = 1.0
     """Autoscaling target per decoder replica: studies decoding at once (1: one per CPU)."""
-    decoder_num_cpus: float = 1.0
-    """Logical CPUs per decoder replica."""
+    decoder_num_cpus: float = 0.5
+    """Logical CPUs per decoder replica (0.5: the model replica's 1, one decoder's 0.5 and
+    the ingress's 0.1 fit a 2-core machine; a study decodes between requests' model work)."""
     max_upload_mb: float = 64.0
     """413 above this request body size, in MB."""
     max_files: int = 8

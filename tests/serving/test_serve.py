@@ -21,7 +21,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from helpers.tiny_dvlm import trained_model
 from PIL import Image
 
-from echo_ray.config.schema import RADIOGRAPH_MODALITIES, EchoConfig
+from echo_ray.config.schema import RADIOGRAPH_MODALITIES, EchoConfig, ServeConfig
 from echo_ray.data.storage import model_name
 from echo_ray.decode.modes import trained_modes
 from echo_ray.decode.studies import prepare_study
@@ -902,7 +902,15 @@ def test_serve_config_and_cluster_yaml_are_valid_for_ray():
     decoder = deployments["StudyDecoder"]  # CPU only, scaled on its own
     assert decoder.autoscaling_config["min_replicas"] <= decoder.autoscaling_config[
         "max_replicas"]
-    assert decoder.ray_actor_options.num_cpus >= 1 and not decoder.ray_actor_options.num_gpus
+    assert not decoder.ray_actor_options.num_gpus
+    # The defaults are the file's, and one replica of each deployment fits a 2-core machine
+    # (a decoder of 1 CPU beside a model of 1 left the ingress unschedulable there: the
+    # README's `echo-ray serve` never became ready).
+    defaults = ServeConfig()
+    assert model.ray_actor_options.num_cpus == defaults.num_cpus
+    assert decoder.ray_actor_options.num_cpus == defaults.decoder_num_cpus
+    ingress = deployments["ReportAPI"].ray_actor_options.num_cpus
+    assert defaults.num_cpus + defaults.decoder_num_cpus + ingress <= 2
 
     cluster = prepare_config(yaml.safe_load((root / "cluster.yaml").read_text()))
     validate_config(cluster)
