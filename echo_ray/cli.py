@@ -127,6 +127,10 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--semscore-model", "evaluate.semscore_model"),
         Flag("--ratescore", "evaluate.ratescore"),
         Flag("--reference-labels", "evaluate.reference_labels"),
+        Flag("--bootstrap-samples", "evaluate.bootstrap_samples"),
+        Flag("--bootstrap-seed", "evaluate.bootstrap_seed"),
+        Flag("--bootstrap-unit", "evaluate.bootstrap_unit"),
+        Flag("--compare-to", "evaluate.compare_to", metavar="NAME"),
         *_pool_flags("model replicas per system"),
         *_multi_step_flags(),
     ),
@@ -327,6 +331,8 @@ def evaluate(args: argparse.Namespace):
                                 s3_endpoint=args.s3_endpoint, ray_address=args.ray_address,
                                 shared_storage=args.shared_storage)
     print(evaluation.table())
+    if intervals := evaluation.intervals():
+        print("\n" + intervals)
     return evaluation
 
 

@@ -430,11 +430,30 @@ class EvaluateConfig:
     reference_labels: str = "labeler"
     """labeler: label the reference report with the project's labeler (the CE convention);
     shard: the shards' labels (chexpert.csv if provided)."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples behind every quality figure's 95 percent interval and the paired
+    differences of compare_to (0: no intervals)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resamples: the same seed, the same intervals."""
+    bootstrap_unit: str = "study"
+    """What the bootstrap resamples: study (a study's images together, since they share
+    one reference report) or image."""
+    compare_to: str | None = None
+    """A system's name: every other system's paired bootstrap difference to it (system
+    minus it, the same studies resampled for both)."""
 
     def validate(self) -> None:
         _require(
             self.split in SPLITS, f"evaluate.split {self.split!r}: choose one of {SPLITS}"
         )
+        _require(self.bootstrap_samples >= 0, "evaluate.bootstrap_samples must be >= 0 "
+                                              "(0: no intervals)")
+        units = ("study", "image")
+        _require(self.bootstrap_unit in units,
+                 f"evaluate.bootstrap_unit {self.bootstrap_unit!r}: choose one of {units}")
+        _require(self.compare_to is None or self.bootstrap_samples > 0,
+                 f"evaluate.compare_to {self.compare_to!r} needs bootstrap resamples: set "
+                 "evaluate.bootstrap_samples above 0 (--bootstrap-samples)")
         _require(
             self.reference_labels in REFERENCE_LABELS,
             f"evaluate.reference_labels {self.reference_labels!r}: choose one of "

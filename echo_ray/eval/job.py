@@ -16,7 +16,10 @@ no pixels), then computes:
   generated report against the reference (uncertain = negative, and uncertain = positive);
 - language: SemScore, ROUGE-L, BLEU-4, fluency perplexity, the share of generated
   sentences found verbatim in training reports, RaTEScore when available;
-- speed: tokens per forward, tokens/s, ms per report, forwards per report.
+- speed: tokens per forward, tokens/s, ms per report, forwards per report;
+- uncertainty (eval.bootstrap): the 95% bootstrap interval of every quality figure
+  (`evaluate.bootstrap_samples`, `bootstrap_seed`, `bootstrap_unit`), and with
+  `evaluate.compare_to NAME` every other system's paired bootstrap difference to NAME.
 
 Outputs (under `--out`): `results.json` (one object per system, keyed by its name),
 `results.md` (the table, per-label F1 and the notes), `quality_vs_speed.png`,
@@ -54,13 +57,14 @@ from echo_ray.data.shards import select_splits, shard_files
 from echo_ray.data.storage import Location, resolve, resolve_model_dir
 from echo_ray.decode.replica import ModelReplica
 from echo_ray.decode.studies import decode_images, image_from_bytes
-from echo_ray.eval.scoring import score_systems, training_reference
+from echo_ray.eval.scoring import check_compare_to, score_systems, training_reference
 from echo_ray.eval.systems import System
 from echo_ray.eval.tables import (
     PLOT_FILE,
     REPORTS_FILE,
     RESULTS_FILE,
     TABLE_FILE,
+    format_intervals,
     format_results_table,
     write_outputs,
 )
@@ -132,6 +136,7 @@ def evaluate(
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"system names must be unique, got {names}")
+    check_compare_to(options.compare_to, names)
     shards = resolve(data, s3_endpoint=s3_endpoint)
     files = shard_files(shards)
     dst = resolve(out, s3_endpoint=s3_endpoint)
@@ -194,6 +199,11 @@ class Evaluation:
     def table(self) -> str:
         return format_results_table(self.results, self.run.get("majority_baseline"))
 
+    def intervals(self) -> str:
+        """results.md's 95% intervals and paired differences (Markdown; empty without
+        bootstrap resamples): what to print after `table()`."""
+        return format_intervals(self.results, self.run)
+
 
 def options_record(config: EchoConfig) -> dict[str, Any]:
     """The settings run.json records under "options"."""
@@ -201,7 +211,9 @@ def options_record(config: EchoConfig) -> dict[str, Any]:
     return {
         "split": e.split, "limit": e.limit, "batch_size": e.batch_size,
         "fluency_model": e.fluency_model, "semscore_model": e.semscore_model,
-        "ratescore": e.ratescore, "reference_labels": e.reference_labels, "actors": p.actors,
+        "ratescore": e.ratescore, "reference_labels": e.reference_labels,
+        "bootstrap_samples": e.bootstrap_samples, "bootstrap_seed": e.bootstrap_seed,
+        "bootstrap_unit": e.bootstrap_unit, "compare_to": e.compare_to, "actors": p.actors,
         "cpus_per_actor": p.cpus_per_actor, "gpus_per_actor": p.gpus_per_actor,
         "threads": p.threads, "decode_cpus": p.decode_cpus,
         "decode_in_actors": p.decode_in_actors, "steps": d.steps, "threshold": d.threshold,

@@ -5,6 +5,9 @@ column through labels_from_vectors). No ray, no torch.
 - label_f1: per-label precision / recall / F1 / support over CHEXPERT_LABELS, and micro /
   macro F1 over the 14 labels and over the 5 CheXpert competition labels.
 - majority_baseline: the same figures for predicting each label's training majority.
+- positive_matrix / resampled_label_f1 / f1_from_counts: the same F1s from (N, 14) 0/1
+  matrices or from TP / FP / FN counts, for the bootstrap: on many weighted resamples of the
+  studies at once.
 - format_f1_table: a fixed-width table comparing several systems.
 """
 
@@ -20,10 +23,13 @@ from echo_ray.text.labels import CHEXPERT5_LABELS, CHEXPERT_LABELS, NEGATIVE, PO
 
 __all__ = [
     "UNCERTAIN_POLICIES",
+    "f1_from_counts",
     "format_f1_table",
     "label_f1",
     "labels_from_vectors",
     "majority_baseline",
+    "positive_matrix",
+    "resampled_label_f1",
 ]
 
 Labels = Mapping[str, float | None]
@@ -113,6 +119,75 @@ def _positive_matrix(studies: Sequence[Labels], uncertain: str, side: str) -> np
                 )
             matrix[i, j] = value in positive_values
     return matrix
+
+
+def positive_matrix(studies: Sequence[Labels], *, uncertain: str = "negative") -> np.ndarray:
+    """(N, 14) bool, CHEXPERT_LABELS order: label j of study i counts as positive under
+    `uncertain` (label_f1's rule). The input of resampled_label_f1.
+
+    Raises:
+        ValueError / TypeError: as label_f1, for an unknown policy, label or value.
+    """
+    _check_policy(uncertain)
+    return _positive_matrix(studies, uncertain, "studies")
+
+
+def resampled_label_f1(
+    predicted: np.ndarray, reference: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """label_f1's F1s on B weighted resamples of the same N studies at once.
+
+    Resample b counts study i `weights[b, i]` times (a bootstrap draw: integer counts; 0
+    leaves it out), so its TP / FP / FN are weighted sums over studies; the F1 rules are
+    label_f1's (zero division gives 0). A row of ones gives label_f1's figures exactly.
+
+    Args:
+        predicted: (N, 14) bool, positive_matrix of the predicted labels.
+        reference: (N, 14) bool, positive_matrix of the reference labels.
+        weights: (B, N) non-negative counts.
+
+    Returns:
+        {"per_label": (B, 14) F1 in CHEXPERT_LABELS order, "f1_micro14", "f1_macro14",
+        "f1_micro5", "f1_macro5": (B,) each}.
+    """
+    pred = np.asarray(predicted, dtype=bool)  # (N, 14)
+    ref = np.asarray(reference, dtype=bool)  # (N, 14)
+    w = np.asarray(weights, dtype=np.float64)  # (B, N)
+    if pred.shape != ref.shape or pred.ndim != 2 or w.ndim != 2 or w.shape[1] != pred.shape[0]:
+        raise ValueError(
+            f"predicted {pred.shape}, reference {ref.shape} and weights {w.shape}: expected "
+            "(N, 14), (N, 14) and (B, N)"
+        )
+    tp = w @ (pred & ref).astype(np.float64)  # (B, 14)
+    fp = w @ (pred & ~ref).astype(np.float64)  # (B, 14)
+    fn = w @ (~pred & ref).astype(np.float64)  # (B, 14)
+    return f1_from_counts(tp, fp, fn)
+
+
+def f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+    """label_f1's F1s from per-label TP / FP / FN counts of shape (..., 14) (CHEXPERT_LABELS
+    order; e.g. (B, 14) for B bootstrap resamples), with label_f1's rules.
+
+    Returns:
+        {"per_label": (..., 14), "f1_micro14", "f1_macro14", "f1_micro5", "f1_macro5":
+        (...) each}.
+    """
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))  # (..., 14)
+
+    def f1(t: np.ndarray, p: np.ndarray, n: np.ndarray) -> np.ndarray:
+        denominator = 2 * t + p + n
+        return np.divide(2 * t, denominator, out=np.zeros_like(t), where=denominator > 0)
+
+    per_label = f1(tp, fp, fn)  # (..., 14)
+    five = [CHEXPERT_LABELS.index(k) for k in CHEXPERT5_LABELS]
+    return {
+        "per_label": per_label,
+        "f1_micro14": f1(tp.sum(-1), fp.sum(-1), fn.sum(-1)),  # (...,)
+        "f1_macro14": per_label.mean(axis=-1),  # (...,)
+        "f1_micro5": f1(tp[..., five].sum(-1), fp[..., five].sum(-1),
+                        fn[..., five].sum(-1)),  # (...,)
+        "f1_macro5": per_label[..., five].mean(axis=-1),  # (...,)
+    }
 
 
 def _check_policy(uncertain: str) -> None:

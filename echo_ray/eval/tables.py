@@ -1,5 +1,6 @@
 """The outputs of an evaluation: the results table (Markdown), the per-label F1 table, the
-quality-vs-speed plot, and write_outputs, which writes every file under `--out`.
+95% intervals and paired differences (format_intervals), the quality-vs-speed plot, and
+write_outputs, which writes every file under `--out`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from echo_ray.data.storage import Location
+from echo_ray.eval.bootstrap import INTERVAL_KEYS, UNIT_WORDS
 from echo_ray.eval.label_metrics import format_f1_table
+from echo_ray.eval.scoring import PAIRED_KEY
+from echo_ray.text.labels import CHEXPERT_LABELS
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "quality_vs_speed.png"
 REPORTS_FILE, RUN_FILE = "reports.parquet", "run.json"
@@ -80,7 +84,93 @@ def format_results_markdown(results: dict[str, dict[str, Any]], run: dict[str, A
     if per_label:
         parts += ["", "Per-label CE F1 (uncertain = negative):", "", "```",
                   format_f1_table(per_label), "```"]
+    intervals = format_intervals(results, run)
+    if intervals:
+        parts += ["", intervals]
     return "\n".join(parts) + "\n"
+
+
+# Titles and formats of the figures with an interval: the results table's where it has them.
+_FIGURE_TITLES: dict[str, tuple[str, str]] = {
+    **{key: (title, fmt) for key, title, fmt in _TABLE_COLUMNS},
+    "ce_f1_macro5": ("CE F1 ma5", ".3f"),
+    "ce_f1_macro14_uncertain_positive": ("ma14 (u=1)", ".3f"),
+    "ce_f1_micro5_uncertain_positive": ("mi5 (u=1)", ".3f"),
+    "ce_f1_macro5_uncertain_positive": ("ma5 (u=1)", ".3f"),
+}
+# The per-label table's summary rows: (key, title), as format_f1_table names them.
+_SUMMARY_ROWS = (("ce_f1_micro14", "micro F1 (14)"), ("ce_f1_macro14", "macro F1 (14)"),
+                 ("ce_f1_micro5", "micro F1 (5)"), ("ce_f1_macro5", "macro F1 (5)"))
+
+
+def _with_interval(value: float | None, interval: list[float] | None, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return format(value, fmt)
+    lo, hi = interval
+    return f"{value:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def format_intervals(results: dict[str, dict[str, Any]], run: dict[str, Any]) -> str:
+    """The 95% bootstrap intervals as Markdown: every quality figure (rows) of every system
+    and the majority baseline (columns), "value [lo, hi]"; the per-label CE F1 the same
+    way; then, with evaluate.compare_to, one table per other system of its paired
+    differences. Empty when the evaluation ran without bootstrap resamples."""
+    options = run.get("options", {})
+    samples = options.get("bootstrap_samples")
+    columns = {n: f for n, f in results.items() if f.get("ci95")}
+    baseline = run.get("majority_baseline")
+    if baseline and baseline.get("ci95"):
+        columns[MAJORITY_ROW] = baseline
+    if not samples or not columns:
+        return ""
+    units = UNIT_WORDS[options.get("bootstrap_unit", "study")]
+    parts = [f"95% bootstrap intervals, [2.5th, 97.5th] percentile of {samples} resamples of "
+             f"the {units} (seed {options.get('bootstrap_seed')}); speed figures have none:",
+             ""]
+    rows = []
+    for key in INTERVAL_KEYS:
+        if not any(f.get(key) is not None for f in columns.values()):
+            continue
+        title, fmt = _FIGURE_TITLES[key]
+        rows.append([title, *(_with_interval(f.get(key), (f["ci95"] or {}).get(key), fmt)
+                              for f in columns.values())])
+    parts += _markdown(["figure", *columns], rows)
+    label_rows = [[name, *(_with_interval(f["per_label_f1"][name],
+                                          f["ci95"]["per_label_f1"][name], ".3f")
+                           for f in columns.values())] for name in CHEXPERT_LABELS]
+    label_rows += [[title, *(_with_interval(f.get(key), f["ci95"].get(key), ".3f")
+                             for f in columns.values())] for key, title in _SUMMARY_ROWS]
+    parts += ["", "Per-label CE F1 (uncertain = negative) with 95% bootstrap intervals:", "",
+              *_markdown(["label", *columns], label_rows)]
+    compared = {n: f[PAIRED_KEY] for n, f in results.items() if f.get(PAIRED_KEY)}
+    for name, paired in compared.items():
+        vs = paired["vs"]
+        parts += ["", f"Paired bootstrap difference {name} - {vs} on the {paired['num_images']} "
+                      f"images both scored ({paired['num_units']} {units}, resampled together); "
+                      "P(diff <= 0) is the share of resamples where the difference is <= 0:",
+                  ""]
+        figures = paired["figures"]
+        rows = [[_FIGURE_TITLES[key][0], *_difference_cells(figures[key],
+                                                            _FIGURE_TITLES[key][1])]
+                for key in INTERVAL_KEYS if key in figures]
+        rows += [[label, *_difference_cells(figures["per_label_f1"][label], ".3f")]
+                 for label in CHEXPERT_LABELS if "per_label_f1" in figures]
+        parts += _markdown(["figure", f"{name} - {vs}", "95% interval", "P(diff <= 0)"], rows)
+    return "\n".join(parts)
+
+
+def _difference_cells(difference: dict[str, Any], fmt: str) -> list[str]:
+    value, interval, share = difference["diff"], difference["ci95"], difference["frac_le_0"]
+    return ["n/a" if value is None else format(value, "+" + fmt),
+            "n/a" if interval is None else f"[{interval[0]:+{fmt}}, {interval[1]:+{fmt}}]",
+            "n/a" if share is None else f"{share:.3f}"]
 
 
 def plot_quality_vs_speed(results: dict[str, dict[str, Any]], path: str) -> None:

@@ -12,6 +12,11 @@ module stays light. Means over report pairs unless said otherwise:
   verbatim in training reports (incoherent parallel decoding writes sentences that no
   training report contains).
 
+For the bootstrap (eval.bootstrap) each figure also comes per report: semscore_scores,
+rouge_l_scores, ratescore_scores, known_sentence_counts, and BLEU's per-report n-gram
+statistics (bleu_statistics) with the corpus BLEU of summed statistics
+(bleu4_from_statistics).
+
 Optional metrics that cannot run here raise MetricUnavailable, whose message says why;
 none of them ever downloads anything.
 """
@@ -33,13 +38,19 @@ __all__ = [
     "MetricUnavailable",
     "SentenceEncoder",
     "bleu4",
+    "bleu4_from_statistics",
+    "bleu_statistics",
+    "known_sentence_counts",
     "known_sentence_rate",
     "known_sentences",
     "load_sentence_encoder",
     "perplexity",
     "ratescore",
+    "ratescore_scores",
     "rouge_l",
+    "rouge_l_scores",
     "semscore",
+    "semscore_scores",
 ]
 
 
@@ -194,7 +205,22 @@ def semscore(
     encoder: Callable[[Sequence[str]], np.ndarray],
 ) -> float:
     """SemScore (Aynetdinov & Akbik 2024): the mean over report pairs of the cosine
-    similarity between the embeddings of the generated and the reference report.
+    similarity between the embeddings of the generated and the reference report (the mean
+    of semscore_scores).
+
+    Raises:
+        ValueError: as semscore_scores.
+    """
+    return float(semscore_scores(generated, reference, encoder).mean())
+
+
+def semscore_scores(
+    generated: Sequence[str],
+    reference: Sequence[str],
+    encoder: Callable[[Sequence[str]], np.ndarray],
+) -> np.ndarray:
+    """(N,) float64: per report pair, the cosine similarity between the embeddings of the
+    generated and the reference report (semscore is their mean).
 
     Each side is encoded in one call. Embeddings are L2-normalized here (the encoder
     need not normalize); a zero embedding has cosine 0 with anything.
@@ -219,12 +245,21 @@ def semscore(
         )
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)  # (N,)
     dots = np.einsum("nd,nd->n", a, b)  # (N,)
-    cosines = np.divide(dots, norms, out=np.zeros(n), where=norms > 0)  # (N,)
-    return float(cosines.mean())
+    return np.divide(dots, norms, out=np.zeros(n), where=norms > 0)  # (N,)
 
 
 def rouge_l(generated: Sequence[str], reference: Sequence[str]) -> float:
-    """The mean over report pairs of the ROUGE-L F-measure (rouge-score), in [0, 1].
+    """The mean over report pairs of the ROUGE-L F-measure (rouge-score), in [0, 1]: the
+    mean of rouge_l_scores.
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    return float(np.mean(rouge_l_scores(generated, reference)))
+
+
+def rouge_l_scores(generated: Sequence[str], reference: Sequence[str]) -> np.ndarray:
+    """(N,) float64: per report pair, the ROUGE-L F-measure (rouge-score), in [0, 1].
 
     rouge-score's tokenization: text is lowercased, every character other than a-z and
     0-9 becomes a space (punctuation and non-ASCII letters are dropped) and the rest is
@@ -241,7 +276,7 @@ def rouge_l(generated: Sequence[str], reference: Sequence[str]) -> float:
         scorer.score(ref, gen)["rougeL"].fmeasure  # score(target, prediction)
         for gen, ref in zip(generated, reference, strict=True)
     ]
-    return float(np.mean(scores))
+    return np.asarray(scores, dtype=np.float64)  # (N,)
 
 
 def bleu4(generated: Sequence[str], reference: Sequence[str]) -> float:
@@ -261,6 +296,51 @@ def bleu4(generated: Sequence[str], reference: Sequence[str]) -> float:
 
     score = sacrebleu.corpus_bleu(list(generated), [list(reference)]).score / 100.0
     return min(float(score), 1.0)  # float rounding can give 1.0000000000000004
+
+
+# bleu_statistics columns: generated length, reference length, matched 1..4-grams, 1..4-grams.
+_BLEU_ORDER = 4
+
+
+def bleu_statistics(generated: Sequence[str], reference: Sequence[str]) -> np.ndarray:
+    """(N, 10) float64: per report pair, the sufficient statistics of BLEU-4, as sacrebleu
+    counts them for bleu4 (13a tokenization): generated length, reference length, matched
+    1- to 4-grams (clipped), generated 1- to 4-grams. Summed over reports they give
+    bleu4: `bleu4_from_statistics(bleu_statistics(g, r).sum(0)) == bleu4(g, r)`.
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    _check_pairs(generated, reference)
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(effective_order=True)  # effective_order changes the score, not the counts
+    rows = []
+    for gen, ref in zip(generated, reference, strict=True):
+        score = metric.sentence_score(gen, [ref])
+        rows.append([score.sys_len, score.ref_len, *score.counts, *score.totals])
+    return np.asarray(rows, dtype=np.float64)  # (N, 10)
+
+
+def bleu4_from_statistics(statistics: np.ndarray) -> np.ndarray:
+    """Corpus BLEU-4 / 100 from summed bleu_statistics, any leading shape: (..., 10) ->
+    (...). sacrebleu's compute_bleu for bleu4's settings ("exp" smoothing: the k-th order
+    without a match counts as precision 1 / (2^k * total); no effective order: BLEU is 0
+    when an order has no n-gram at all or nothing matches), vectorized for the bootstrap.
+    """
+    stats = np.asarray(statistics, dtype=np.float64)  # (..., 10)
+    sys_len, ref_len = stats[..., 0], stats[..., 1]  # (...,)
+    correct = stats[..., 2:2 + _BLEU_ORDER]  # (..., 4)
+    total = stats[..., 2 + _BLEU_ORDER:]  # (..., 4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bp = np.where(sys_len >= ref_len, 1.0,
+                      np.where(sys_len > 0, np.exp(1 - ref_len / sys_len), 0.0))  # (...,)
+        smooth = 2.0 ** np.cumsum(correct == 0, axis=-1)  # (..., 4)
+        precision = np.where(correct == 0, 100.0 / (smooth * total),
+                             100.0 * correct / total)  # (..., 4)
+        score = bp * np.exp(np.log(precision).mean(axis=-1))  # (...,)
+    undefined = (total == 0).any(axis=-1) | (correct == 0).all(axis=-1)  # (...,)
+    return np.minimum(np.where(undefined, 0.0, score) / 100.0, 1.0)
 
 
 def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
@@ -298,7 +378,25 @@ def ratescore(
     embed_model: str = "FremyCompany/BioLORD-2023-C",
     device: str = "cpu",
 ) -> float:
-    """RaTEScore (Zhao et al. 2024, package `ratescore`): the mean of its per-pair scores.
+    """RaTEScore (Zhao et al. 2024, package `ratescore`): the mean of its per-pair scores
+    (ratescore_scores, which takes the same arguments).
+
+    Raises:
+        MetricUnavailable, ValueError: as ratescore_scores.
+    """
+    return float(np.mean(ratescore_scores(generated, reference, ner_model=ner_model,
+                                          embed_model=embed_model, device=device)))
+
+
+def ratescore_scores(
+    generated: Sequence[str],
+    reference: Sequence[str],
+    *,
+    ner_model: str = "Angelakeke/RaTE-NER-Deberta",
+    embed_model: str = "FremyCompany/BioLORD-2023-C",
+    device: str = "cpu",
+) -> np.ndarray:
+    """(N,) float64: RaTEScore (Zhao et al. 2024, package `ratescore`) per report pair.
 
     Runs only from local files: each model must be a folder or already in the Hugging
     Face cache (its snapshot folder is what RaTEScore receives, so it never downloads).
@@ -338,7 +436,7 @@ def ratescore(
         use_gpu=device != "cpu",
     )
     scores = scorer.compute_score(list(generated), list(reference))
-    return float(np.mean(scores))
+    return np.asarray(scores, dtype=np.float64)  # (N,)
 
 
 def _report_sentences(report: str) -> list[str]:
@@ -370,7 +468,17 @@ def known_sentence_rate(reports: Sequence[str], known: Collection[str]) -> float
     Returns:
         The share in [0, 1]; 0.0 when the reports have no sentence.
     """
-    sentences = [s for report in reports for s in _report_sentences(report)]
-    if not sentences:
-        return 0.0
-    return sum(s in known for s in sentences) / len(sentences)
+    counts = known_sentence_counts(reports, known)  # (N, 2)
+    total = int(counts[:, 1].sum())
+    return int(counts[:, 0].sum()) / total if total else 0.0
+
+
+def known_sentence_counts(reports: Sequence[str], known: Collection[str]) -> np.ndarray:
+    """(N, 2) int64: per report, its sentences found in `known` and its sentences
+    (known_sentence_rate's split and normalization); the rate is column 0's sum over
+    column 1's."""
+    counts = np.zeros((len(reports), 2), dtype=np.int64)  # (N, 2)
+    for i, report in enumerate(reports):
+        sentences = _report_sentences(report)
+        counts[i] = (sum(s in known for s in sentences), len(sentences))
+    return counts

@@ -24,7 +24,7 @@ from echo_ray.data.shards import shard_files
 from echo_ray.data.storage import resolve
 from echo_ray.eval.job import actor_input
 from echo_ray.eval.label_metrics import label_f1, labels_from_vectors
-from echo_ray.eval.scoring import RESULT_KEYS, TrainingReference, score_systems
+from echo_ray.eval.scoring import PAIRED_KEY, RESULT_KEYS, TrainingReference, score_systems
 from echo_ray.eval.systems import System
 from echo_ray.eval.tables import PLOT_FILE, REPORTS_FILE, RESULTS_FILE, RUN_FILE, TABLE_FILE
 from echo_ray.model.checkpoint import CONFIG_FILE, save_checkpoint
@@ -78,6 +78,7 @@ def evaluated(archive_shards, checkpoints, tmp_path_factory):
         "--system", f"teacher={checkpoints['rad']}:multistep",
         "--system", f"onestep={checkpoints['rad']}:one-step-fused",
         "--batch-size", "4", "--cpus-per-actor", "0.5", "--threads", "1",
+        "--compare-to", "ar", "--bootstrap-samples", "200",
     ])
     return out, evaluation.results, broken, num_test
 
@@ -119,6 +120,19 @@ def test_evaluate_writes_results_table_plot_and_reports(evaluated):
         assert figures["decode_cpus"] == int(ray.cluster_resources()["CPU"])
         assert figures["pass_wall_s"] > 0 and 0.0 < figures["actor_busy_fraction"] <= 1.0
         assert all(figures["peak_rss_mb"][p] > 0 for p in ("driver", "decode", "actor"))
+        # Every quality figure has its 95% bootstrap interval; speed figures have none.
+        for key in ("ce_f1_micro14", "semscore", "rouge_l", "bleu4", "fluency_ppl"):
+            lo, hi = figures["ci95"][key]
+            assert lo <= hi, (name, key)
+        for key in ("semscore", "rouge_l"):  # means over reports: inside their interval
+            lo, hi = figures["ci95"][key]
+            assert lo - 1e-12 <= figures[key] <= hi + 1e-12, (name, key)
+        assert "tokens_per_s" not in figures["ci95"]
+        if name != "ar":  # --compare-to ar: the paired difference on the common images
+            paired = figures[PAIRED_KEY]
+            assert paired["vs"] == "ar" and paired["num_images"] == num_test - 1
+            assert set(paired["figures"]["semscore"]) == {"diff", "ci95", "frac_le_0"}
+    assert PAIRED_KEY not in on_disk["ar"]
     assert on_disk["ar"]["tokens_per_forward"] <= 1.0 + 1e-9  # one token per forward at most
     # One-step fused decoding writes a whole block per forward: far fewer forwards.
     assert on_disk["onestep"]["forwards_per_report"] < on_disk["ar"]["forwards_per_report"]
@@ -141,6 +155,7 @@ def test_evaluate_writes_results_table_plot_and_reports(evaluated):
     assert 0.0 <= baseline["ce_f1_micro14"] <= 1.0 and set(baseline["per_label_f1"]) == set(
         CHEXPERT_LABELS)
     assert table.index("| onestep |") < table.index("| majority (train) |")
+    assert "Paired bootstrap difference teacher - ar" in table
     assert "majority (train)" in table.split("Per-label CE F1")[1]
 
 
