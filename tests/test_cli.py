@@ -215,6 +215,22 @@ BAD_PATHS = [
      "--api-keys-file {t}/empty is a folder, not a file; pass a file with one API key"),
     (["synth", "--out", "{t}/afile"], "--out {t}/afile is an existing file"),
     (["quickstart", "--out", "{t}/run"], "--out {t}/run is an `echo-ray train` run folder"),
+    (["report", "--checkpoint", "{t}/run", "--archive", "{t}/archive", "--out", "{t}/o",
+      "--store-sr"], "--store-sr stores SRs back to a dicomweb:// --archive; with a folder or "
+     "s3:// archive also pass --sr-destination"),
+    (["report", "--checkpoint", "{t}/run", "--archive", "{t}/archive", "--out", "{t}/o",
+      "--sr-destination", "dimse://PACS@127.0.0.1:4242"],
+     "report.sr_destination is used only with report.store_sr"),
+    (["report", "--checkpoint", "{t}/run", "--archive",
+      "dicomweb://u:s3cret@127.0.0.1:1/dicom-web", "--out", "{t}/o"],
+     "echo-ray report: dicomweb://127.0.0.1:1/dicom-web: credentials in the URI are refused"),
+    (["report", "--checkpoint", "{t}/run", "--archive", "dicomweb://127.0.0.1:1/dicom-web",
+      "--out", "{t}/o"], "dicomweb://127.0.0.1:1/dicom-web: connection refused: is the PACS "
+     "running and is the port right?"),
+    (["listen", "--checkpoint", "{t}/run", "--spool", "{t}/spool"],
+     "--allowed-callers is required"),
+    (["listen", "--checkpoint", "{t}/nope", "--spool", "{t}/spool", "--allowed-callers", "A"],
+     "--checkpoint {t}/nope: no such folder"),
 ]
 
 
@@ -247,6 +263,9 @@ GOOD_PATHS = [
     ["serve", "--checkpoint", "{t}/run"],
     ["synth", "--out", "{t}/archive"],
     ["quickstart", "--out", "{t}/empty"],
+    ["report", "--checkpoint", "{t}/run", "--archive", "{t}/archive", "--out", "{t}/reports",
+     "--sr", "--store-sr", "--sr-destination", "dimse://PACS@127.0.0.1:4242"],
+    ["listen", "--checkpoint", "{t}/run", "--spool", "{t}/spool", "--allowed-callers", "A,B"],
 ]
 
 
