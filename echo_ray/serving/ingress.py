@@ -350,7 +350,7 @@ class ReportAPI:
         self, request: Request, mode: str | None = None, preview: bool = False,
         stream: bool = False,
     ) -> Response:
-        stream = stream or SSE_MEDIA_TYPE in request.headers.get("accept", "")
+        stream = stream or accepts(request, SSE_MEDIA_TYPE)
         return await self._guard(request, self._report, mode=mode, preview=preview,
                                  stream=stream)
 
@@ -481,7 +481,7 @@ class ReportAPI:
                     len(files), decoding, result["batch_size"], body["latency_ms"])
         if dicom:
             return await self._structured_report(result, decoded.source_header)
-        if FHIR_MEDIA_TYPE in request.headers.get("accept", ""):
+        if accepts(request, FHIR_MEDIA_TYPE):
             return JSONResponse(diagnostic_report(result), media_type=FHIR_MEDIA_TYPE)
         return JSONResponse(body)
 
