@@ -49,19 +49,15 @@ def display_uri(uri: str) -> str:
 
 
 def send(destination: str, blob: bytes, *, calling_ae: str) -> None:
-    """One SR to `destination`: C-STORE for dimse://, STOW-RS for dicomweb(s)://.
+    """One SR to `destination` (`interop.destinations.store_instances`: C-STORE for
+    dimse://, STOW-RS for dicomweb(s)://).
 
     Raises:
-        Exception: the destination's error (`DimseError`, `DestinationError`), one line.
+        DestinationError: one line.
     """
-    if destination.startswith("dimse://"):
-        from echo_ray.interop.dimse import send_instances
+    from echo_ray.interop.destinations import store_instances
 
-        send_instances(destination, [blob], calling_ae=calling_ae)
-    else:
-        from echo_ray.interop.destinations import store_instances
-
-        store_instances(destination, [blob], calling_ae=calling_ae)
+    store_instances(destination, [blob], calling_ae=calling_ae)
 
 
 class Reporter(threading.Thread):
