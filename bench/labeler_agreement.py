@@ -4,7 +4,9 @@ keep every label).
 
 No pixels are rendered: the synthetic studies' specs give the truth, their reports the text.
 Unmentioned observations count as negative (reporting by exception); an uncertain label is
-scored both ways. Prints a table, then one JSON line with every figure.
+scored both ways. The exact-match rate is the share of reports whose 14 labels all equal the
+truth (uncertain counted as negative, u=0, or as positive, u=1). Prints a table, then one
+JSON line with every figure.
 
     python bench/labeler_agreement.py [--studies 2000] [--seed 0]
 """
@@ -42,6 +44,16 @@ def score(truth: list[dict], predicted: list[dict], uncertain_positive: bool) ->
     return out
 
 
+def exact_match(truth: list[dict], predicted: list[dict], uncertain_positive: bool) -> float:
+    """Share of reports whose 14 labels, binarised as in `score`, all equal the truth."""
+    positive = {POSITIVE, UNCERTAIN} if uncertain_positive else {POSITIVE}
+    same = sum(
+        all((t[name] == POSITIVE) == (p[name] in positive) for name in CHEXPERT_LABELS)
+        for t, p in zip(truth, predicted, strict=True)
+    )
+    return same / len(truth)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", type=int, default=2000)
@@ -74,6 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     agree = sum(findings(a) == findings(b) for a, b in zip(raw, normalized, strict=True))
     agree /= len(raw)
+    exact = {
+        "raw_u0": exact_match(truth, raw, uncertain_positive=False),
+        "raw_u1": exact_match(truth, raw, uncertain_positive=True),
+        "normalized_u0": exact_match(truth, normalized, uncertain_positive=False),
+    }
+    print(f"{'exact match (all 14)':<28}{'':>8}{exact['raw_u0']:>8.3f}{exact['raw_u1']:>8.3f}"
+          f"{'':>9}{exact['normalized_u0']:>9.3f}")
     print(f"macro F1: raw u=0 {macro['raw_u0']:.3f}, raw u=1 {macro['raw_u1']:.3f}, "
           f"normalized u=0 {macro['normalized_u0']:.3f}; normalized reports keep the "
           f"positive/uncertain labels of the raw report in {agree:.1%} of studies")
@@ -83,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
         "macro_f1_u1": macro["raw_u1"],
         "macro_f1_normalized_u0": macro["normalized_u0"],
         "normalized_label_agreement": round(agree, 4),
+        "exact_match_u0": round(exact["raw_u0"], 4),
+        "exact_match_u1": round(exact["raw_u1"], 4),
+        "exact_match_normalized_u0": round(exact["normalized_u0"], 4),
         "per_label_f1_u0": {k: v["f1"] for k, v in tables["raw_u0"].items()},
         "per_label_f1_u1": {k: v["f1"] for k, v in tables["raw_u1"].items()},
     }

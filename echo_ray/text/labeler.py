@@ -1,8 +1,16 @@
-"""A compact rule-based CheXpert labeler: label_report finds the mentions of each
-observation (echo_ray.text.mentions) and of heart / mediastinum size in every sentence,
-classifies them with NegEx-style negation / uncertainty cues scoped to clauses, and
-aggregates as CheXpert does (priority, hierarchy, No Finding). It is the project's clinical
-metric; its decisions are listed in label_report's docstring.
+"""A rule-based labeler that follows the CheXpert labeler's three stages: extract
+(mention and unmention phrases per observation, echo_ray.text.mentions, plus heart /
+mediastinum size statements), classify (CheXpert's pre-negation uncertainty, then
+negation, then post-negation uncertainty patterns), aggregate (POSITIVE > UNCERTAIN >
+NEGATIVE across mentions, the "CHF" rule, the label hierarchy, No Finding). It is the
+project's clinical metric; its decisions are listed in label_report's docstring.
+
+CheXpert matches its patterns on a dependency graph (NegBio over a Bllip parse). There is
+no parser here: each pattern is re-expressed as a cue before or after the mention, scoped
+to the mention's clause (clauses end at contrast words, ";", ", with", "which", a comma
+opening a new "X is ..." clause), with a cue after a mention required to have the mention
+as its subject. Lists ("no A, B or C") fall inside one clause, which stands in for the
+graph's conjunction propagation.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from echo_ray.text.labels import CHEXPERT_LABELS, LABEL_HIERARCHY, NEGATIVE, POSITIVE, UNCERTAIN
-from echo_ray.text.mentions import MENTION_TABLE, OTHER
+from echo_ray.text.mentions import MENTION_TABLE, OTHER, UNMENTION_TABLE
 from echo_ray.text.sections import findings_text, parse_sections, split_sentences
 
 # --------------------------------------------------------------------------------------
@@ -112,6 +120,11 @@ _PRE_NEGATION_UNCERTAINTY = re.compile(
     r"(?:excluded|ruled\s+out)\b"
     r"|\bnot\s+(?:well|clearly|optimally|fully|entirely)\s+(?:seen|visualized|evaluated"
     r"|assessed|imaged|demonstrated)\b"
+    r"|\bno\s+(?:evidence\s+to\s+)?rule\s+out\b"
+    r"|\bno\s+new(?:\s+areas?\s+of)?\b"
+)
+_PASSIVE = re.compile(
+    r"\b(?:excluded|ruled\s+out|seen|visualized|evaluated|assessed|imaged|demonstrated)$"
 )
 # Negation cues before a mention (scope: to the clause end).
 _NEGATION_PRE = re.compile(
@@ -138,7 +151,13 @@ _UNCERTAINTY_PRE = re.compile(
     r"|suspicion|concerning|concern|worrisome|suggest|suggests|suggestive|suggesting"
     r"|suggestion|differential|versus|vs|equivocal|indeterminate|uncertain|unclear|borderline"
     r"|less\s+likely|unlikely|favou?rs?|favou?red|consider|considered|consideration|maybe"
-    r"|perhaps|potential|potentially|evaluate\s+for|assess\s+for)\b|\?"
+    r"|perhaps|potential|potentially|evaluate\s+for|assess\s+for|secondary\s+to"
+    r"|correlat\w*(?:\s+clinically)?\s+(?:for|to\s+exclude)|clinical\s+correlation)\b|\?"
+)
+# Hedge words used as attributes ("no suspicious opacity"): in a negated list the
+# negation wins (CheXpert matches negation before post-negation uncertainty).
+_ATTRIBUTIVE_HEDGE = re.compile(
+    r"\b(?:suspicious|concerning|worrisome|questionable)\b(?!\s+(?:for|of)\b)"
 )
 # Uncertainty cues after a mention ("pneumonia is possible", "effusion may be present").
 _UNCERTAINTY_POST = re.compile(
@@ -158,6 +177,7 @@ _WORD = re.compile(r"[a-z0-9_]+(?:['-][a-z0-9_]+)*|\?")
 _OR_GAP = re.compile(r"^\s*(?P<comma>,)?\s*(?:and/or|or|versus|vs\.?|/)\s*(?:[a-z-]+\s+){0,3}$")
 _COMMA_GAP = re.compile(r"^\s*,\s*(?:[a-z-]+\s+){0,3}$")
 
+_HEART_FAILURE = re.compile(r"\b(?:chf|heart failure)\b")
 _LUNGS_CLEAR = frozenset({"Lung Opacity", "Consolidation", "Pneumonia", "Edema"})
 _NO_ACUTE = frozenset({"Edema", "Consolidation", "Pneumonia", "Pneumothorax"})
 # Statements that imply negatives without naming an observation; they only fill
@@ -213,14 +233,31 @@ class _Cue:
     end: int
     value: float
     strong: bool = False  # pre-negation uncertainty: wins over any negation
+    weak: bool = False  # attributive hedge: a negation in scope wins over it
+
+
+# De-identification marks: Open-i's "XXXX" and MIMIC-CXR's "___" (glued to a word or not)
+# become one opaque token, "___", so they neither split sentences nor join words.
+_DEID = re.compile(r"X{3,}|_{2,}")
+_SHORTHAND = (
+    (re.compile(r"\bw/o\b"), "without"),
+    (re.compile(r"\bw/"), "with "),
+    (re.compile(r"\bs/p\b"), "status post"),
+    (re.compile(r"\br/o\b"), "rule out"),
+    (re.compile(r"\bc/w\b"), "consistent with"),
+    (re.compile(r"\bb/l\b"), "bilateral"),
+    (re.compile(r"&"), " and "),
+    (re.compile(r"[\u2013\u2014]"), " - "),
+)
 
 
 def prepare_sentence(sentence: str) -> str:
-    s = sentence.lower()
-    s = re.sub(r"\bw/o\b", "without", s)
-    s = re.sub(r"\bw/", "with ", s)
-    s = s.replace("s/p", "status post").replace("r/o", "rule out").replace("&", " and ")
-    s = re.sub(r"[\u2013\u2014]", " - ", s)
+    """The text every rule reads: de-identification marks made one token ("___"),
+    lowercased, shorthand spelled out ("s/p", "w/", "w/o", "c/w", "r/o", "b/l"),
+    whitespace collapsed. Hit spans index into this string."""
+    s = _DEID.sub(" ___ ", sentence).lower()
+    for rx, repl in _SHORTHAND:
+        s = rx.sub(repl, s)
     return re.sub(r"\s+", " ", s).strip()
 
 
@@ -244,14 +281,22 @@ def _clauses(s: str) -> list[tuple[int, int]]:
 def _cues(s: str) -> tuple[list[_Cue], list[_Cue]]:
     """Negation / uncertainty cues of a sentence: (before-mention cues, after-mention cues)."""
     masked = _blank(s, (m.span() for m in _PSEUDO_NEGATION.finditer(s)))
-    strong = [m.span() for m in _PRE_NEGATION_UNCERTAINTY.finditer(masked)]
-    pre = [_Cue(a, b, UNCERTAIN, strong=True) for a, b in strong]
-    post = list(pre)
+    matches = list(_PRE_NEGATION_UNCERTAINTY.finditer(masked))
+    strong = [m.span() for m in matches]
+    # Passive forms ("X cannot be excluded") speak of a mention before them, active ones
+    # ("cannot exclude X", "no new X") of a mention after them.
+    passive = [_PASSIVE.search(m.group()) is not None for m in matches]
+    pre = [_Cue(a, b, UNCERTAIN, strong=True) for (a, b), p in zip(strong, passive) if not p]
+    post = [_Cue(a, b, UNCERTAIN, strong=True) for (a, b), p in zip(strong, passive) if p]
     masked = _blank(masked, strong)
     hedges = _blank(masked, (m.span("hedge") for m in _NEGATED_HEDGE.finditer(masked)))
     pre += [_Cue(*m.span(), NEGATIVE) for m in _NEGATION_PRE.finditer(masked)]
     post += [_Cue(*m.span(), NEGATIVE) for m in _NEGATION_POST.finditer(masked)]
-    pre += [_Cue(*m.span(), UNCERTAIN) for m in _UNCERTAINTY_PRE.finditer(hedges)]
+    attributive = {m.start() for m in _ATTRIBUTIVE_HEDGE.finditer(hedges)}
+    pre += [
+        _Cue(*m.span(), UNCERTAIN, weak=m.start() in attributive)
+        for m in _UNCERTAINTY_PRE.finditer(hedges)
+    ]
     post += [_Cue(*m.span(), UNCERTAIN) for m in _UNCERTAINTY_POST.finditer(hedges)]
     return pre, post
 
@@ -271,9 +316,11 @@ def _mention_value(
     base: float,
     cues: tuple[list[_Cue], list[_Cue]],
 ) -> float:
-    """The value of one mention: the nearest cue before it in its clause decides; else the
+    """The value of one mention: the nearest cue before it in its clause decides (an
+    attributive hedge yields to a negation before it: "no suspicious opacity"); else the
     nearest cue after it whose subject it is; else its base value. Pre-negation
-    uncertainty ("cannot be excluded") anywhere in either position wins."""
+    uncertainty wins over both: an active form ("cannot exclude", "no new") before the
+    mention, a passive one ("cannot be excluded") after it."""
     (ms, me), (cs, ce) = span, clause
     pre_cues, post_cues = cues
     stops = [m.start() for m in _SCOPE_STOP.finditer(s, cs, ce)]
@@ -286,7 +333,10 @@ def _mention_value(
     if any(c.strong for c in pre + post):
         return UNCERTAIN
     if pre:
-        return max(pre, key=lambda c: c.end).value
+        nearest = max(pre, key=lambda c: c.end)
+        if nearest.weak and any(c.value == NEGATIVE for c in pre):
+            return NEGATIVE
+        return nearest.value
     if post:
         return min(post, key=lambda c: c.start).value
     return base
@@ -386,15 +436,27 @@ def analyse_sentence(sentence: str) -> tuple[tuple[Hit, ...], frozenset[str]]:
             for m in rx.finditer(s)
         ),
     )
+    vetoed = {
+        label: [m.span() for m in rx.finditer(s)] for label, rx in UNMENTION_TABLE.items()
+    }
     taken: dict[str, list[tuple[int, int]]] = {}
     for start, neg_end, label, regions, base in candidates:
         end = -neg_end
+        if any(a < end and start < b for a, b in vetoed.get(label, [])):
+            continue  # an unmention phrase ("pericardial effusion") covers it
         if any(a < end and start < b for a, b in taken.get(label, [])):
             continue  # a longer mention of the same label already covers this one
         taken.setdefault(label, []).append((start, end))
         value = _mention_value(s, (start, end), clause_of(start), base, cues)
         hits.append(Hit(label, regions, start, end, value))
     hits = _or_uncertain(s, hits)
+    # CheXpert's aggregation exception: a positive or uncertain "CHF" / "heart failure"
+    # also makes Cardiomegaly uncertain.
+    hits += [
+        Hit("Cardiomegaly", ("heart",), h.start, h.end, UNCERTAIN)
+        for h in hits
+        if h.label == "Edema" and h.value != NEGATIVE and _HEART_FAILURE.search(s, h.start, h.end)
+    ]
 
     subjects = [
         (m.span(), kind)
@@ -441,33 +503,51 @@ def _label_text(text: str) -> str:
 
 def label_report(text: str, *, hierarchy: bool = True) -> dict[str, float | None]:
     """Label a report with the 14 CheXpert observations: POSITIVE (1.0), NEGATIVE (0.0),
-    UNCERTAIN (-1.0) or None (not mentioned).
+    UNCERTAIN (-1.0) or None (not mentioned), by the CheXpert labeler's rules.
 
-    The labeled text is the findings + impression (or, without them, findings_text()).
-    Each sentence is searched for mentions (phrase tables after CheXpert's, synonyms and
-    morphology included); each mention is classified by the nearest cue before it in its
-    clause ("no", "without", "free of", "negative for", "resolution of" / "may",
-    "possible", "suspicious for", "versus", ...), else by a cue after it whose subject it
-    is ("has resolved", "is not seen" / "cannot be excluded", "is possible"), with
-    CheXpert's pre-negation uncertainty ("cannot exclude", "not excluded") overriding
-    the negation it contains. Scopes end at the clause ("but", "however", "although",
-    ";", ", with", "which", ", and there", a comma opening "X is ..."). Mentions joined by
-    "or" / "versus" / "/" are uncertain. Decisions:
+    The labeled text is the findings + impression (or, without them, findings_text()),
+    split into sentences; "XXXX" / "___" de-identification marks are opaque words.
+    Extract: each sentence is searched for the mention phrases of each observation
+    (echo_ray.text.mentions: CheXpert's phrases with synonyms, morphology and
+    abbreviations such as ETT, NGT, PICC, ICD, CHF, PTX, PNA; "s/p", "w/", "c/w", "b/l"
+    spelled out); a mention overlapping an unmention phrase ("pericardial effusion",
+    "calcified nodule") is dropped. Classify, in CheXpert's order: pre-negation
+    uncertainty ("cannot exclude", "not excluded", "cannot rule out", "no new X") wins;
+    else the nearest cue before the mention in its clause ("no", "without", "free of",
+    "negative for", "resolution of", "removal of" / "may", "possible", "suspicious for",
+    "versus", "differential", "correlate clinically for", ...), else a cue after it whose
+    subject it is ("has resolved", "was removed", "is no longer seen" / "is suspected",
+    "is less likely", "may be present"); else POSITIVE. Mentions joined by "or",
+    "and/or", "versus" or "/" are uncertain. Decisions:
 
+    - Scopes are clauses (no dependency parse): they end at "but", "however",
+      "although", ";", ", with", "which", ", and there", a comma opening "X is ...",
+      and a comma before a severity word or "new" ("no pneumothorax, small left
+      effusion" asserts the effusion). A list after one negation ("no focal
+      consolidation, effusion or pneumothorax") is negated item by item; an attributive
+      hedge inside it ("no suspicious opacity") yields to the negation.
     - "likely X" / "most likely X" / "consistent with X" are POSITIVE (CheXpert has no
-      "likely" rule); "less likely" and "unlikely" are UNCERTAIN.
-    - "no new X" is NEGATIVE (CheXpert says uncertain; an old X would be stated).
+      "likely" rule); "less likely" and "unlikely" are UNCERTAIN. "No evidence of new X"
+      is NEGATIVE ("no evidence of" governs X), "no new X" UNCERTAIN.
+    - Temporal words: "resolved", "cleared", "removed", "no longer seen" negate;
+      "unchanged", "stable", "persistent", "new", "improved", "worsening", "decreased"
+      keep a finding POSITIVE ("no change in X" is not a negation).
     - Congestion / cephalization / vascular prominence are Edema UNCERTAIN, blunted
-      costophrenic angles Pleural Effusion UNCERTAIN (CheXpert's convention). "CHF" /
-      "heart failure" are Edema (CheXpert also marks Cardiomegaly uncertain; we do not:
-      heart size is reported on its own). "Lesion" alone, calcified nodules, granulomas
-      and surgical clips are not Lung Lesion / Support Devices (CheXpert's choices);
+      costophrenic angles Pleural Effusion UNCERTAIN. A positive or uncertain "CHF" /
+      "heart failure" is Edema and also Cardiomegaly UNCERTAIN (CheXpert's aggregation
+      rule). "Lesion" alone, calcified nodules and granulomas are not Lung Lesion;
       "volume loss" is Atelectasis, "airspace disease" Lung Opacity.
-    - Heart / mediastinum size statements: enlarged -> POSITIVE, normal / top normal ->
-      NEGATIVE, borderline / "normal to mildly enlarged" / stable-unchanged ->
-      UNCERTAIN (CheXpert). A normal cardiomediastinal silhouette negates both
-      Cardiomegaly and Enlarged Cardiomediastinum; an enlarged one is Enlarged
-      Cardiomediastinum only.
+    - Support devices by name (tubes, lines, catheters, PICC, ETT, NG / OG / Dobhoff,
+      pacemaker, ICD / AICD, defibrillator, ports, drains, valves, hardware) and
+      sternotomy wires (the synthetic archive's device) are Support Devices; surgical
+      clips are not (CheXpert's list has no "clip"), so clips alone leave No Finding
+      POSITIVE. A tracheostomy tube is a device only, unlike CheXpert's no_finding list.
+    - Heart / mediastinum size statements: enlarged -> POSITIVE, normal / top normal /
+      within normal limits -> NEGATIVE, borderline / "normal to mildly enlarged" /
+      stable-unchanged -> UNCERTAIN (CheXpert). A normal cardiomediastinal silhouette
+      negates both Cardiomegaly and Enlarged Cardiomediastinum; an enlarged one is
+      Enlarged Cardiomediastinum only. Without a size attribute "the heart" is no
+      mention (CheXpert's positional unmentions, "leads in the heart", in effect).
     - Several mentions of an observation combine as CheXpert does: POSITIVE beats
       UNCERTAIN beats NEGATIVE.
     - Implied negatives fill only labels nothing else set: "lungs are clear" negates
@@ -483,9 +563,9 @@ def label_report(text: str, *, hierarchy: bool = True) -> dict[str, float | None
       is UNCERTAIN. An explicit parent (even NEGATIVE: "no focal opacity; bibasilar
       atelectasis") is never overridden, and children never take a parent's value.
     - No Finding is POSITIVE iff nothing but Support Devices is POSITIVE or UNCERTAIN,
-      counting findings outside the 14 (emphysema, granuloma, hernia, scoliosis, ...,
-      CheXpert's no_finding list); otherwise None, as CheXpert leaves it blank.
-      A blank text gets None everywhere.
+      counting findings outside the 14 (emphysema, granuloma, hernia, scoliosis,
+      contusion, pericardial effusion, ..., CheXpert's no_finding list); otherwise None,
+      as CheXpert leaves it blank. A blank text gets None everywhere.
     """
     body = _label_text(text)
     if not body.strip():

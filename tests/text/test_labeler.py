@@ -4,7 +4,7 @@ these tests)."""
 from __future__ import annotations
 
 import pytest
-from helpers.report_cases import LABEL_CASES, expected
+from helpers.report_cases import LABEL_CASES, RADIOLOGIST_CASES, expected
 
 from echo_ray.text.labeler import label_report, labels_to_vector
 from echo_ray.text.labels import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
@@ -14,6 +14,15 @@ P, N, U = POSITIVE, NEGATIVE, UNCERTAIN
 
 @pytest.mark.parametrize("text, want", LABEL_CASES, ids=[t[:40] for t, _ in LABEL_CASES])
 def test_label_report_on_radiologist_language(text, want):
+    assert label_report(text) == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [(text, want) for _, text, want in RADIOLOGIST_CASES],
+    ids=[f"{category}: {text[:40]}" for category, text, _ in RADIOLOGIST_CASES],
+)
+def test_label_report_follows_chexpert_rules_on_radiologist_sentences(text, want):
     assert label_report(text) == want
 
 
@@ -124,3 +133,23 @@ PHRASING_CASES: list[tuple[str, dict[str, float | None]]] = [
 @pytest.mark.parametrize("text, want", PHRASING_CASES, ids=[t[:40] for t, _ in PHRASING_CASES])
 def test_label_report_on_phrasing_variants(text, want):
     assert label_report(text) == want
+
+
+def test_deidentification_marks_neither_split_nor_join_words():
+    # "XXXX" and "___" are opaque tokens, glued to a word or not.
+    assert label_report("___pneumothorax is unchanged.")["Pneumothorax"] == P
+    assert label_report("No XXXX pneumothorax.")["Pneumothorax"] == N
+    assert label_report("Dr. ___ was paged. Small left effusion.")["Pleural Effusion"] == P
+
+
+def test_no_new_is_uncertain_but_no_evidence_of_new_is_negative():
+    # CheXpert's pre-negation uncertainty: "no new X" leaves an old X possible; "no
+    # evidence of new X" is the negation rule "no evidence of X".
+    assert label_report("No new pleural effusion.")["Pleural Effusion"] == U
+    assert label_report("No evidence of new pleural effusion.")["Pleural Effusion"] == N
+
+
+def test_heart_failure_makes_cardiomegaly_uncertain_unless_negated():
+    assert label_report("CHF.")["Cardiomegaly"] == U
+    assert label_report("Heart size is enlarged, consistent with CHF.")["Cardiomegaly"] == P
+    assert label_report("No evidence of CHF.")["Cardiomegaly"] is None
