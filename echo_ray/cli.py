@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from echo_ray.config.flags import Flag, add_flags, default_text, flag_overrides
 from echo_ray.config.overrides import load_config
-from echo_ray.config.schema import ConfigError, EchoConfig
+from echo_ray.config.schema import STAGES, ConfigError, EchoConfig
 
 if TYPE_CHECKING:
     from echo_ray.data.storage import Location
@@ -258,13 +258,15 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", required=True, choices=("ar", "rad", "dcd"),
-                   help="ar: autoregressive baseline; rad: block-diffusion teacher from --init "
-                        "(an AR run); dcd: one-step student distilled from --init (the teacher) "
-                        "on `echo-ray trajectories` output")
+    p.add_argument("--stage", required=True, choices=STAGES,
+                   help="vision: vision tower pre-trained on the train split's labels (stands in "
+                        "for a pretrained checkpoint's tower; --init of ar); ar: autoregressive "
+                        "baseline; rad: block-diffusion teacher from --init (an AR run); dcd: "
+                        "one-step student distilled from --init (the teacher) on `echo-ray "
+                        "trajectories` output")
     p.add_argument("--data", required=True,
-                   help="`echo-ray prepare` output (ar, rad) or `echo-ray trajectories` output "
-                        "(dcd); folder or s3://")
+                   help="`echo-ray prepare` output (vision, ar, rad) or `echo-ray trajectories` "
+                        "output (dcd); folder or s3://")
     p.add_argument("--out", required=True,
                    help="run folder (folder or s3://); rerunning with the same folder resumes")
     p.add_argument("--init", default=None,
@@ -451,9 +453,16 @@ def quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--studies", type=int, default=2000, help="synthetic studies")
     p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive")
-    p.add_argument("--ar-steps", type=int, default=500, help="training steps of the AR stage")
-    p.add_argument("--rad-steps", type=int, default=500, help="training steps of the RAD stage")
-    p.add_argument("--dcd-steps", type=int, default=300, help="training steps of the DCD stage")
+    from echo_ray.quickstart import QUICKSTART_STEPS as steps
+
+    p.add_argument("--vision-steps", type=int, default=steps["vision"],
+                   help="training steps of the vision stage (0 skips it)")
+    p.add_argument("--ar-steps", type=int, default=steps["ar"],
+                   help="training steps of the AR stage")
+    p.add_argument("--rad-steps", type=int, default=steps["rad"],
+                   help="training steps of the RAD stage")
+    p.add_argument("--dcd-steps", type=int, default=steps["dcd"],
+                   help="training steps of the DCD stage")
     p.add_argument("--trajectory-min-repeats", type=int, default=None,
                    help="drop teacher rollouts that repeat an n-gram this many times in a row "
                         "(0: keep all that end; trajectories.min_repeats; "
@@ -476,7 +485,8 @@ def quickstart(args: argparse.Namespace) -> dict:
     return run_quickstart(
         args.out, preset=args.preset, config_file=args.config, overrides=overrides,
         studies=args.studies, image_size=args.image_size, seed=args.seed,
-        steps={"ar": args.ar_steps, "rad": args.rad_steps, "dcd": args.dcd_steps},
+        steps={"vision": args.vision_steps, "ar": args.ar_steps, "rad": args.rad_steps,
+               "dcd": args.dcd_steps},
         examples=args.examples,
     )
 
@@ -608,7 +618,10 @@ def _check_trained_mode(uri: str, model: Location, mode: str) -> None:
         stage = json.loads(model.join(CONFIG_FILE).read_text()).get("train", {}).get("stage")
     except (OSError, ValueError):  # no echo-ray config (a plain HF folder), or S3 unreachable
         return
-    modes = trained_modes(stage)
+    try:
+        modes = trained_modes(stage)
+    except ValueError as e:  # a vision checkpoint, or an unknown stage
+        raise PathError(f"--checkpoint {uri}: {e}") from None
     if mode not in modes:
         raise PathError(f"--checkpoint {uri} was trained by `--stage {stage}`: it decodes with "
                         f"{', '.join(modes)}, not {mode}; pass --decoding {modes[0]}")

@@ -582,3 +582,10 @@ def test_report_refuses_a_decoding_mode_the_checkpoint_was_not_trained_for(
     (t / "run" / "model" / "echo_config.json").write_text(json.dumps({"train": {"stage": "dcd"}}))
     main(argv)  # a DCD student's own mode
     assert reached == ["report", "report"]
+    # a vision pre-training run writes no reports in any mode: refused with the way out
+    (t / "run" / "model" / "echo_config.json").write_text(
+        json.dumps({"train": {"stage": "vision"}}))
+    err = _refused(capsys, [*argv, "--decoding", "ar"])
+    assert f"--checkpoint {t}/run: a checkpoint of `--stage vision`" in err
+    assert "writes no reports: it is the --init of `echo-ray train --stage ar`" in err
+    assert reached == ["report", "report"]

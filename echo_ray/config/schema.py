@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 # film/screen radiography) still appears on digitised films.
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG")
 SPLITS = ("train", "validate", "test")
-STAGES = ("ar", "rad", "dcd")
+STAGES = ("vision", "ar", "rad", "dcd")
 STRATEGIES = ("ddp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTIONS = ("auto", "dense", "flex")
@@ -238,12 +238,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     stage: str | None = None
-    """The stage the run trains (ar, rad or dcd), set by `echo-ray train --stage`: a
-    checkpoint records it, and a server offers the decoding modes it was trained for."""
+    """The stage the run trains (vision, ar, rad or dcd), set by `echo-ray train --stage`: a
+    checkpoint records it, and a server offers the decoding modes it was trained for (a
+    vision checkpoint writes no reports: it is an `--init` for ar)."""
     freeze_vision: bool | None = None
     """Freeze the vision tower and its projector (the patch merger); None = the stage's
-    default (rad and dcd: frozen, as the paper; ar: trained). A run's saved config holds the
-    value it used."""
+    default (rad and dcd: frozen, as the paper; vision and ar: trained). A run's saved config
+    holds the value it used."""
     report_every: int = 10
     """Report metrics to Ray Train every this many steps (each report waits for the
     controller's poll, about 2 s; every step still goes to metrics.jsonl)."""

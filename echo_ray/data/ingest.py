@@ -17,11 +17,16 @@ from echo_ray.config.schema import SPLITS, EchoConfig
 from echo_ray.data.dicom import DicomError, decode_dicom
 from echo_ray.data.shards import MANIFEST, SHARDS_DIR, shard_files
 from echo_ray.data.storage import resolve
+from echo_ray.text.labels import CHEXPERT_LABELS
+
+NUM_LABELS = len(CHEXPERT_LABELS)
 
 logger = logging.getLogger(__name__)
 
 # Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
 TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
+# The 14 CheXpert labels of each row (prepare's), read for the vision stage only.
+LABEL_COLUMN = "labels"
 # A trajectories folder (`echo-ray trajectories`) adds the teacher's rollout: its tokens
 # replace the tokenized reference, and the DCD targets travel along.
 TRAJECTORY_COLUMNS = ("tokens", "commit_step", "top_ids", "top_probs")
@@ -35,6 +40,7 @@ def training_dataset(
     tokenizer_json: str,
     config: EchoConfig,
     s3_endpoint: str | None = None,
+    labels: bool = False,
 ) -> ray.data.Dataset:
     """Rows of one split, decoded to `image_size` pixels and tokenized, as a Ray Data dataset.
 
@@ -46,7 +52,9 @@ def training_dataset(
     Output columns: `dicom_id`, `pixels` (S * S float32 in [0, 1], row-major), `tokens` (int32
     ids of the normalized report, no special tokens), `ok`, `error` (the reason, or "").
     From a trajectories folder, `tokens` are the teacher's, and `commit_step`, `top_ids`,
-    `top_probs` (the DCD targets, per position up to and including `<eos>`) follow.
+    `top_probs` (the DCD targets, per position up to and including `<eos>`) follow. With
+    `labels`, `labels` (the shards' 14 CheXpert values per row, float32, NaN = not
+    mentioned) follows: the vision stage's targets.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -56,7 +64,10 @@ def training_dataset(
         raise FileNotFoundError(f"{src.uri}/{SHARDS_DIR} holds no .parquet shards")
     manifest = json.loads(src.join(MANIFEST).read_text())
     trajectories = str(manifest.get("format", "")).startswith("echo-ray-trajectories")
-    columns = [*TRAIN_COLUMNS, *(TRAJECTORY_COLUMNS if trajectories else ())]
+    if labels and trajectories:
+        raise ValueError(f"{src.uri} is a trajectories folder: labels are read from shards")
+    columns = [*TRAIN_COLUMNS, *(TRAJECTORY_COLUMNS if trajectories else ()),
+               *((LABEL_COLUMN,) if labels else ())]
     ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns)
     return ds.map_batches(
         _training_batch,
@@ -119,6 +130,14 @@ def _training_batch(
     if teacher is not None:
         for name in TRAJECTORY_COLUMNS[1:]:
             out[name] = batch.column(name)
+    if LABEL_COLUMN in batch.column_names:
+        values = np.array(
+            [[np.nan if v is None else v for v in row or [None] * NUM_LABELS]
+             for row in batch.column(LABEL_COLUMN).to_pylist()], np.float32,
+        ).reshape(n, NUM_LABELS)
+        out[LABEL_COLUMN] = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.reshape(-1), pa.float32()), NUM_LABELS
+        )
     return pa.table(out)
 
 

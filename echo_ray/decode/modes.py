@@ -19,14 +19,26 @@ TRAINED_MODES = {
     "rad": ("multi-step",),
     "dcd": ("one-step-fused", "one-step"),
 }
-assert set(TRAINED_MODES) == set(STAGES)
+# A `--stage vision` checkpoint has a trained vision tower and an untrained language model:
+# it is an `--init` for the AR stage and writes no reports.
+NO_REPORTS = {"vision": "vision pre-training"}
+assert set(TRAINED_MODES) | set(NO_REPORTS) == set(STAGES)
 
 
 def trained_modes(stage: str | None) -> tuple[str, ...]:
     """The decoding modes of a checkpoint trained by `stage` (`train.stage` in its config),
-    preferred first; every mode when the checkpoint does not record its stage."""
+    preferred first; every mode when the checkpoint does not record its stage.
+
+    Raises:
+        ValueError: an unknown stage, or one whose checkpoints write no reports (vision).
+    """
     if stage is None:
         return DECODING_MODES
+    if stage in NO_REPORTS:
+        raise ValueError(
+            f"a checkpoint of `--stage {stage}` ({NO_REPORTS[stage]}) writes no reports: it "
+            f"is the --init of `echo-ray train --stage ar`; pass an ar, rad or dcd checkpoint"
+        )
     if stage not in TRAINED_MODES:
         raise ValueError(f"unknown training stage {stage!r}; choose one of {STAGES}")
     return TRAINED_MODES[stage]

@@ -1,4 +1,4 @@
-"""Ray Train: the AR and RAD stages, streamed from DICOM shards.
+"""Ray Train: the vision, AR, RAD and DCD stages, streamed from DICOM shards.
 
     driver                                    each Ray Train worker (rank r of W)
     ------                                    -----------------------------------
@@ -98,7 +98,7 @@ def train(
     """Train `stage` on the shards at `data`; checkpoints and the final model go to `out`.
 
     Args:
-        stage: "ar" or "rad".
+        stage: "vision" (the vision tower on the train split's labels), "ar", "rad" or "dcd".
         data: an `echo-ray prepare` output folder (local or s3://).
         out: the run folder (local or s3://). Rerunning with the same folder resumes from its
             latest checkpoint.
@@ -161,7 +161,7 @@ def train(
     for split in ("train", "validate"):
         ds = training_dataset(
             data, split, image_size=config.model.image_size, tokenizer_json=tokenizer_json,
-            config=config, s3_endpoint=s3_endpoint,
+            config=config, s3_endpoint=s3_endpoint, labels=stage == "vision",
         )
         datasets[split] = ds.materialize() if tcfg.cache_decoded else ds
     if tcfg.cache_decoded:

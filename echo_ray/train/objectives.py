@@ -1,6 +1,6 @@
 """What a training stage optimizes and how its learning rate moves: Objective wraps the
-stage's loss (AR, RAD or DCD) as one module, so DDP / DeepSpeed wrap one forward; lr_lambda
-is the warm-up + cosine schedule; vision_frozen, training_attention and
+stage's loss (vision pre-training, AR, RAD or DCD) as one module, so DDP / DeepSpeed wrap
+one forward; lr_lambda is the warm-up + cosine schedule; vision_frozen, training_attention and
 set_up_for_training decide, each in one place, what trains, which attention kernel the
 losses use and whether activations are recomputed.
 """
@@ -10,8 +10,43 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from echo_ray.config.schema import TrainConfig
+
+
+class LabelHead(torch.nn.Module):
+    """The vision stage's probe: one linear layer from an image's tokens, as the language model
+    receives them (vision tower + patch merger, flattened in order, so where a finding lies
+    counts), to one logit per CheXpert label. Trained with the tower, then dropped: only the
+    tower goes on to the AR stage.
+    """
+
+    def __init__(self, num_image_tokens: int, hidden_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(num_image_tokens * hidden_size, num_labels)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.proj(image_embeds.flatten(1))  # (N, T, H) -> (N, num_labels)
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each label, CheXpert values as targets.
+
+    Args:
+        logits: `(N, K)`.
+        labels: `(N, K)` 1.0 positive, 0.0 negative, NaN not mentioned (a report names what it
+            finds: unmentioned is negative), -1.0 uncertain (no target: left out).
+
+    Returns:
+        The mean over the labels with a target (0 with a graph when none has one).
+    """
+    target = torch.nan_to_num(labels, nan=0.0)  # (N, K)
+    keep = target >= 0  # uncertain (-1) has no target
+    loss = F.binary_cross_entropy_with_logits(
+        logits.float(), target.clamp(min=0).to(torch.float32), reduction="none"
+    )  # (N, K)
+    return (loss * keep).sum() / keep.sum().clamp(min=1)
 
 
 class Objective(torch.nn.Module):
@@ -20,22 +55,30 @@ class Objective(torch.nn.Module):
     Args:
         attention: "dense" or "flex", the losses' `attention` argument (`training_attention`
             resolves the config's "auto").
+        num_labels: the vision stage's label count (its `LabelHead`, a parameter of this
+            module, so DDP synchronises it and the optimizer steps it).
     """
 
     def __init__(self, model, stage: str, *, dcd_step_weighting: str = "linear",
-                 dcd_eos_weight: float = 1.0, attention: str = "dense") -> None:
+                 dcd_eos_weight: float = 1.0, attention: str = "dense",
+                 num_labels: int = 14) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.dcd_step_weighting = dcd_step_weighting
         self.dcd_eos_weight = dcd_eos_weight
         self.attention = attention
+        if stage == "vision":
+            self.label_head = LabelHead(model.num_image_tokens, model.config.hidden_size,
+                                        num_labels).to(model.device, model.dtype)
 
     def forward(self, pixel_values, response, valid, generator=None, commit_step=None,
-                top_ids=None, top_probs=None):
+                top_ids=None, top_probs=None, labels=None):
         from echo_ray.diffusion.dcd import compute_dcd_loss
         from echo_ray.diffusion.losses import compute_ar_loss, compute_rad_loss
 
+        if self.stage == "vision":
+            return label_loss(self.label_head(self.model.encode_images(pixel_values)), labels)
         if self.stage == "ar":
             return compute_ar_loss(self.model, pixel_values, response, valid,
                                    attention=self.attention)
@@ -53,8 +96,11 @@ class Objective(torch.nn.Module):
 
 def vision_frozen(tcfg: TrainConfig, stage: str) -> bool:
     """Whether `stage` trains with the vision tower and its projector frozen: the config's
-    `train.freeze_vision` when set (a preset or `--set`), else the stage's default: "ar"
-    trains them, "rad" and "dcd" freeze them (as the paper). The one place this is decided."""
+    `train.freeze_vision` when set (a preset or `--set`), else the stage's default: "vision"
+    and "ar" train them, "rad" and "dcd" freeze them (as the paper). The one place this is
+    decided. The vision stage always trains them (it trains nothing else)."""
+    if stage == "vision":
+        return False
     if tcfg.freeze_vision is not None:
         return tcfg.freeze_vision
     return stage != "ar"
@@ -69,8 +115,11 @@ def training_attention(setting: str, device: torch.device) -> str:
     return setting
 
 
-def set_up_for_training(model, *, freeze_vision: bool, gradient_checkpointing: bool) -> None:
+def set_up_for_training(model, *, freeze_vision: bool, gradient_checkpointing: bool,
+                        freeze_language: bool = False) -> None:
     """Freeze or unfreeze the vision tower, and turn activation checkpointing on when asked.
+    `freeze_language` (the vision stage) freezes everything outside the vision tower and
+    its projector: the language model takes no part in that loss.
 
     Checkpointing wraps transformers' decoder layers and vision blocks
     (`GradientCheckpointingLayer`: `EchoDVLM.forward` calls the layers themselves, so it
@@ -80,6 +129,8 @@ def set_up_for_training(model, *, freeze_vision: bool, gradient_checkpointing: b
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    if freeze_language:
+        model.backbone.requires_grad_(False)
     model.set_vision_trainable(not freeze_vision)
     backbone = model.backbone
     if not gradient_checkpointing:

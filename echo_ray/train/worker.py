@@ -102,7 +102,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
             model = _initial_model(cfg, model_config, Path(tmp), zero3)
         freeze = vision_frozen(tcfg, stage)
         set_up_for_training(model, freeze_vision=freeze,
-                            gradient_checkpointing=tcfg.gradient_checkpointing)
+                            gradient_checkpointing=tcfg.gradient_checkpointing,
+                            freeze_language=stage == "vision")
         # the run's config records the values used and the stage (checkpoints save them)
         config = dataclasses.replace(
             config, train=dataclasses.replace(tcfg, freeze_vision=freeze, stage=stage)
@@ -116,7 +117,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
         objective = Objective(model, stage, dcd_step_weighting=tcfg.dcd_step_weighting,
                               dcd_eos_weight=tcfg.dcd_eos_weight,
                               attention=training_attention(tcfg.attention, device))
-        params = [p for p in model.parameters() if p.requires_grad]
+        if state.get("label_head") is not None:  # the vision stage's probe, resumed
+            objective.label_head.load_state_dict(state["label_head"])
+        # the objective's own parameters (the vision stage's label head) train too
+        params = [p for p in objective.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
         )
@@ -139,7 +143,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             engine = None
 
     loop = _Loop(cfg, config, stage, rank, world, device, bf16, model, runner, engine,
-                 optimizer, scheduler, state)
+                 optimizer, scheduler, state, params, objective)
     loop.run()
 
 
@@ -194,7 +198,8 @@ def _deepspeed_engine(objective, optimizer, scheduler, ds_config: dict[str, Any]
 
 class _Collate(NumpyBatchCollateFn):
     """Pipeline rows -> tensors: pixels `(N, S, S)`, padded `response` / `valid` `(N, L)`,
-    and `truncated` `(N,)`: usable rows whose report lost tokens to `max_response_len`."""
+    and `truncated` `(N,)`: usable rows whose report lost tokens to `max_response_len`;
+    `labels` `(N, 14)` when the rows carry them (the vision stage)."""
 
     def __init__(self, model) -> None:
         self.image_size = model.config.image_size
@@ -224,6 +229,10 @@ class _Collate(NumpyBatchCollateFn):
             extra = {"commit_step": commit_step, "top_ids": top_ids, "top_probs": top_probs}
         else:
             response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
+        if "labels" in batch:  # the vision stage's targets
+            extra["labels"] = torch.from_numpy(
+                np.stack([np.asarray(x, np.float32) for x in batch["labels"]])
+            )
         ok = torch.as_tensor(np.asarray(batch["ok"], bool))
         valid[~ok] = False  # unusable rows: in the batch, with no loss weight
         cut = [is_truncated(len(t), self.pad["max_len"]) for t in batch["tokens"]]
@@ -245,11 +254,12 @@ class _Loop:
     """Steps, evaluation, metrics and checkpoints of one worker."""
 
     def __init__(self, cfg, config, stage, rank, world, device, bf16, model, runner, engine,
-                 optimizer, scheduler, state):
+                 optimizer, scheduler, state, params, objective):
         self.cfg, self.config, self.tcfg, self.stage = cfg, config, config.train, stage
         self.rank, self.world, self.device, self.bf16 = rank, world, device, bf16
         self.model, self.runner, self.engine = model, runner, engine
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.params, self.objective = params, objective
         self.step = int(state.get("step", 0))
         self.epoch = int(state.get("epoch", 0))
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
@@ -282,8 +292,8 @@ class _Loop:
         pixel_values = self.model.preprocess_images(batch["pixels"].to(self.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.bf16 and self.engine is None):
-            extra = {k: batch[k].to(self.device) for k in ("commit_step", "top_ids", "top_probs")
-                     if k in batch}
+            extra = {k: batch[k].to(self.device)
+                     for k in ("commit_step", "top_ids", "top_probs", "labels") if k in batch}
             return self.runner(
                 pixel_values, batch["response"].to(self.device), batch["valid"].to(self.device),
                 generator, **extra,
@@ -295,6 +305,8 @@ class _Loop:
         )
 
     def _tokens(self, batch) -> int:
+        if self.stage == "vision":  # image tokens only
+            return batch["pixels"].shape[0] * self.model.num_image_tokens
         length = batch["response"].shape[1]
         seq = self.model.prompt_length + (2 * length if self.stage != "ar" else length)
         return batch["response"].shape[0] * seq
@@ -327,7 +339,8 @@ class _Loop:
                         f"fault drill: rank {self.rank} fails at step {self.step + 1}"
                     )
                 step_bad += int((~batch["ok"]).sum())
-                step_truncated += int(batch["truncated"].sum())
+                if self.stage != "vision":  # the vision stage reads no report
+                    step_truncated += int(batch["truncated"].sum())
                 for i in np.flatnonzero(~batch["ok"].numpy()):
                     logger.warning("rank %d skipped row %s: %s", self.rank, batch["dicom_id"][i],
                                    batch["error"][i])
@@ -376,7 +389,7 @@ class _Loop:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.params
         if self.tcfg.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         else:
@@ -483,6 +496,8 @@ class _Loop:
                         "val_loss": self.last_val,
                         "optimizer": self.optimizer.state_dict() if self.engine is None else None,
                         "scheduler": self.scheduler.state_dict() if self.engine is None else None,
+                        "label_head": (self.objective.label_head.state_dict()
+                                       if self.stage == "vision" else None),
                     },
                     path / TRAIN_STATE,
                 )

@@ -157,6 +157,11 @@ def test_a_checkpoint_offers_the_modes_its_stage_was_trained_for(tmp_path):
         assert ReportGenerator.from_checkpoint(tmp_path / stage).trained_modes == modes
     save_checkpoint(model, tmp_path / "old")  # a checkpoint that records no stage
     assert ReportGenerator.from_checkpoint(tmp_path / "old").trained_modes == DECODING_MODES
+    # a vision pre-training checkpoint has an untrained language model: no mode at all
+    save_checkpoint(model, tmp_path / "vision",
+                    apply_overrides(preset("tiny"), ["train.stage=vision"]))
+    with pytest.raises(ValueError, match=r"`--stage vision` \(vision pre-training\) writes no"):
+        ReportGenerator.from_checkpoint(tmp_path / "vision")
 
 
 def test_sentence_offsets_hold_when_a_token_is_part_of_a_character(model):

@@ -14,6 +14,7 @@ from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import ConfigError, EchoConfig
 from echo_ray.train.objectives import (
     Objective,
+    label_loss,
     lr_lambda,
     set_up_for_training,
     training_attention,
@@ -43,11 +44,13 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 
 def test_vision_is_frozen_by_stage_default_unless_the_config_says_otherwise():
     tiny = EchoConfig.from_name("tiny").train
-    assert [vision_frozen(tiny, s) for s in ("ar", "rad", "dcd")] == [False, True, True]
+    assert [vision_frozen(tiny, s) for s in ("vision", "ar", "rad", "dcd")] == [
+        False, False, True, True]
     unfrozen = apply_overrides(EchoConfig.from_name("tiny"), ["train.freeze_vision=false"])
     assert not vision_frozen(unfrozen.train, "rad") and not vision_frozen(unfrozen.train, "dcd")
     base = EchoConfig.from_name("base-7b").train  # the preset freezes it, AR included
     assert base.freeze_vision is True and vision_frozen(base, "ar")
+    assert not vision_frozen(base, "vision")  # the vision stage trains nothing else
 
 
 def test_attention_auto_is_flex_on_cuda_and_dense_elsewhere():
@@ -173,3 +176,58 @@ def test_collate_flags_usable_rows_whose_report_is_cut():
     # what is flagged is what the padding cut: a row that lost tokens ends at max_len
     kept = out["valid"].sum(1)
     assert kept[1] == kept[2] == max_len and out["response"][2, max_len - 1] == 1
+
+
+# ---------------------------------------------------------------------- vision stage
+
+
+def test_label_loss_scores_positives_and_negatives_and_leaves_uncertain_out():
+    nan = float("nan")
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    labels = torch.tensor([[1.0, 0.0, nan, -1.0]])  # positive, negative, unmentioned, uncertain
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[0, :3], torch.tensor([1.0, 0.0, 0.0])
+    )
+    assert label_loss(logits, labels) == pytest.approx(float(expected))
+    # the uncertain label's logit gets no gradient; the others do
+    logits.requires_grad_(True)
+    label_loss(logits, labels).backward()
+    assert logits.grad[0, 3] == 0 and (logits.grad[0, :3] != 0).all()
+    nothing = torch.full((1, 4), -1.0)  # all uncertain: a zero loss, not NaN
+    assert label_loss(logits, nothing).item() == 0.0
+
+
+def test_the_vision_stage_trains_the_tower_and_its_head_only(tokenizer):
+    model = make_model(tokenizer)
+    set_up_for_training(model, freeze_vision=vision_frozen(EchoConfig().train, "vision"),
+                        gradient_checkpointing=False, freeze_language=True)
+    objective = Objective(model, "vision", num_labels=14)
+    images = torch.rand(2, model.config.image_size, model.config.image_size)
+    labels = torch.tensor([[1.0] + [0.0] * 13, [float("nan")] * 13 + [1.0]])
+    loss = objective(model.preprocess_images(images), None, None, labels=labels)
+    loss.backward()
+    trained = {n for n, p in objective.named_parameters() if p.grad is not None}
+    assert any(n.startswith("label_head.") for n in trained)
+    assert any(".visual." in n for n in trained)
+    assert all(n.startswith("label_head.") or ".visual." in n for n in trained)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".visual." not in n)
+
+
+def test_collate_hands_the_labels_of_the_vision_stage_through():
+    model = SimpleNamespace(
+        config=SimpleNamespace(image_size=2, max_response_len=8), block_length=4,
+        eos_token_id=1, pad_token_id=0,
+    )
+    labels = np.array([[1.0, np.nan, -1.0], [0.0, 1.0, np.nan]], np.float32)
+    batch = {
+        "tokens": np.array([[5, 6], [7]], dtype=object),
+        "ok": np.array([True, True]),
+        "pixels": np.zeros((2, 4), np.float32),
+        "labels": np.array(list(labels), dtype=object),
+        "dicom_id": np.array(["a", "b"], dtype=object),
+        "error": np.array(["", ""], dtype=object),
+    }
+    out = _Collate(model)(batch)
+    assert out["labels"].shape == (2, 3)
+    assert torch.equal(out["labels"].isnan(), torch.from_numpy(np.isnan(labels)))
+    assert out["labels"][0, 0] == 1 and out["labels"][0, 2] == -1

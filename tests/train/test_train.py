@@ -26,7 +26,8 @@ from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import ConfigError, EchoConfig
 from echo_ray.data.ingest import training_dataset
 from echo_ray.decode.predictor import ReportGenerator
-from echo_ray.model.checkpoint import load_checkpoint
+from echo_ray.model.checkpoint import load_checkpoint, save_checkpoint
+from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import load_tokenizer
 from echo_ray.train.driver import MODEL_DIR, train
 from echo_ray.train.objectives import lr_lambda
@@ -234,6 +235,31 @@ def test_a_failed_worker_resumes_from_the_checkpoint_with_the_same_data(ar_run, 
     a = load_file(run / MODEL_DIR / "model.safetensors")
     b = load_file(clean_run / MODEL_DIR / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_vision_stage_trains_the_tower_on_the_labels_and_ar_starts_from_it(shards, tmp_path):
+    run = tmp_path / "vision"
+    result = train("vision", str(shards[0]), str(run), _config("train.max_steps=2"))
+    assert result.metrics["step"] == 2 and math.isfinite(result.metrics["loss"])
+    first = load_file(run / "checkpoint_0000002" / "model.safetensors")
+    _, config = load_checkpoint(run / MODEL_DIR)
+    assert config.train.stage == "vision" and config.train.freeze_vision is False
+    # a vision checkpoint writes no reports: refused, with the way out
+    with pytest.raises(ValueError, match="writes no reports.*--stage ar"):
+        ReportGenerator.from_checkpoint(run / MODEL_DIR)
+    ar = tmp_path / "ar_from_vision"
+    train("ar", str(shards[0]), str(ar), _config("train.max_steps=1"), init=str(run))
+    assert json.loads((ar / "train_summary.json").read_text())["init"] == str(run / MODEL_DIR)
+    started = load_file(ar / "checkpoint_0000001" / "model.safetensors")
+    assert set(started) == set(first)  # the label head is not part of the model
+    # the vision stage trained the tower and left the language model as built (same seed)
+    # (the run's config names the run as its pretrained path: build from the test's own)
+    save_checkpoint(build_model(_config().model, load_tokenizer(shards[0] / "tokenizer")),
+                    tmp_path / "built", _config())
+    built = load_file(tmp_path / "built" / "model.safetensors")
+    fixed = [k for k in first if "visual" not in k]
+    assert fixed and all(torch.equal(first[k], built[k]) for k in fixed)
+    assert any(not torch.equal(first[k], built[k]) for k in first if "visual" in k)
 
 
 def test_rad_starts_from_the_ar_run_with_the_vision_tower_frozen(ar_run, shards, tmp_path):
@@ -451,18 +477,20 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
                 "train.checkpoint_every=100", "train.eval_every=100"]
     out = tmp_path / "qs"
     summary = run("quickstart", [
-        "--out", str(out), "--studies", "16", "--image-size", "96", "--ar-steps", "2",
+        "--out", str(out), "--studies", "16", "--image-size", "96", "--vision-steps", "2",
+        "--ar-steps", "2",
         "--rad-steps", "80", "--dcd-steps", "2", "--examples", "2",
         "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
     ])
     printed = capsys.readouterr().out
-    for header in ("[1/8] synth", "[2/8] prepare", "[3/8] train ar", "[4/8] train rad",
-                   "[5/8] trajectories", "[6/8] train dcd", "[7/8] evaluate", "[8/8] reports"):
+    for header in ("[1/9] synth", "[2/9] prepare", "[3/9] train vision", "[4/9] train ar",
+                   "[5/9] train rad", "[6/9] trajectories", "[7/9] train dcd", "[8/9] evaluate",
+                   "[9/9] reports"):
         assert header in printed
     assert printed.count("reference:") == 2
     assert printed.count("teacher_onestep:") == 2 and printed.count("   echo:") == 2
     assert "multi-step" in printed and "one-step-fused" in printed
-    for stage in ("ar", "rad", "dcd"):
+    for stage in ("vision", "ar", "rad", "dcd"):
         assert Path(summary["runs"][stage], "model.safetensors").is_file()
     assert _steps(out / "runs" / "dcd")[2]["step"] == 2
     trajectories = json.loads((out / "trajectories" / "manifest.json").read_text())
