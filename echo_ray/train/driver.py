@@ -127,6 +127,12 @@ def train(
             "--stage dcd distils a RAD teacher into a one-step student initialised from it: "
             "pass --init with the teacher checkpoint (the --out folder of `--stage rad`)"
         )
+    if stage == "vision" and config.train.strategy == "deepspeed" and config.train.zero_stage == 3:
+        raise ConfigError(
+            "--stage vision trains a small tower and its label head, which ZeRO-3 would "
+            "partition apart: use train.strategy=ddp or train.zero_stage=1 or 2 (a real "
+            "checkpoint's tower needs no vision stage: start --stage ar from it)"
+        )
     if config.train.attention == "flex" and stage != "ar" and not config.train.use_gpu:
         raise ConfigError(
             f"train.attention=flex trains --stage {stage} on GPU workers only (torch has no "

@@ -108,6 +108,12 @@ def test_rad_without_init_is_refused(tmp_path):
         train("rad", str(tmp_path), str(tmp_path / "r"), _config())
 
 
+def test_vision_stage_under_zero3_is_refused_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        train("vision", str(tmp_path), str(tmp_path / "r"),
+              _config("train.strategy=deepspeed", "train.zero_stage=3"))
+
+
 @pytest.mark.parametrize("stage", ["rad", "dcd"])
 def test_flex_attention_for_block_diffusion_on_cpu_is_refused_before_ray(tmp_path, stage):
     # torch has no flex-attention backward on CPU; AR's "flex" is causal SDPA, which has one
