@@ -727,7 +727,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], object], Callable, str]
     "synth": (synth, synth_args, "write a synthetic chest X-ray archive (MIMIC-CXR layout)"),
     "prepare": (prepare, prepare_args, "archive -> Parquet DICOM shards + tokenizer (Ray Data)"),
     "train": (train, train_args,
-              "train the AR model, the RAD teacher or the DCD student with Ray Train"),
+              "train the vision tower, the AR model, the RAD teacher or the DCD student "
+              "with Ray Train"),
     "trajectories": (trajectories, trajectories_args,
                      "roll the RAD teacher out (multi-step, top-k records) for DCD (Ray Data)"),
     "evaluate": (evaluate, evaluate_args,
