@@ -56,6 +56,9 @@ def run_quickstart(
     overrides = list(overrides or [])
     steps = {**QUICKSTART_STEPS, **(steps or {})}
     config = load_config(preset, overrides, config_file)
+    # built before any stage runs: a config that cannot take it fails in seconds, not at
+    # the end of the run
+    eval_config = evaluation_config(config, preset, overrides, config_file)
     start = time.perf_counter()
 
     def stage(number: int, text: str) -> None:
@@ -88,14 +91,12 @@ def run_quickstart(
     if steps["vision"]:
         train_stage(3, "vision", out / "shards", None,
                     extra=(f"train.batch_size={VISION_BATCH_SIZE}",))
-    else:
-        stage(3, "train vision: skipped (0 steps): the AR stage trains its tower from scratch")
-    if steps["vision"]:
         # AR keeps the pre-trained tower frozen: trained on by the report loss from the
         # start, it loses what the labels taught it (README: what made the models read).
         train_stage(4, "ar", out / "shards", out / "runs" / "vision",
                     extra=("train.freeze_vision=true",))
     else:
+        stage(3, "train vision: skipped (0 steps): the AR stage trains its tower from scratch")
         train_stage(4, "ar", out / "shards", None)
     train_stage(5, "rad", out / "shards", out / "runs" / "ar")
     stage(6, f"trajectories: the RAD teacher's multi-step rollouts -> {out / 'trajectories'}")
@@ -108,10 +109,6 @@ def run_quickstart(
     stage(8, "evaluate on the test split: ar (autoregressive), teacher (RAD, multi-step), "
              "teacher_onestep (RAD forced to one step per block), echo (the DCD student, one "
              f"step per block, fused cache) -> {out / 'eval'}")
-    # The student is judged against its teacher: paired bootstrap differences to "teacher"
-    # (results.md), unless the caller compares to another system.
-    eval_config = (config if config.evaluate.compare_to else
-                   load_config(preset, ["evaluate.compare_to=teacher", *overrides], config_file))
     evaluation = run_evaluation(str(out / "shards"), str(out / "eval"), systems, eval_config)
     stage(9, f"reports for {examples} test images, then the evaluation table")
     print(example_reports(out / "eval", examples))
@@ -129,6 +126,16 @@ def run_quickstart(
           f"--out {out / 'reports'}")
     return {"manifest": manifest, "runs": {k: v.model for k, v in runs.items()},
             "results": evaluation.results}
+
+
+def evaluation_config(config, preset: str, overrides: list[str], config_file: str | None):
+    """The evaluation stage's config: `config`, comparing the systems to "teacher" (paired
+    bootstrap differences in results.md: is the student the teacher's equal?) unless the
+    caller compares to another system or turned the bootstrap off
+    (`evaluate.bootstrap_samples=0`, which a comparison needs)."""
+    if config.evaluate.compare_to is not None or config.evaluate.bootstrap_samples == 0:
+        return config
+    return load_config(preset, ["evaluate.compare_to=teacher", *overrides], config_file)
 
 
 def example_reports(eval_dir: Path, count: int) -> str:
