@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     studies = studies[: args.limit or None]
     paths = {f.stem: f for f in Path(args.archive).rglob("*.dcm")}
     generator = ReportGenerator.from_checkpoint(args.model)
-    modes = generator.trained_modes
-    decoding = args.decoding or (generator.decoding if generator.decoding in modes else modes[0])
+    decoding = args.decoding or generator.decoding  # the checkpoint's own mode by default
     confidence, wrong = [], []
     for lo in range(0, len(studies), args.batch):
         chunk = studies[lo : lo + args.batch]

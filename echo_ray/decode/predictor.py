@@ -106,11 +106,15 @@ class ReportGenerator:
         plain_model: ModelConfig | None = None, **kwargs: Any
     ) -> ReportGenerator:
         """Load a run directory (see `checkpoint.save_checkpoint`); its training stage
-        (`train.stage`) gives `trained_modes`. A plain Hugging Face folder loads zero-shot
-        with `plain_model` (`checkpoint.load_checkpoint`)."""
+        (`train.stage`) gives `trained_modes`, and the default `decoding` when the global
+        default is not one of them (an AR checkpoint decodes "ar", a RAD teacher
+        "multi-step"). A plain Hugging Face folder loads zero-shot with `plain_model`
+        (`checkpoint.load_checkpoint`)."""
         model, config = load_checkpoint(path, overrides, plain_model=plain_model)
         kwargs.setdefault("model_id", model_name(str(path)))
-        kwargs.setdefault("trained_modes", trained_modes(config.train.stage))
+        modes = kwargs.setdefault("trained_modes", trained_modes(config.train.stage))
+        kwargs.setdefault("decoding", DecodingConfig.mode if DecodingConfig.mode in modes
+                          else modes[0])
         return cls(model, **kwargs)
 
     def to(self, device: torch.device | str) -> ReportGenerator:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from helpers.tiny_dvlm import make_model, trained_model
 
-from echo_ray.config.schema import DECODING_MODES
+from echo_ray.config.schema import DECODING_MODES, DecodingConfig
 from echo_ray.decode.predictor import ReportGenerator, ReportScorer
 from echo_ray.model.checkpoint import save_checkpoint
 from echo_ray.synth.dicom_writer import write_dicom
@@ -154,9 +154,16 @@ def test_a_checkpoint_offers_the_modes_its_stage_was_trained_for(tmp_path):
     for stage, modes in expected.items():
         config = apply_overrides(preset("tiny"), [f"train.stage={stage}"])
         save_checkpoint(model, tmp_path / stage, config)
-        assert ReportGenerator.from_checkpoint(tmp_path / stage).trained_modes == modes
+        generator = ReportGenerator.from_checkpoint(tmp_path / stage)
+        assert generator.trained_modes == modes
+        # by default it decodes as it was trained (an AR model forced to one step per block
+        # writes word salad)
+        assert generator.decoding == modes[0]
+        assert ReportGenerator.from_checkpoint(tmp_path / stage, decoding="one-step"
+                                               ).decoding == "one-step"
     save_checkpoint(model, tmp_path / "old")  # a checkpoint that records no stage
-    assert ReportGenerator.from_checkpoint(tmp_path / "old").trained_modes == DECODING_MODES
+    old = ReportGenerator.from_checkpoint(tmp_path / "old")
+    assert old.trained_modes == DECODING_MODES and old.decoding == DecodingConfig.mode
     # a vision pre-training checkpoint has an untrained language model: no mode at all
     save_checkpoint(model, tmp_path / "vision",
                     apply_overrides(preset("tiny"), ["train.stage=vision"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -482,12 +483,19 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     settings = [*SETTINGS, "model.max_response_len=8", "model.block_length=4",
                 "train.checkpoint_every=100", "train.eval_every=100"]
     out = tmp_path / "qs"
-    summary = run("quickstart", [
-        "--out", str(out), "--studies", "16", "--image-size", "96", "--vision-steps", "2",
-        "--ar-steps", "2",
-        "--rad-steps", "80", "--dcd-steps", "2", "--examples", "2",
-        "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
-    ])
+    try:
+        summary = run("quickstart", [
+            "--out", str(out), "--studies", "16", "--image-size", "96", "--vision-steps", "2",
+            "--ar-steps", "2",
+            "--rad-steps", "80", "--dcd-steps", "2", "--examples", "2",
+            "--trajectory-min-repeats", "0", *[a for s in settings for a in ("--set", s)],
+        ])
+    except SystemExit as e:  # the stage and the reason, in the failure's summary line
+        captured = capsys.readouterr()
+        stages = [line for line in captured.out.splitlines() if re.match(r"\[\d+/9\]", line)]
+        err = captured.err.strip().splitlines()[-3:] or ["(nothing on stderr)"]
+        pytest.fail(f"quickstart exited {e.code} in {stages[-1] if stages else 'no stage'}: "
+                    + " | ".join(err)[-800:])
     printed = capsys.readouterr().out
     for header in ("[1/9] synth", "[2/9] prepare", "[3/9] train vision", "[4/9] train ar",
                    "[5/9] train rad", "[6/9] trajectories", "[7/9] train dcd", "[8/9] evaluate",
