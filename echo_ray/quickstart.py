@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from echo_ray.config.overrides import load_config
+from echo_ray.config.overrides import apply_overrides, load_config
 
 QUICKSTART_STAGES = 9
 # The vision stage trains the tower alone (no language model in the loss): twice the
@@ -58,7 +58,7 @@ def run_quickstart(
     config = load_config(preset, overrides, config_file)
     # built before any stage runs: a config that cannot take it fails in seconds, not at
     # the end of the run
-    eval_config = evaluation_config(config, preset, overrides, config_file)
+    eval_config = evaluation_config(config)
     start = time.perf_counter()
 
     def stage(number: int, text: str) -> None:
@@ -128,14 +128,14 @@ def run_quickstart(
             "results": evaluation.results}
 
 
-def evaluation_config(config, preset: str, overrides: list[str], config_file: str | None):
+def evaluation_config(config):
     """The evaluation stage's config: `config`, comparing the systems to "teacher" (paired
     bootstrap differences in results.md: is the student the teacher's equal?) unless the
     caller compares to another system or turned the bootstrap off
     (`evaluate.bootstrap_samples=0`, which a comparison needs)."""
     if config.evaluate.compare_to is not None or config.evaluate.bootstrap_samples == 0:
         return config
-    return load_config(preset, ["evaluate.compare_to=teacher", *overrides], config_file)
+    return apply_overrides(config, ["evaluate.compare_to=teacher"])
 
 
 def example_reports(eval_dir: Path, count: int) -> str:

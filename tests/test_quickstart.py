@@ -7,8 +7,7 @@ from echo_ray.quickstart import evaluation_config
 
 
 def _evaluation(*overrides: str):
-    config = load_config("tiny", list(overrides), None)
-    return evaluation_config(config, "tiny", list(overrides), None).evaluate
+    return evaluation_config(load_config("tiny", list(overrides), None)).evaluate
 
 
 def test_the_student_is_compared_to_its_teacher_by_default():
