@@ -18,7 +18,7 @@ VISION_BATCH_SIZE = 16
 
 
 # Training steps per stage (the CLI's --vision-steps, --ar-steps, ... defaults).
-QUICKSTART_STEPS = {"vision": 500, "ar": 500, "rad": 500, "dcd": 300}
+QUICKSTART_STEPS = {"vision": 400, "ar": 300, "rad": 300, "dcd": 400}
 
 
 def run_quickstart(
@@ -89,8 +89,10 @@ def run_quickstart(
         )
 
     if steps["vision"]:
+        # Diagnosis tokens: the vision stage trains the label head the prompt's findings
+        # come from (model/diagnosis.py; README: what made the models read the image).
         train_stage(3, "vision", out / "shards", None,
-                    extra=(f"train.batch_size={VISION_BATCH_SIZE}",))
+                    extra=(f"train.batch_size={VISION_BATCH_SIZE}", "model.diagnosis_prompt=true"))
         # AR keeps the pre-trained tower frozen: trained on by the report loss from the
         # start, it loses what the labels taught it (README: what made the models read).
         train_stage(4, "ar", out / "shards", out / "runs" / "vision",

@@ -148,6 +148,14 @@ class ModelConfig:
     """Diffusion block length B: response tokens decoded together, bidirectional inside."""
     max_response_len: int = 128
     """Longest response in tokens (training truncates; decoding stops there)."""
+    diagnosis_prompt: bool = False
+    """Diagnosis tokens (`model/diagnosis.py`): a label head reads the 14 CheXpert findings
+    off the image tokens and the prompt carries its decisions as 14 learned embeddings after
+    the image (PromptMRG-style), so the language model is told what the tower saw. The
+    vision stage trains the head; AR and RAD learn the embeddings from the report's own
+    labels (teacher forcing); decoding, trajectories and DCD use the head's decisions."""
+    diagnosis_threshold: float = 0.5
+    """Probability at which the label head calls a finding present (diagnosis tokens)."""
 
     def validate(self) -> None:
         _require(self.image_size >= 1, "model.image_size must be >= 1")
@@ -188,6 +196,10 @@ class ModelConfig:
             self.max_response_len >= self.block_length,
             f"model.max_response_len ({self.max_response_len}) must be >= model.block_length "
             f"({self.block_length})",
+        )
+        _require(
+            0.0 < self.diagnosis_threshold < 1.0,
+            f"model.diagnosis_threshold must be in (0, 1), got {self.diagnosis_threshold}",
         )
 
 

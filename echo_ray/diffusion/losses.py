@@ -175,9 +175,12 @@ def build_layout(
     )
 
 
-def prompt_image_embeds(model: EchoDVLM, pixel_values: torch.Tensor, copies: int) -> torch.Tensor:
-    """The image features of a layout's `copies` prompts (2 for "full_copy", else 1)."""
-    embeds = model.encode_images(pixel_values)  # (B, N_img, hidden)
+def prompt_image_embeds(model: EchoDVLM, pixel_values: torch.Tensor, copies: int,
+                        decisions: torch.Tensor | None = None) -> torch.Tensor:
+    """The image features (and diagnosis slots) of a layout's `copies` prompts (2 for
+    "full_copy", else 1). `decisions`: `(B, 14)` bool findings for the diagnosis slots
+    (teacher forcing); default the model's label head (`EchoDVLM.encode_images`)."""
+    embeds = model.encode_images(pixel_values, decisions)  # (B, N_img, hidden)
     # full_copy has two prompts per row: the row's image features fill both slot groups.
     return embeds.repeat(1, copies, 1)  # (B, copies * N_img, hidden)
 
@@ -193,6 +196,7 @@ def compute_rad_loss(
     weighting: str = "elbo",
     generator: torch.Generator | None = None,
     attention: str = "dense",
+    decisions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Noised]:
     """Noise the responses, run the RAD (or full-copy) layout, score the masked positions.
 
@@ -200,6 +204,8 @@ def compute_rad_loss(
         pixel_values: from `model.preprocess_images`, one image per row.
         response, valid: `(B, L)` from `pad_responses`.
         attention: "dense" or "flex" (module docstring).
+        decisions: `(B, 14)` bool, the diagnosis slots' findings (a model with diagnosis
+            tokens trains on the report's own labels); default the model's label head.
 
     Returns:
         (loss, the noise that was drawn).
@@ -220,7 +226,7 @@ def compute_rad_loss(
         lay.input_ids,
         attention_mask=lay.attention_mask,
         position_ids=lay.position_ids,
-        image_embeds=prompt_image_embeds(model, pixel_values, copies),
+        image_embeds=prompt_image_embeds(model, pixel_values, copies, decisions),
         logits_from=lay.logits_from,
     )  # (B, L, V)
     loss = rad_loss(logits, response, noise.masked, noise.ratio, valid, weighting)
@@ -234,13 +240,16 @@ def compute_ar_loss(
     valid: torch.Tensor,
     *,
     attention: str = "dense",
+    decisions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The AR objective: causal `[prompt | response]`, shifted next-token loss.
 
     Args:
         attention: "dense" or "flex" (plain causal SDPA, no mask tensor).
+        decisions: as `compute_rad_loss`.
     """
-    logits, response, valid = _ar_logits(model, pixel_values, response, valid, attention)
+    logits, response, valid = _ar_logits(model, pixel_values, response, valid, attention,
+                                         decisions)
     return ar_loss(logits, response, valid, model.eos_token_id)
 
 
@@ -250,6 +259,7 @@ def _ar_logits(
     response: torch.Tensor,
     valid: torch.Tensor,
     attention: str = "dense",
+    decisions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The causal `[prompt | response]` forward: `(B, L, V)` logits at positions P-1 ..
     P+L-2 (each predicting the next response token), and response / valid on the device."""
@@ -260,7 +270,7 @@ def _ar_logits(
         lay.input_ids,
         attention_mask=lay.attention_mask,
         position_ids=lay.position_ids,
-        image_embeds=prompt_image_embeds(model, pixel_values, 1),
+        image_embeds=prompt_image_embeds(model, pixel_values, 1, decisions),
         logits_from=lay.logits_from,
     )  # (B, L + 1, V): positions P-1 .. P+L-1
     return logits[:, :-1], response, valid

@@ -8,6 +8,7 @@ Layout (a plain HF model directory, so `from_pretrained(path)` and
     chat_template.jinja                                      its chat template, if it has one
     preprocessor_config.json                                 the image processor (fixed grid)
     echo_config.json                                         the run's config (RUN_SECTIONS)
+    diagnosis.safetensors                                    the diagnosis tokens, if any
 
 so `AutoProcessor.from_pretrained(path)` and `Qwen2_5_VLForConditionalGeneration
 .from_pretrained(path)` open it too (an AR checkpoint can be served by another engine).
@@ -25,6 +26,7 @@ import torch
 
 from echo_ray.config.overrides import apply_overrides, from_dict
 from echo_ray.config.schema import EchoConfig, ModelConfig
+from echo_ray.model.diagnosis import save_diagnosis
 from echo_ray.model.dvlm import EchoDVLM
 from echo_ray.model.folder import CONFIG_FILE, PREPROCESSOR_FILE, preprocessor_config
 from echo_ray.model.hf import load_pretrained
@@ -65,6 +67,8 @@ def save_checkpoint(
     )
     (path / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     (path / CONFIG_FILE).write_text(config.to_json(run_only=True))
+    if model.diagnosis is not None:
+        save_diagnosis(model.diagnosis, path)
     return path
 
 

@@ -45,8 +45,14 @@ from transformers.vision_utils import (
 from echo_ray.config.schema import ModelConfig
 from echo_ray.model.attention import CAUSAL
 from echo_ray.model.cpu_kernels import PackedLinear, pack_linears
+from echo_ray.model.diagnosis import DiagnosisPrompt, new_diagnosis, with_diagnosis_slots
 from echo_ray.model.prompt import render_prompt_ids
-from echo_ray.text.tokenizer import IMAGE_PAD_TOKEN, MASK_TOKEN
+from echo_ray.text.tokenizer import (
+    DIAGNOSIS_SLOT_TOKEN,
+    IMAGE_PAD_TOKEN,
+    MASK_TOKEN,
+    VISION_END_TOKEN,
+)
 
 # Qwen2.5-VL normalises pixels with CLIP's statistics (a checkpoint's preprocessor_config.json
 # may say otherwise: `model/hf.py` reads it).
@@ -84,6 +90,10 @@ class EchoDVLM(nn.Module):
             added or special token (mask, pad, bos, unk, chat, vision, tool/think...) but eos.
         image_mean, image_std: per-channel pixel normalisation (the checkpoint's
             preprocessor_config.json, else CLIP's).
+        diagnosis: the label head and decision embeddings of the prompt's diagnosis slots
+            (`model/diagnosis.py`), or None (`config.diagnosis_prompt` off). With it the
+            prompt holds `diagnosis.num_labels` `<|video_pad|>` slots after `<|vision_end|>`
+            (text positions), filled per image by `encode_images`.
     """
 
     def __init__(
@@ -135,6 +145,17 @@ class EchoDVLM(nn.Module):
         )  # (1, 3)
 
         prompt = render_prompt_ids(tokenizer, config.instruction, self.num_image_tokens)
+        self.diagnosis: DiagnosisPrompt | None = None
+        self.diagnosis_token_id: int | None = None
+        if config.diagnosis_prompt:
+            self.diagnosis = new_diagnosis(
+                self.num_image_tokens, self.hidden_size, config
+            ).to(self.dtype)
+            self.diagnosis_token_id = _token_id(tokenizer, DIAGNOSIS_SLOT_TOKEN)
+            prompt = with_diagnosis_slots(
+                prompt, _token_id(tokenizer, VISION_END_TOKEN), self.diagnosis_token_id,
+                self.diagnosis.num_labels,
+            )
         prompt_ids = torch.tensor(prompt)  # (P,)
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         mm_token_type = (prompt_ids == self.image_token_id).int()[None]  # (1, P)
@@ -165,6 +186,11 @@ class EchoDVLM(nn.Module):
     def vocab_size(self) -> int:
         weight = self.backbone.get_input_embeddings().weight
         return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: the full shape
+
+    @property
+    def hidden_size(self) -> int:
+        """The language model's width (the backbone's own: a loaded checkpoint's)."""
+        return int(self.backbone.config.text_config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -241,7 +267,14 @@ class EchoDVLM(nn.Module):
         x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (..., C, t, p, p)
         return x.reshape(n * g * g, c * t * p * p).to(self.dtype)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_prompt_slots(self) -> int:
+        """Prompt positions filled per image by `encode_images`: the image tokens, then the
+        diagnosis slots when the model has them."""
+        extra = self.diagnosis.num_labels if self.diagnosis is not None else 0
+        return self.num_image_tokens + extra
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector: `pixel_values` -> `(N, num_image_tokens, hidden)`."""
         num_images = pixel_values.shape[0] // self.num_patches
         grid = self.image_grid_thw.expand(num_images, -1)  # (N, 3)
@@ -249,6 +282,31 @@ class EchoDVLM(nn.Module):
             pixel_values, grid, **self.vision_inputs(num_images)
         ).pooler_output
         return torch.stack(list(feats))  # (N, num_image_tokens, hidden)
+
+    def encode_images(self, pixel_values: torch.Tensor,
+                      decisions: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything the prompt takes from each image: `(N, num_prompt_slots, hidden)`, its
+        image tokens (`image_features`) and, with diagnosis tokens, the 14 slot embeddings
+        after them (in prompt order).
+
+        Args:
+            decisions: `(N, 14)` bool, the findings to write into the slots (training: the
+                report's own labels); default the label head's decisions on these images.
+        """
+        feats = self.image_features(pixel_values)  # (N, T, hidden)
+        if self.diagnosis is None:
+            return feats
+        if decisions is None:
+            decisions = self.diagnosis.decide(feats)  # (N, 14)
+        slots = self.diagnosis.slot_embeds(decisions.to(feats.device)).to(feats.dtype)
+        return torch.cat([feats, slots], dim=1)  # (N, T + 14, hidden)
+
+    def findings(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """The label head's probabilities `(N, 14)` (float32, CheXpert order), or None without
+        diagnosis tokens: what the model was told it sees, for outputs to show as such."""
+        if self.diagnosis is None:
+            return None
+        return self.diagnosis.probabilities(self.image_features(pixel_values))
 
     def vision_inputs(self, num_images: int) -> dict[str, Any]:
         """The vision tower's grid-dependent inputs for `num_images` images: rotary positions,
@@ -284,17 +342,23 @@ class EchoDVLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None):
-        """Token embeddings with image features scattered into the `<|image_pad|>` slots.
+        """Token embeddings with image features scattered into the `<|image_pad|>` slots (and
+        the diagnosis slots after them).
 
         Args:
             input_ids: `(B, T)`.
-            image_embeds: `(B, num_image_tokens, hidden)`, required when `input_ids` holds
-                image placeholders (the prompt), ignored otherwise.
+            image_embeds: `(B, copies * num_prompt_slots, hidden)` (`encode_images`, one
+                group per prompt copy in the row), required when `input_ids` holds image
+                placeholders (the prompt), ignored otherwise. Slots are filled in sequence
+                order: each prompt's image tokens come before its diagnosis slots, as
+                `encode_images` orders them.
         """
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, hidden)
         if image_embeds is None:
             return embeds
         slots = input_ids == self.image_token_id  # (B, T)
+        if self.diagnosis_token_id is not None:
+            slots = slots | (input_ids == self.diagnosis_token_id)
         if int(slots.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(
                 f"{int(slots.sum())} image placeholder tokens but image_embeds holds "

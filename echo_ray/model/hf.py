@@ -19,6 +19,7 @@ from transformers import (
 
 from echo_ray.config.schema import ModelConfig
 from echo_ray.model.attention import ATTENTION_NAME
+from echo_ray.model.diagnosis import load_diagnosis
 from echo_ray.model.dvlm import IMAGE_MEAN, IMAGE_STD, EchoDVLM
 from echo_ray.model.folder import PREPROCESSOR_FILE, read_preprocessing
 from echo_ray.model.prompt import folder_chat_template
@@ -125,6 +126,9 @@ def load_pretrained(
       (`add_mask_token`).
     - preprocessor_config.json, when present: image mean / std, and patch, merge and
       temporal patch sizes, which must equal the vision config's; else CLIP's statistics.
+    - diagnosis.safetensors (`model/diagnosis.py`), when `config.diagnosis_prompt`: the
+      label head and decision embeddings; a folder without them starts them fresh (a folder
+      whose saved config says it had them refuses to).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -142,7 +146,10 @@ def load_pretrained(
     )
     backbone.eval()
     add_mask_token(backbone, tokenizer)
-    return EchoDVLM(backbone, tokenizer, config, **_image_settings(path, backbone))
+    model = EchoDVLM(backbone, tokenizer, config, **_image_settings(path, backbone))
+    if model.diagnosis is not None:
+        load_diagnosis(model.diagnosis, path)
+    return model
 
 
 def _image_settings(path: Path, backbone: Qwen2_5_VLForConditionalGeneration) -> dict:

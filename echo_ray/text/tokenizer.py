@@ -30,6 +30,9 @@ VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
 IMAGE_PAD_TOKEN = "<|image_pad|>"
 VIDEO_PAD_TOKEN = "<|video_pad|>"
+# The diagnosis slots of the prompt (`model/diagnosis.py`): Qwen2.5-VL's video placeholder,
+# which every Qwen2.5-VL tokenizer has and an image-only prompt never uses.
+DIAGNOSIS_SLOT_TOKEN = VIDEO_PAD_TOKEN
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     PAD_TOKEN,

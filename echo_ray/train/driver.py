@@ -150,6 +150,12 @@ def train(
             config, model=dataclasses.replace(config.model, pretrained_path=init_loc.uri)
         )
     tcfg = config.train
+    if config.model.diagnosis_prompt and tcfg.strategy == "deepspeed" and tcfg.zero_stage == 3:
+        raise ConfigError(
+            "model.diagnosis_prompt keeps its label head and decision embeddings beside the "
+            "backbone, which ZeRO-3 would partition apart: use train.strategy=ddp or "
+            "train.zero_stage=1 or 2"
+        )
     if stage == "dcd":
         _check_trajectories(shards)
     tokenizer_src = init_loc if init_loc is not None else shards.join(TOKENIZER_DIR)
@@ -167,7 +173,7 @@ def train(
     for split in ("train", "validate"):
         ds = training_dataset(
             data, split, image_size=config.model.image_size, tokenizer_json=tokenizer_json,
-            config=config, s3_endpoint=s3_endpoint, labels=stage == "vision",
+            config=config, s3_endpoint=s3_endpoint, labels=_reads_labels(stage, config),
         )
         datasets[split] = ds.materialize() if tcfg.cache_decoded else ds
     if tcfg.cache_decoded:
@@ -239,6 +245,12 @@ def train(
          + f"; model -> {model_dir.uri}")
     return TrainResult(run=run.uri, model=model_dir.uri, checkpoint=ckpt.uri, metrics=metrics,
                        worker_nodes=worker_nodes)
+
+
+def _reads_labels(stage: str, config: EchoConfig) -> bool:
+    """Whether `stage` reads the shards' CheXpert labels: the vision stage (its targets), and
+    AR and RAD with diagnosis tokens (the prompt's findings while they learn to follow them)."""
+    return stage == "vision" or (stage in ("ar", "rad") and config.model.diagnosis_prompt)
 
 
 def _check_trajectories(data: Location) -> None:

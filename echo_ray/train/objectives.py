@@ -13,21 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from echo_ray.config.schema import TrainConfig
-
-
-class LabelHead(torch.nn.Module):
-    """The vision stage's probe: one linear layer from an image's tokens, as the language model
-    receives them (vision tower + patch merger, flattened in order, so where a finding lies
-    counts), to one logit per CheXpert label. Trained with the tower, then dropped: only the
-    tower goes on to the AR stage.
-    """
-
-    def __init__(self, num_image_tokens: int, hidden_size: int, num_labels: int) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(num_image_tokens * hidden_size, num_labels)
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.proj(image_embeds.flatten(1))  # (N, T, H) -> (N, num_labels)
+from echo_ray.model.diagnosis import LabelHead
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,6 +43,12 @@ class Objective(torch.nn.Module):
             resolves the config's "auto").
         num_labels: the vision stage's label count (its `LabelHead`, a parameter of this
             module, so DDP synchronises it and the optimizer steps it).
+
+    The vision stage's label head is the model's own (`model.diagnosis.head`, saved with the
+    checkpoint) when the model has diagnosis tokens, else a probe dropped after the stage
+    (only the tower goes on to the AR stage). AR and RAD with diagnosis tokens fill the
+    prompt's slots with the report's labels (`labels`: present = 1, anything else absent);
+    DCD, like decoding, with the head's decisions.
     """
 
     def __init__(self, model, stage: str, *, dcd_step_weighting: str = "linear",
@@ -68,8 +60,10 @@ class Objective(torch.nn.Module):
         self.dcd_step_weighting = dcd_step_weighting
         self.dcd_eos_weight = dcd_eos_weight
         self.attention = attention
-        if stage == "vision":
-            self.label_head = LabelHead(model.num_image_tokens, model.config.hidden_size,
+        if stage == "vision" and model.diagnosis is not None:
+            self.label_head = model.diagnosis.head
+        elif stage == "vision":
+            self.label_head = LabelHead(model.num_image_tokens, model.hidden_size,
                                         num_labels).to(model.device, model.dtype)
 
     def forward(self, pixel_values, response, valid, generator=None, commit_step=None,
@@ -78,10 +72,13 @@ class Objective(torch.nn.Module):
         from echo_ray.diffusion.losses import compute_ar_loss, compute_rad_loss
 
         if self.stage == "vision":
-            return label_loss(self.label_head(self.model.encode_images(pixel_values)), labels)
+            return label_loss(self.label_head(self.model.image_features(pixel_values)), labels)
+        decisions = None
+        if self.model.diagnosis is not None and labels is not None:
+            decisions = torch.nan_to_num(labels, nan=0.0) == 1  # (B, 14) the report's findings
         if self.stage == "ar":
             return compute_ar_loss(self.model, pixel_values, response, valid,
-                                   attention=self.attention)
+                                   attention=self.attention, decisions=decisions)
         if self.stage == "dcd":
             loss, _ = compute_dcd_loss(
                 self.model, pixel_values, response, valid, commit_step, top_ids, top_probs,
@@ -90,7 +87,7 @@ class Objective(torch.nn.Module):
             )
             return loss
         loss, _ = compute_rad_loss(self.model, pixel_values, response, valid, generator=generator,
-                                   attention=self.attention)
+                                   attention=self.attention, decisions=decisions)
         return loss
 
 
@@ -121,6 +118,10 @@ def set_up_for_training(model, *, freeze_vision: bool, gradient_checkpointing: b
     `freeze_language` (the vision stage) freezes everything outside the vision tower and
     its projector: the language model takes no part in that loss.
 
+    Diagnosis tokens (`model.diagnosis`): the label head trains in the vision stage only
+    (the stage that has its loss), the decision embeddings in the language stages only (the
+    ones that read them); a parameter with no gradient would stall DDP's reduction.
+
     Checkpointing wraps transformers' decoder layers and vision blocks
     (`GradientCheckpointingLayer`: `EchoDVLM.forward` calls the layers themselves, so it
     applies there too) with non-reentrant `torch.utils.checkpoint`: a layer keeps only its
@@ -132,6 +133,9 @@ def set_up_for_training(model, *, freeze_vision: bool, gradient_checkpointing: b
     if freeze_language:
         model.backbone.requires_grad_(False)
     model.set_vision_trainable(not freeze_vision)
+    if model.diagnosis is not None:
+        model.diagnosis.head.requires_grad_(freeze_language)
+        model.diagnosis.decisions.requires_grad_(not freeze_language)
     backbone = model.backbone
     if not gradient_checkpointing:
         return
