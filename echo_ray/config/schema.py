@@ -35,6 +35,7 @@ STRATEGIES = ("ddp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTIONS = ("auto", "dense", "flex")
 DCD_STEP_WEIGHTINGS = ("linear", "uniform")
+DCD_TARGETS = ("soft", "hard")
 # Named decoding modes (`decode/modes.py` maps each to the sampler's flags).
 DECODING_MODES = ("ar", "multi-step", "one-step", "one-step-fused")
 REFERENCE_LABELS = ("labeler", "shard")
@@ -285,6 +286,10 @@ class TrainConfig:
     dcd_step_weighting: str = "linear"
     """DCD: weight of a position's KL by the teacher step that committed it: "linear"
     (step + 1: later commits, conditioned on more of the block, weigh more) or "uniform"."""
+    dcd_target: str = "soft"
+    """DCD: what the student matches at a report position: "soft", the teacher's recorded
+    top-k probabilities at commit time (forward KL); "hard", the token the teacher committed
+    (cross-entropy: sequence-level distillation)."""
     dcd_eos_weight: float = 1.0
     """DCD: lambda, the weight of the cross-entropy pushing `<eos>` to one-hot on the
     eos-filled tail of the last block."""
@@ -314,6 +319,10 @@ class TrainConfig:
             self.dcd_step_weighting in DCD_STEP_WEIGHTINGS,
             f"train.dcd_step_weighting must be one of {DCD_STEP_WEIGHTINGS}, "
             f"got {self.dcd_step_weighting!r}",
+        )
+        _require(
+            self.dcd_target in DCD_TARGETS,
+            f"train.dcd_target must be one of {DCD_TARGETS}, got {self.dcd_target!r}",
         )
         _require(self.dcd_eos_weight >= 0, "train.dcd_eos_weight must be >= 0")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "keep_checkpoints"):

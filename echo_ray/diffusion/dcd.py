@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from echo_ray.config.schema import DCD_STEP_WEIGHTINGS
+from echo_ray.config.schema import DCD_STEP_WEIGHTINGS, DCD_TARGETS
 from echo_ray.diffusion.losses import build_layout, prompt_image_embeds
 from echo_ray.model.dvlm import EchoDVLM
 
@@ -39,6 +39,7 @@ def dcd_loss(
     block_length: int,
     step_weighting: str = "linear",
     eos_weight: float = 1.0,
+    target: str = "soft",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct Conditional Distillation: the one-step student against the teacher's rollout.
 
@@ -75,6 +76,9 @@ def dcd_loss(
         block_length: the diffusion block length (L must be a multiple of it).
         step_weighting: one of `DCD_STEP_WEIGHTINGS`.
         eos_weight: lambda, the weight of the eos cross-entropy (>= 0).
+        target: "soft" (above) or "hard": the teacher distribution at a KL position is
+            one-hot on the token it committed (`response`), so the KL is that token's
+            cross-entropy (sequence-level distillation); `top_ids` / `top_probs` unused.
 
     Returns:
         `(loss, parts)`: a scalar with a graph, and detached `kl`, `eos_ce` (unweighted),
@@ -84,6 +88,8 @@ def dcd_loss(
         raise ValueError(
             f"unknown step_weighting {step_weighting!r}; choose one of {DCD_STEP_WEIGHTINGS}"
         )
+    if target not in DCD_TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {DCD_TARGETS}")
     if eos_weight < 0:
         raise ValueError(f"eos_weight must be >= 0, got {eos_weight}")
     B, L, V = logits.shape
@@ -102,6 +108,8 @@ def dcd_loss(
     # KL(teacher top-k, renormalized || student), per position.
     # Unrecorded positions may hold anything (NaN, out-of-range ids): zero them first, since
     # a NaN in a where() branch that is not taken still poisons the gradient.
+    if target == "hard":  # one-hot on the committed token
+        top_ids, top_probs = response[..., None], torch.ones_like(response[..., None]).float()
     ids = torch.where(kl_at[..., None], top_ids.long(), 0)  # (B, L, K)
     t = torch.where(kl_at[..., None], top_probs.float(), 0.0).clamp(min=0)  # (B, L, K)
     t = t / t.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, L, K) renormalized over the K ids
@@ -147,6 +155,7 @@ def compute_dcd_loss(
     step_weighting: str = "linear",
     eos_weight: float = 1.0,
     attention: str = "dense",
+    target: str = "soft",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DCD objective through the model: the RAD layout with clean copy = the teacher's
     tokens and the noisy copy fully masked (every valid position `<|mask|>`, pads stay
@@ -181,4 +190,5 @@ def compute_dcd_loss(
         block_length=model.block_length,
         step_weighting=step_weighting,
         eos_weight=eos_weight,
+        target=target,
     )

@@ -52,13 +52,15 @@ class Objective(torch.nn.Module):
     """
 
     def __init__(self, model, stage: str, *, dcd_step_weighting: str = "linear",
-                 dcd_eos_weight: float = 1.0, attention: str = "dense",
+                 dcd_eos_weight: float = 1.0, dcd_target: str = "soft",
+                 attention: str = "dense",
                  num_labels: int = 14) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.dcd_step_weighting = dcd_step_weighting
         self.dcd_eos_weight = dcd_eos_weight
+        self.dcd_target = dcd_target
         self.attention = attention
         if stage == "vision" and model.diagnosis is not None:
             self.label_head = model.diagnosis.head
@@ -83,6 +85,7 @@ class Objective(torch.nn.Module):
             loss, _ = compute_dcd_loss(
                 self.model, pixel_values, response, valid, commit_step, top_ids, top_probs,
                 step_weighting=self.dcd_step_weighting, eos_weight=self.dcd_eos_weight,
+                target=self.dcd_target,
                 attention=self.attention,
             )
             return loss

@@ -115,7 +115,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         model.to(device).train()
 
         objective = Objective(model, stage, dcd_step_weighting=tcfg.dcd_step_weighting,
-                              dcd_eos_weight=tcfg.dcd_eos_weight,
+                              dcd_eos_weight=tcfg.dcd_eos_weight, dcd_target=tcfg.dcd_target,
                               attention=training_attention(tcfg.attention, device))
         if state.get("label_head") is not None:  # the vision stage's probe, resumed
             objective.label_head.load_state_dict(state["label_head"])

@@ -106,6 +106,23 @@ def test_step_weighting_linear_and_uniform():
         _call(logits, response, **{**kw, "steps": torch.tensor([[-1, 3, 0, 0]])})
 
 
+def test_hard_target_is_the_committed_tokens_cross_entropy():
+    """target="hard": the teacher is one-hot on the token it committed, whatever its records
+    say, so the KL is -log q(token); the step weighting still applies."""
+    student = [0.2, 0.1, 0.4, 0.2, 0.1, 0.0]  # id 5 (the response token) gets 1e-12
+    student[5] = 0.25
+    student = (torch.tensor(student) / sum(student)).tolist()
+    _, parts = _one_kl_position(student, [2, 0, 4], [0.5, 0.3, 0.1], target="hard")
+    assert parts["kl"].item() == pytest.approx(-math.log(student[5]), abs=1e-6)
+    soft = _one_kl_position(student, [2, 0, 4], [0.5, 0.3, 0.1])[1]["kl"].item()
+    assert abs(soft - parts["kl"].item()) > 0.1
+    # garbage records are never read
+    _, parts = _one_kl_position(student, [99, -3, 7], [float("nan")] * 3, target="hard")
+    assert parts["kl"].item() == pytest.approx(-math.log(student[5]), abs=1e-6)
+    with pytest.raises(ValueError, match="unknown target 'argmax'"):
+        _one_kl_position(student, [2, 0, 4], [0.5, 0.3, 0.1], target="argmax")
+
+
 # ---------------------------------------------------------------------- the eos term
 
 

@@ -27,7 +27,8 @@ from echo_ray.config.overrides import apply_overrides
 from echo_ray.config.schema import ConfigError, EchoConfig
 from echo_ray.data.ingest import training_dataset
 from echo_ray.decode.predictor import ReportGenerator
-from echo_ray.model.checkpoint import load_checkpoint, save_checkpoint
+from echo_ray.model.checkpoint import load_checkpoint, load_config, save_checkpoint
+from echo_ray.model.diagnosis import DIAGNOSIS_FILE
 from echo_ray.model.hf import build_model
 from echo_ray.text.tokenizer import load_tokenizer
 from echo_ray.train.driver import MODEL_DIR, train
@@ -506,6 +507,14 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     assert "multi-step" in printed and "one-step-fused" in printed
     for stage in ("vision", "ar", "rad", "dcd"):
         assert Path(summary["runs"][stage], "model.safetensors").is_file()
+        # diagnosis tokens: every stage's model carries the vision stage's head
+        assert Path(summary["runs"][stage], DIAGNOSIS_FILE).is_file()
+        assert load_config(summary["runs"][stage]).model.diagnosis_prompt
+    # the head is the vision stage's, frozen after it; the language stages train the slots
+    vision, student = (load_file(Path(summary["runs"][s], DIAGNOSIS_FILE))
+                       for s in ("vision", "dcd"))
+    assert torch.equal(vision["head.proj.weight"], student["head.proj.weight"])
+    assert not torch.equal(vision["decisions"], student["decisions"])
     assert _steps(out / "runs" / "dcd")[2]["step"] == 2
     trajectories = json.loads((out / "trajectories" / "manifest.json").read_text())
     assert trajectories["splits"]["train"]["rollouts"] > 0
