@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Columns read from the shards for training; the rest (metadata, raw report) stays on disk.
 TRAIN_COLUMNS = ("dicom_id", "study_id", "split", "dicom", "report_normalized")
-# The 14 CheXpert labels of each row (prepare's), read for the vision stage only.
+# The 14 CheXpert labels of each row (prepare's), read for the vision stage, and for AR and
+# RAD with diagnosis tokens.
 LABEL_COLUMN = "labels"
 # A trajectories folder (`echo-ray trajectories`) adds the teacher's rollout: its tokens
 # replace the tokenized reference, and the DCD targets travel along.
@@ -54,7 +55,8 @@ def training_dataset(
     From a trajectories folder, `tokens` are the teacher's, and `commit_step`, `top_ids`,
     `top_probs` (the DCD targets, per position up to and including `<eos>`) follow. With
     `labels`, `labels` (the shards' 14 CheXpert values per row, float32, NaN = not
-    mentioned) follows: the vision stage's targets.
+    mentioned) follows: the vision stage's targets, and the diagnosis slots' findings for AR
+    and RAD with diagnosis tokens.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")

@@ -199,7 +199,8 @@ def _deepspeed_engine(objective, optimizer, scheduler, ds_config: dict[str, Any]
 class _Collate(NumpyBatchCollateFn):
     """Pipeline rows -> tensors: pixels `(N, S, S)`, padded `response` / `valid` `(N, L)`,
     and `truncated` `(N,)`: usable rows whose report lost tokens to `max_response_len`;
-    `labels` `(N, 14)` when the rows carry them (the vision stage)."""
+    `labels` `(N, 14)` when the rows carry them (the vision stage; AR and RAD with diagnosis
+    tokens)."""
 
     def __init__(self, model) -> None:
         self.image_size = model.config.image_size
@@ -229,7 +230,7 @@ class _Collate(NumpyBatchCollateFn):
             extra = {"commit_step": commit_step, "top_ids": top_ids, "top_probs": top_probs}
         else:
             response, valid = pad_responses([list(t) for t in batch["tokens"]], **self.pad)
-        if "labels" in batch:  # the vision stage's targets
+        if "labels" in batch:  # the vision stage's targets, or the diagnosis slots' findings
             extra["labels"] = torch.from_numpy(
                 np.stack([np.asarray(x, np.float32) for x in batch["labels"]])
             )
