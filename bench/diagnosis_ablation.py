@@ -108,10 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
             pixels = np.stack([images[r["dicom_id"]] for r in batch])
             given = {"oracle": oracle[start: start + len(batch)],
                      "absent": torch.zeros(len(batch), len(CHEXPERT_LABELS), dtype=torch.bool)}
-            if condition == "head":
-                with torch.no_grad():
-                    head_calls.append(decide(model.image_features(
-                        model.preprocess_images(pixels))).cpu())
+            if condition == "head":  # the head's own calls, kept as decoding makes them
+                def recorded(feats):
+                    calls = decide(feats)
+                    head_calls.append(calls.cpu())
+                    return calls
+                model.diagnosis.decide = recorded
             else:
                 model.diagnosis.decide = lambda feats, d=given[condition]: d.to(feats.device)
             try:
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
                 model.diagnosis.decide = decide
         results[condition] = _scores(predicted, reference, frequent)
     calls = torch.cat(head_calls)
+    if len(calls) != len(rows):
+        raise RuntimeError(f"recorded {len(calls)} head calls for {len(rows)} images")
     head_labels = [{k: (POSITIVE if bool(c) else None) for k, c in zip(CHEXPERT_LABELS, row,
                                                                        strict=True)}
                    for row in calls]
