@@ -285,7 +285,8 @@ class TrainConfig:
     """The rank that raises in the fault drill."""
     dcd_step_weighting: str = "linear"
     """DCD: weight of a position's KL by the teacher step that committed it: "linear"
-    (step + 1: later commits, conditioned on more of the block, weigh more) or "uniform"."""
+    (step + 1: later commits, conditioned on more of the block, weigh more) or "uniform"
+    (what hard targets want: the token is the target whatever the step that wrote it)."""
     dcd_target: str = "soft"
     """DCD: what the student matches at a report position: "soft", the teacher's recorded
     top-k probabilities at commit time (forward KL); "hard", the token the teacher committed

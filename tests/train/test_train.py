@@ -516,6 +516,9 @@ def test_quickstart_runs_the_whole_pipeline_and_ends_with_the_evaluation_table(
     assert torch.equal(vision["head.proj.weight"], student["head.proj.weight"])
     assert not torch.equal(vision["decisions"], student["decisions"])
     assert _steps(out / "runs" / "dcd")[2]["step"] == 2
+    # the student learned the teacher's tokens, each weighing the same
+    dcd = load_config(summary["runs"]["dcd"]).train
+    assert (dcd.dcd_target, dcd.dcd_step_weighting) == ("hard", "uniform")
     trajectories = json.loads((out / "trajectories" / "manifest.json").read_text())
     assert trajectories["splits"]["train"]["rollouts"] > 0
     results = json.loads((out / "eval" / "results.json").read_text())
