@@ -24,8 +24,9 @@ DIAGNOSIS_SETTINGS = ("model.diagnosis_prompt=true", "model.diagnosis_threshold=
 
 # The student's loss: cross-entropy on the tokens the teacher committed (sequence-level
 # distillation), each position weighing the same. On the same teacher and rollouts the
-# paper's soft top-k KL left it 4 points of CE F1 micro-14 behind the teacher, hard targets
-# weighted by commit step 1-2 points (docs/ARCHITECTURE.md section 5.14).
+# paper's soft top-k KL left it 4 points of CE F1 micro-14 behind the teacher; 600 steps on
+# hard targets weighted by commit step 1.4-1.9 points, weighted uniformly 0.8-1.5 (seeds
+# differ; docs/ARCHITECTURE.md section 5.14).
 DCD_SETTINGS = ("train.dcd_target=hard", "train.dcd_step_weighting=uniform")
 
 # Training steps per stage (the CLI's --vision-steps, --ar-steps, ... defaults).
